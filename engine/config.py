@@ -1,0 +1,191 @@
+"""Service configuration: config.yaml validated by pydantic, overridden by the environment.
+
+Secrets (platform tokens, HF token) are never read from the file: they come from the
+environment only, through `Secrets`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "CHATBOT__"
+SECRET_NAMES = (
+    "DISCORD_TOKEN",
+    "SLACK_BOT_TOKEN",
+    "SLACK_APP_TOKEN",
+    "SLACK_SIGNING_SECRET",
+    "HF_TOKEN",
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(Strict):
+    id: str = Field("embedded:smollm2", description="embedded:smollm2, embedded:tiny-llama, a local folder or a Hub id")
+    backend: Literal["transformers", "neuron"] = "transformers"
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    sequence_length: int = Field(2048, ge=64, description="prompt + output never exceed this (compiled length on Neuron)")
+    max_prompt_tokens: int = Field(1536, ge=16)
+    batch_size: int = Field(1, ge=1, le=64)
+    tensor_parallel_size: int = Field(2, ge=1, description="NeuronCores used by the compiled model")
+
+    @model_validator(mode="after")
+    def _prompt_leaves_room(self) -> "ModelSettings":
+        if self.max_prompt_tokens >= self.sequence_length:
+            raise ValueError(
+                f"max_prompt_tokens ({self.max_prompt_tokens}) must be below sequence_length "
+                f"({self.sequence_length}) so the model has room to answer"
+            )
+        return self
+
+
+class GenerationSettings(Strict):
+    do_sample: bool = False
+    temperature: float = Field(0.7, gt=0, le=5)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, ge=1.0, le=3.0)
+    max_new_tokens: int = Field(256, ge=1)
+
+
+class HistorySettings(Strict):
+    max_turns: int = Field(40, ge=2, description="turns kept per conversation (a user message and its reply are two)")
+    ttl_seconds: int = Field(7 * 24 * 3600, ge=60)
+
+
+class QueueSettings(Strict):
+    visibility_timeout_s: float = Field(60.0, gt=0, description="a job held this long without a heartbeat is delivered again")
+    partial_interval_s: float = Field(0.25, ge=0, description="least time between two streamed partial replies")
+    reply_stream_maxlen: int = Field(10_000, ge=100)
+
+
+class DiscordSettings(Strict):
+    guilds: list[int] = Field(default_factory=list, description="allowed guild ids; empty allows all")
+    channels: list[int] = Field(default_factory=list, description="allowed channel ids; empty allows all")
+    roles: list[int] = Field(default_factory=list, description="roles allowed to chat; empty allows all")
+    reset_roles: list[int] = Field(default_factory=list, description="roles allowed to /reset; empty allows all")
+    allow_dms: bool = True
+    mention_only_channels: list[int] = Field(default_factory=list, description="channels where only mentions are answered")
+    mention_only: bool = False
+    edit_interval_s: float = Field(1.0, ge=1.0)
+    queue_notice_threshold: int = Field(3, ge=1)
+
+
+class SlackSettings(Strict):
+    mode: Literal["socket", "http"] = "socket"
+    http_port: int = Field(3000, ge=1, le=65535)
+    answer_mentions: bool = False
+    reset_command: str = Field("/reset", pattern=r"^/[a-z0-9_-]+$")
+    edit_interval_s: float = Field(1.0, ge=0.5)
+
+
+class Settings(Strict):
+    system_prompt: str = (
+        "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe."
+    )
+    redis_url: str | None = Field(None, description="unset: a private redis-server is started under run_dir")
+    run_dir: Path = Path("run")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    model: ModelSettings = ModelSettings()
+    generation: GenerationSettings = GenerationSettings()
+    history: HistorySettings = HistorySettings()
+    queue: QueueSettings = QueueSettings()
+    discord: DiscordSettings = DiscordSettings()
+    slack: SlackSettings = SlackSettings()
+
+    @model_validator(mode="after")
+    def _neuron_rules(self) -> "Settings":
+        if self.model.backend == "neuron" and self.generation.do_sample and self.generation.repetition_penalty != 1.0:
+            raise ValueError(
+                "generation.repetition_penalty must be 1.0 with the neuron backend and do_sample: true "
+                "(on-device sampling ignores it); use greedy decoding or drop the penalty"
+            )
+        return self
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the operator."""
+
+
+class Secrets(BaseModel):
+    """Tokens read from the environment only; repr never shows them."""
+
+    model_config = ConfigDict(frozen=True)
+    values: dict[str, str] = Field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls) -> "Secrets":
+        return cls(values={name: os.environ[name] for name in SECRET_NAMES if os.environ.get(name)})
+
+    def get(self, name: str) -> str | None:
+        return self.values.get(name)
+
+    def require(self, *names: str) -> dict[str, str]:
+        missing = [name for name in names if name not in self.values]
+        if missing:
+            raise ConfigError(f"missing environment variable(s): {', '.join(missing)}")
+        return {name: self.values[name] for name in names}
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """CHATBOT__MODEL__ID=x becomes {"model": {"id": "x"}}; REDIS_URL is accepted as is."""
+    tree: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        node = tree
+        *parents, leaf = key[len(ENV_PREFIX):].lower().split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw else raw
+    if environ.get("REDIS_URL"):
+        tree["redis_url"] = environ["REDIS_URL"]
+    return tree
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "literal_error":
+            message = f"{message}, got {item['input']!r}"
+        elif item["type"] == "extra_forbidden":
+            message = "unknown setting"
+        lines.append(f"  {field}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read config.yaml (path, $CHATBOT_CONFIG, or ./config.yaml if present) and apply the environment."""
+    environ = dict(os.environ) if environ is None else environ
+    path = Path(path or environ.get("CHATBOT_CONFIG") or "config.yaml")
+    data: dict[str, Any] = {}
+    if path.exists():
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    leaked = [name for name in SECRET_NAMES if name.lower() in {k.lower() for k in data}]
+    if leaked:
+        raise ConfigError(f"{path}: secrets belong in the environment, not the config file: {', '.join(leaked)}")
+    try:
+        return Settings.model_validate(_merge(data, _env_overrides(environ)))
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None

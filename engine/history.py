@@ -1,0 +1,67 @@
+"""Conversation history in Redis: turns with their token counts, and resets.
+
+A conversation's turns live in one list. Each turn carries the token count it adds to a
+prompt under the served tokenizer, so truncation never re-tokenizes old turns. A reset
+bumps the conversation's epoch: the worker writes a job's turns only if the epoch it was
+submitted under is still current, so a reply to a message sent before a reset cannot bring
+old turns back.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+PREFIX = "chatbot:"
+
+
+def turns_key(conversation: str) -> str:
+    return f"{PREFIX}conv:{conversation}:turns"
+
+
+def epoch_key(conversation: str) -> str:
+    return f"{PREFIX}conv:{conversation}:epoch"
+
+
+class Turn(BaseModel):
+    role: Literal["user", "assistant"]
+    text: str
+    name: str | None = None  # the author's display name, for user turns in shared channels
+    tokens: int = Field(ge=0)  # what this turn adds to a prompt; an exchange's template overhead is booked on its reply
+    at: float = Field(default_factory=time.time)
+
+
+class Exchange(BaseModel):
+    user: Turn
+    assistant: Turn
+
+    @property
+    def tokens(self) -> int:
+        return self.user.tokens + self.assistant.tokens
+
+
+def pair_turns(turns: list[Turn]) -> list[Exchange]:
+    """Group stored turns into exchanges; a turn without its partner (trimmed away) is skipped."""
+    exchanges = []
+    for index in range(len(turns) - 1):
+        first, second = turns[index], turns[index + 1]
+        if first.role == "user" and second.role == "assistant":
+            exchanges.append(Exchange(user=first, assistant=second))
+    return exchanges
+
+
+async def load_exchanges(redis: Redis, conversation: str) -> list[Exchange]:
+    raw = await redis.lrange(turns_key(conversation), 0, -1)
+    return pair_turns([Turn.model_validate_json(item) for item in raw])
+
+
+async def reset(redis: Redis, conversation: str) -> int:
+    """Forget the conversation; returns the new epoch."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.incr(epoch_key(conversation))
+        pipe.delete(turns_key(conversation))
+        epoch, _ = await pipe.execute()
+    return int(epoch)

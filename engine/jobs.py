@@ -1,0 +1,66 @@
+"""What crosses Redis between adapters and the worker: jobs in, reply events out."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+MAX_MESSAGE_CHARS = 1_000_000  # protects Redis; the prompt builder cuts long text to the token budget
+
+
+class Conversation(BaseModel):
+    """One conversation: a channel or DM on a platform, optionally a thread inside it."""
+
+    model_config = {"frozen": True}
+    platform: str = Field(pattern=r"^[a-z0-9_-]+$")
+    channel: str = Field(min_length=1)
+    thread: str | None = None
+
+    @property
+    def key(self) -> str:
+        return ":".join(p for p in (self.platform, self.channel, self.thread) if p)
+
+
+class Job(BaseModel):
+    id: str  # "<platform>:<platform message id>": the same message is never answered twice
+    conversation: str
+    platform: str
+    text: str
+    author: str | None = None  # display name, rendered into the prompt in shared channels
+    reply_to: dict[str, str] = Field(default_factory=dict)  # adapter routing data, opaque to the engine
+    submitted_at: float = Field(default_factory=time.time)
+    epoch: int = 0  # the conversation's reset count when the job was submitted
+    attempts: int = 0  # deliveries so far, this one included
+
+
+class ReplyEvent(BaseModel):
+    job_id: str
+    conversation: str
+    kind: Literal["partial", "final", "error"]
+    text: str  # the whole reply so far: adapters can drop any partial but the last
+    reply_to: dict[str, str] = Field(default_factory=dict)
+
+
+class Submitted(BaseModel):
+    job_id: str
+    ahead: int  # jobs queued before this one, across conversations
+    duplicate: bool = False
+
+
+class RejectedMessage(ValueError):
+    """A message the service will not queue; the text is meant for the user."""
+
+
+def clean_text(text: str) -> str:
+    """Make a platform message safe to queue, or refuse it with a sentence for the user."""
+    # Lone surrogates (from broken clients) cannot be encoded as UTF-8; replace rather than refuse.
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    if not text.strip():
+        raise RejectedMessage("Your message is empty, so there is nothing to answer.")
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise RejectedMessage(
+            f"Your message is {len(text):,} characters long; the limit is {MAX_MESSAGE_CHARS:,}."
+        )
+    return text

@@ -1,0 +1,147 @@
+"""Prompts: render with the tokenizer's own chat template, fit the token budget.
+
+Truncation drops the oldest exchanges. Instead of re-rendering and re-tokenizing after
+each dropped exchange, it sums the token counts stored with each turn to find how many
+exchanges fit, then checks that guess by encoding the rendered prompt, moving one
+exchange at a time while the exact count disagrees. Exchanges sit between special tokens
+in the templates we serve, so stored counts add up exactly and the check almost always
+succeeds at once; the few tokens that move (Llama-2 folds the system prompt into the
+first kept user turn) are what the check is for.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from engine.history import Exchange, Turn
+
+TEMPLATE_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
+NEUTRALISER = "\u200b"  # zero-width space: keeps the text readable, breaks the control string
+_PROBE = "ok"
+# No token is longer than this many characters, so a longer text cannot fit a budget of N tokens
+# in fewer than N * _MAX_CHARS_PER_TOKEN characters: cutting there first keeps huge messages cheap.
+_MAX_CHARS_PER_TOKEN = 32
+CUT_MARK = " […]"
+
+
+@dataclass(frozen=True)
+class Cut:
+    kept_chars: int
+    total_chars: int
+
+    def notice(self) -> str:
+        return (
+            f"(Your message was too long for the model's context: only its first {self.kept_chars:,} "
+            f"of {self.total_chars:,} characters were read.)"
+        )
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    ids: list[int]
+    user_content: str  # the new user turn as the model saw it: neutralised, named, maybe cut
+    kept_exchanges: int
+    dropped_exchanges: int
+    cut: Cut | None = None
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, system_prompt: str, max_prompt_tokens: int):
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt.strip()
+        self.budget = max_prompt_tokens
+        controls = set(TEMPLATE_MARKERS) | set(tokenizer.all_special_tokens)
+        controls |= {token.content for token in tokenizer.added_tokens_decoder.values()}
+        pattern = "|".join(re.escape(c) for c in sorted(controls, key=len, reverse=True) if len(c) > 1)
+        self._controls = re.compile(pattern)
+
+    # --- text ---------------------------------------------------------------------------
+
+    def neutralise(self, text: str) -> str:
+        """User text can never forge a turn: control strings get a zero-width space after their first character."""
+        return self._controls.sub(lambda m: m.group(0)[0] + NEUTRALISER + m.group(0)[1:], text)
+
+    def user_content(self, text: str, name: str | None) -> str:
+        text = self.neutralise(text)
+        return f"{self.neutralise(name)}: {text}" if name else text
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def encode(self, text: str) -> list[int]:
+        # The rendered prompt already holds its special tokens (`<s>` ...): add none.
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def render(self, exchanges: list[tuple[str, str]], user_content: str) -> str:
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        for user, assistant in exchanges:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": user_content})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    # --- turns --------------------------------------------------------------------------
+
+    def exchange_turns(self, user_content: str, assistant_text: str, name: str | None) -> tuple[Turn, Turn]:
+        """The two turns to store, with the tokens they add to any later prompt."""
+        assistant_text = self.neutralise(assistant_text)
+        messages = [{"role": "user", "content": user_content}, {"role": "assistant", "content": assistant_text}]
+        probe = [{"role": "user", "content": _PROBE}]
+        with_exchange = self.count(self.tokenizer.apply_chat_template(messages + probe, tokenize=False))
+        without = self.count(self.tokenizer.apply_chat_template(probe, tokenize=False))
+        exchange_tokens = with_exchange - without
+        user_tokens = min(self.count(user_content), exchange_tokens)
+        return (
+            Turn(role="user", text=user_content, name=name, tokens=user_tokens),
+            Turn(role="assistant", text=assistant_text, tokens=exchange_tokens - user_tokens),
+        )
+
+    # --- building -----------------------------------------------------------------------
+
+    def build(self, history: list[Exchange], text: str, name: str | None = None) -> Prompt:
+        content = self.user_content(text, name)
+        alone = self.count(self.render([], content))
+        if alone > self.budget:
+            return self._cut_to_fit(content, len(history))
+
+        pairs = [(e.user.text, e.assistant.text) for e in history]
+        kept, total = 0, alone
+        for exchange in reversed(history):
+            if total + exchange.tokens > self.budget:
+                break
+            total += exchange.tokens
+            kept += 1
+
+        prompt_text = self.render(pairs[len(pairs) - kept:], content)
+        ids = self.encode(prompt_text)
+        while len(ids) > self.budget and kept > 0:
+            kept -= 1
+            prompt_text = self.render(pairs[len(pairs) - kept:], content)
+            ids = self.encode(prompt_text)
+        while kept < len(pairs):
+            wider_text = self.render(pairs[len(pairs) - kept - 1:], content)
+            wider_ids = self.encode(wider_text)
+            if len(wider_ids) > self.budget:
+                break
+            kept, prompt_text, ids = kept + 1, wider_text, wider_ids
+        return Prompt(prompt_text, ids, content, kept, len(pairs) - kept)
+
+    def _cut_to_fit(self, content: str, history_len: int) -> Prompt:
+        total_chars = len(content)
+        content = content[: self.budget * _MAX_CHARS_PER_TOKEN]
+        content_ids = self.encode(content)
+        keep = len(content_ids)
+        while True:
+            kept_text = self.tokenizer.decode(content_ids[:keep], skip_special_tokens=True).rstrip("\ufffd")
+            candidate = kept_text + CUT_MARK
+            prompt_text = self.render([], candidate)
+            ids = self.encode(prompt_text)
+            over = len(ids) - self.budget
+            if over <= 0 or keep == 0:
+                break
+            keep = max(0, keep - over)
+        cut = Cut(kept_chars=len(kept_text), total_chars=total_chars)
+        return Prompt(prompt_text, ids, candidate, 0, history_len, cut)

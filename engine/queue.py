@@ -1,0 +1,240 @@
+"""The job queue in Redis: fair across conversations, ordered within one, at-least-once.
+
+Layout (all keys under `chatbot:`):
+  job:<id>            hash: data (Job JSON), conversation, epoch, attempts, owner
+  conv:<c>:jobs       list of the conversation's job ids, oldest first; only the head is ever worked on
+  ready               list of conversations whose head job waits for a worker (round robin)
+  active              set of conversations that have queued jobs (in `ready` or leased)
+  leases              zset job id -> deadline (ms); an expired lease puts the job back on `ready`
+  done:<id>           set once a job is answered: a redelivered job never answers twice
+  replies:<platform>  stream of ReplyEvents for that platform's adapter
+  wake                a one-element list the worker blocks on while idle
+
+A conversation is on `ready` at most once and leaves it while its head job is leased, so
+its messages are answered in order and a batch never holds two jobs of one conversation.
+After a job, its conversation goes to the back of `ready`: 50 queued messages in one
+conversation take turns with the others instead of holding them back.
+
+The scripts address keys they compute from job data, so this needs a single Redis server,
+not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from engine.history import PREFIX, Turn, epoch_key, turns_key
+from engine.jobs import Conversation, Job, ReplyEvent, Submitted, clean_text
+
+READY = PREFIX + "ready"
+ACTIVE = PREFIX + "active"
+LEASES = PREFIX + "leases"
+WAKE = PREFIX + "wake"
+QUEUED = PREFIX + "queued"
+DONE_TTL_S = 7 * 24 * 3600
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def done_key(job_id: str) -> str:
+    return f"{PREFIX}done:{job_id}"
+
+
+def conv_jobs_key(conversation: str) -> str:
+    return f"{PREFIX}conv:{conversation}:jobs"
+
+
+def replies_key(platform: str) -> str:
+    return f"{PREFIX}replies:{platform}"
+
+
+_SUBMIT = """
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local epoch = tonumber(redis.call('GET', KEYS[6]) or '0')
+redis.call('HSET', KEYS[1], 'data', ARGV[1], 'conversation', ARGV[3], 'epoch', epoch, 'attempts', 0)
+redis.call('RPUSH', KEYS[3], ARGV[2])
+if redis.call('SADD', KEYS[5], ARGV[3]) == 1 then redis.call('RPUSH', KEYS[4], ARGV[3]) end
+redis.call('DEL', KEYS[7])
+redis.call('RPUSH', KEYS[7], 1)
+return redis.call('INCR', KEYS[8]) - 1
+"""
+
+_CLAIM = """
+local prefix, max_jobs, visibility, owner = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  redis.call('ZREM', KEYS[2], job_id)
+  local conversation = redis.call('HGET', prefix .. 'job:' .. job_id, 'conversation')
+  if conversation and not redis.call('LPOS', KEYS[1], conversation) then
+    redis.call('LPUSH', KEYS[1], conversation)
+  end
+end
+local claimed = {}
+while #claimed < max_jobs do
+  local conversation = redis.call('LPOP', KEYS[1])
+  if not conversation then break end
+  local job_id = redis.call('LINDEX', prefix .. 'conv:' .. conversation .. ':jobs', 0)
+  if not job_id then
+    redis.call('SREM', KEYS[3], conversation)
+  elseif not redis.call('ZSCORE', KEYS[2], job_id) then
+    local key = prefix .. 'job:' .. job_id
+    redis.call('ZADD', KEYS[2], now + visibility, job_id)
+    redis.call('HSET', key, 'owner', owner)
+    local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+    local fields = redis.call('HMGET', key, 'data', 'epoch')
+    table.insert(claimed, {fields[1], fields[2], attempts})
+  end
+end
+return claimed
+"""
+
+_COMPLETE = """
+local job_id, conversation, epoch = ARGV[1], ARGV[2], ARGV[3]
+local answered = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if (redis.call('GET', KEYS[8]) or '0') == epoch and tonumber(ARGV[9]) > 0 then
+    for i = 10, 9 + tonumber(ARGV[9]) do redis.call('RPUSH', KEYS[7], ARGV[i]) end
+    redis.call('LTRIM', KEYS[7], -tonumber(ARGV[5]), -1)
+    redis.call('EXPIRE', KEYS[7], ARGV[6])
+  end
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', ARGV[8], '*', 'event', ARGV[4])
+  redis.call('SET', KEYS[1], 1, 'EX', ARGV[7])
+  redis.call('DECR', KEYS[10])
+  answered = 1
+end
+redis.call('LREM', KEYS[3], 1, job_id)
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[6], job_id)
+if redis.call('LLEN', KEYS[3]) > 0 then
+  if not redis.call('LPOS', KEYS[4], conversation) then redis.call('RPUSH', KEYS[4], conversation) end
+else
+  redis.call('SREM', KEYS[5], conversation)
+end
+return answered
+"""
+
+_RELEASE = """
+for i, job_id in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[2], job_id) == 1 then
+    local conversation = redis.call('HGET', KEYS[3] .. 'job:' .. job_id, 'conversation')
+    if conversation and not redis.call('LPOS', KEYS[1], conversation) then
+      redis.call('LPUSH', KEYS[1], conversation)
+    end
+  end
+end
+return 1
+"""
+
+_RECOVER = """
+local released = {}
+for _, job_id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('HGET', ARGV[1] .. 'job:' .. job_id, 'owner') == ARGV[2] then
+    redis.call('ZADD', KEYS[1], 0, job_id)
+    table.insert(released, job_id)
+  end
+end
+return released
+"""
+
+
+class JobQueue:
+    def __init__(self, redis: Redis, visibility_timeout_s: float = 60.0, reply_stream_maxlen: int = 10_000):
+        self.redis = redis
+        self.visibility_ms = int(visibility_timeout_s * 1000)
+        self.reply_stream_maxlen = reply_stream_maxlen
+        self._submit = redis.register_script(_SUBMIT)
+        self._claim = redis.register_script(_CLAIM)
+        self._complete = redis.register_script(_COMPLETE)
+        self._release = redis.register_script(_RELEASE)
+        self._recover = redis.register_script(_RECOVER)
+
+    # --- adapters -------------------------------------------------------------------
+
+    async def submit(
+        self,
+        conversation: Conversation,
+        message_id: str,
+        text: str,
+        author: str | None = None,
+        reply_to: dict[str, str] | None = None,
+    ) -> Submitted:
+        """Queue a platform message; the same message id is accepted once (retried deliveries)."""
+        job = Job(
+            id=f"{conversation.platform}:{message_id}",
+            conversation=conversation.key,
+            platform=conversation.platform,
+            text=clean_text(text),
+            author=author,
+            reply_to=reply_to or {},
+        )
+        keys = [
+            job_key(job.id), done_key(job.id), conv_jobs_key(job.conversation), READY, ACTIVE,
+            epoch_key(job.conversation), WAKE, QUEUED,
+        ]
+        ahead = await self._submit(keys=keys, args=[job.model_dump_json(), job.id, job.conversation])
+        if ahead == -1:
+            return Submitted(job_id=job.id, ahead=0, duplicate=True)
+        return Submitted(job_id=job.id, ahead=ahead)
+
+    # --- worker ---------------------------------------------------------------------
+
+    async def claim(self, owner: str, max_jobs: int = 1) -> list[Job]:
+        """Lease up to max_jobs head jobs, each from a different conversation."""
+        rows = await self._claim(keys=[READY, LEASES, ACTIVE], args=[PREFIX, max_jobs, self.visibility_ms, owner])
+        jobs = []
+        for data, epoch, attempts in rows:
+            job = Job.model_validate_json(data)
+            jobs.append(job.model_copy(update={"epoch": int(epoch), "attempts": int(attempts)}))
+        return jobs
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        await self.redis.blpop([WAKE], timeout=timeout_s)
+
+    async def heartbeat(self, jobs: list[Job]) -> None:
+        """Push the lease deadline of jobs still being worked on."""
+        seconds, micros = await self.redis.time()
+        deadline = seconds * 1000 + micros // 1000 + self.visibility_ms
+        await self.redis.zadd(LEASES, {job.id: deadline for job in jobs}, xx=True)
+
+    async def release(self, jobs: list[Job]) -> None:
+        """Hand jobs back unanswered, first in line (the worker is stopping)."""
+        if jobs:
+            await self._release(keys=[READY, LEASES, PREFIX], args=[job.id for job in jobs])
+
+    async def recover(self, owner: str) -> list[str]:
+        """Make the leases a dead worker of this name left behind due at once."""
+        return list(await self._recover(keys=[LEASES], args=[PREFIX, owner]))
+
+    async def complete(
+        self,
+        job: Job,
+        event: ReplyEvent,
+        turns: list[Turn],
+        max_turns: int,
+        ttl_s: int,
+    ) -> bool:
+        """Post the reply, append the turns and mark the job done in one atomic step.
+
+        Returns False if the job had been answered already (a redelivery): nothing is written.
+        """
+        keys = [
+            done_key(job.id), job_key(job.id), conv_jobs_key(job.conversation), READY, ACTIVE, LEASES,
+            turns_key(job.conversation), epoch_key(job.conversation), replies_key(job.platform), QUEUED,
+        ]
+        args = [
+            job.id, job.conversation, str(job.epoch), event.model_dump_json(), max_turns, ttl_s, DONE_TTL_S,
+            self.reply_stream_maxlen, len(turns), *(turn.model_dump_json() for turn in turns),
+        ]
+        return bool(await self._complete(keys=keys, args=args))
+
+    async def publish_partial(self, job: Job, text: str) -> None:
+        event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind="partial", text=text, reply_to=job.reply_to)
+        await self.redis.xadd(
+            replies_key(job.platform), {"event": event.model_dump_json()}, maxlen=self.reply_stream_maxlen, approximate=True
+        )
+
+    async def queued(self) -> int:
+        return int(await self.redis.get(QUEUED) or 0)
