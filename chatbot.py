@@ -3,21 +3,61 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 
 from engine.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bot import cli as bot_cli
     from engine import cli as engine_cli
     from engine.neuron import cli as neuron_cli
 
     parser = argparse.ArgumentParser(prog="chatbot", description=__doc__)
     parser.add_argument("--config", help="path to config.yaml (default: $CHATBOT_CONFIG or ./config.yaml)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="the whole service: worker plus every adapter whose tokens are set (else local chat)")
+    run.set_defaults(handler=lambda args: run_all(args, local_only=False))
+    demo = commands.add_parser("demo", help="the embedded default: private Redis, small model, worker, terminal chat")
+    demo.set_defaults(handler=lambda args: run_all(args, local_only=True))
     engine_cli.register(commands)
+    bot_cli.register(commands)
     neuron_cli.register(commands)
     return parser
+
+
+def run_all(args: argparse.Namespace, local_only: bool) -> int:
+    from bot.cli import adapter_runner, platforms_configured
+    from bot.terminal import chat
+    from engine.backends import load_backend
+    from engine.runtime import log_to_file, on_terminate, serve, startup
+    from engine.worker import Worker
+
+    settings, secrets = startup(args.config)
+    platforms = [] if local_only else platforms_configured(secrets)
+    if not platforms:
+        # The terminal is the chat: keep structured logs out of it.
+        print(f"Logs go to {log_to_file(settings, secrets)}", file=sys.stderr)
+    print(f"Loading model {settings.model.id} (first run prepares it; this can take a minute)...", file=sys.stderr)
+    backend = load_backend(settings.model)
+
+    async def main(redis) -> None:
+        worker = Worker(redis, backend, settings, settings.worker_name)
+        on_terminate(worker.stop)
+        serving = asyncio.create_task(worker.run())
+        front = [adapter_runner(p)(settings, secrets, redis) for p in platforms] or [chat(redis)]
+        fronts = [asyncio.create_task(f) for f in front]
+        done, _ = await asyncio.wait([serving, *fronts], return_when=asyncio.FIRST_COMPLETED)
+        worker.stop()
+        for task in fronts:
+            task.cancel()
+        await asyncio.gather(serving, *fronts, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception():
+                raise task.exception()
+
+    return serve(settings, main)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ environment only, through `Secrets`.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,6 +93,7 @@ class Settings(Strict):
     )
     redis_url: str | None = Field(None, description="unset: a private redis-server is started under run_dir")
     run_dir: Path = Path("run")
+    worker_name: str = Field(default_factory=socket.gethostname, description="a restarted worker of this name re-queues its unfinished jobs at once")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     model: ModelSettings = ModelSettings()
     generation: GenerationSettings = GenerationSettings()

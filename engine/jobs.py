@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+EMPTY_MESSAGE = "Your message is empty, so there is nothing to answer."
 MAX_MESSAGE_CHARS = 1_000_000  # protects Redis; the prompt builder cuts long text to the token budget
 
 
@@ -21,6 +22,13 @@ class Conversation(BaseModel):
     @property
     def key(self) -> str:
         return ":".join(p for p in (self.platform, self.channel, self.thread) if p)
+
+    @classmethod
+    def parse(cls, key: str) -> "Conversation":
+        """'platform:channel[:thread]', as `key` writes it and the logs show it."""
+        platform, _, rest = key.partition(":")
+        channel, _, thread = rest.partition(":")
+        return cls(platform=platform, channel=channel, thread=thread or None)
 
 
 class Job(BaseModel):
@@ -58,7 +66,7 @@ def clean_text(text: str) -> str:
     # Lone surrogates (from broken clients) cannot be encoded as UTF-8; replace rather than refuse.
     text = text.encode("utf-8", "replace").decode("utf-8")
     if not text.strip():
-        raise RejectedMessage("Your message is empty, so there is nothing to answer.")
+        raise RejectedMessage(EMPTY_MESSAGE)
     if len(text) > MAX_MESSAGE_CHARS:
         raise RejectedMessage(
             f"Your message is {len(text):,} characters long; the limit is {MAX_MESSAGE_CHARS:,}."

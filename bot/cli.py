@@ -1,0 +1,36 @@
+"""Adapter commands: each runs one platform adapter against the queue (the worker runs elsewhere)."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.runtime import serve, startup
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    discord = commands.add_parser("discord", help="run the Discord adapter")
+    discord.set_defaults(handler=lambda args: run_adapter(args, "discord"))
+    slack = commands.add_parser("slack", help="run the Slack adapter")
+    slack.set_defaults(handler=lambda args: run_adapter(args, "slack"))
+
+
+def adapter_runner(platform: str):
+    """The adapter's `run(settings, secrets, redis)` coroutine function, imported only when used."""
+    if platform == "discord":
+        from bot.discord_app import run_discord
+
+        return run_discord
+    from bot.slack_app import run_slack
+
+    return run_slack
+
+
+def platforms_configured(secrets) -> list[str]:
+    wanted = {"discord": ("DISCORD_TOKEN",), "slack": ("SLACK_BOT_TOKEN",)}
+    return [platform for platform, names in wanted.items() if all(secrets.get(n) for n in names)]
+
+
+def run_adapter(args: argparse.Namespace, platform: str) -> int:
+    settings, secrets = startup(args.config)
+    run = adapter_runner(platform)
+    return serve(settings, lambda redis: run(settings, secrets, redis))

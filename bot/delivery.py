@@ -1,0 +1,115 @@
+"""Reply delivery shared by the adapters: reply stream in, platform messages posted and edited out.
+
+The platform side is an `Outbox` (post, edit, a length limit). Delivery reads the
+platform's reply stream through the consumer group, shows streamed text by editing one
+message (at most one edit per `edit_interval_s` per message), continues long text in
+follow-up messages, and records the platform message ids of each job in Redis before
+acknowledging: an adapter restarted mid-reply edits the messages it already posted
+instead of posting them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from redis.asyncio import Redis
+
+from bot.split import split_message
+from engine.history import PREFIX
+from engine.jobs import ReplyEvent
+from engine.redis_client import REDIS_DOWN
+from engine.replies import ReplyReader
+
+log = logging.getLogger(__name__)
+POSTED_TTL_S = 24 * 3600
+FAILED = "Sorry, I could not deliver the answer."
+
+
+class Outbox(Protocol):
+    limit: int  # most characters in one platform message
+
+    async def post(self, reply_to: dict[str, str], text: str) -> str:
+        """Post a new message; returns its platform id."""
+
+    async def edit(self, reply_to: dict[str, str], message_id: str, text: str) -> None: ...
+
+
+def posted_key(job_id: str) -> str:
+    return f"{PREFIX}posted:{job_id}"
+
+
+@dataclass
+class Shown:
+    """What a job's messages show now, as far as this adapter process knows."""
+
+    message_ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    edited_at: float = 0.0
+
+
+class Delivery:
+    def __init__(self, redis: Redis, platform: str, consumer: str, outbox: Outbox, edit_interval_s: float):
+        self.redis = redis
+        self.reader = ReplyReader(redis, platform, consumer)
+        self.outbox = outbox
+        self.edit_interval_s = edit_interval_s
+        self.shown: dict[str, Shown] = {}
+
+    async def run(self) -> None:
+        await self.reader.ensure_group()
+        while True:
+            try:
+                events = await self.reader.read(block_ms=1000)
+            except REDIS_DOWN as error:
+                log.warning("redis unavailable", extra={"error": str(error)})
+                await asyncio.sleep(1)
+                continue
+            for entry_id, event in self._latest_per_job(events):
+                await self.deliver(event)
+            await self.reader.ack(*(entry_id for entry_id, _ in events))
+
+    @staticmethod
+    def _latest_per_job(events: list[tuple[str, ReplyEvent]]) -> list[tuple[str, ReplyEvent]]:
+        """A partial followed by a newer event of the same job is stale: skip it."""
+        latest: dict[str, tuple[str, ReplyEvent]] = {}
+        for entry_id, event in events:
+            if event.job_id in latest and latest[event.job_id][1].kind != "partial":
+                continue
+            latest[event.job_id] = (entry_id, event)
+        return list(latest.values())
+
+    async def deliver(self, event: ReplyEvent) -> None:
+        shown = self.shown.get(event.job_id) or await self._recall(event.job_id)
+        final = event.kind != "partial"
+        if not final and time.monotonic() - shown.edited_at < self.edit_interval_s:
+            return
+        try:
+            await self._show(event, shown, split_message(event.text, self.outbox.limit))
+        except Exception:
+            log.exception("delivery failed", extra={"job": event.job_id, "kind": event.kind})
+            if final and not shown.message_ids:
+                await self.outbox.post(event.reply_to, FAILED)
+        if final:
+            self.shown.pop(event.job_id, None)
+        else:
+            self.shown[event.job_id] = shown
+
+    async def _show(self, event: ReplyEvent, shown: Shown, chunks: list[str]) -> None:
+        for index, chunk in enumerate(chunks):
+            if index < len(shown.message_ids):
+                if index >= len(shown.texts) or shown.texts[index] != chunk:
+                    await self.outbox.edit(event.reply_to, shown.message_ids[index], chunk)
+            else:
+                shown.message_ids.append(await self.outbox.post(event.reply_to, chunk))
+                await self.redis.set(posted_key(event.job_id), json.dumps(shown.message_ids), ex=POSTED_TTL_S)
+        shown.texts = chunks
+        shown.edited_at = time.monotonic()
+
+    async def _recall(self, job_id: str) -> Shown:
+        raw = await self.redis.get(posted_key(job_id))
+        return Shown(message_ids=json.loads(raw)) if raw else Shown()

@@ -1,0 +1,79 @@
+"""Local chat in the terminal: an adapter like the Discord and Slack ones, on the same queue and reply stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import threading
+import uuid
+
+from redis.asyncio import Redis
+
+from engine import history
+from engine.jobs import Conversation, RejectedMessage
+from engine.queue import JobQueue
+from engine.replies import ReplyReader
+
+HELP = "Type a message and press Enter. /reset forgets the conversation, /quit leaves."
+
+
+async def read_line(prompt: str) -> str | None:
+    """input() in a daemon thread: a pending read must not keep the process alive at shutdown."""
+    loop = asyncio.get_running_loop()
+    line: asyncio.Future[str | None] = loop.create_future()
+
+    def read() -> None:
+        try:
+            value = input(prompt)
+        except EOFError:
+            value = None
+        with contextlib.suppress(RuntimeError):  # the loop closed while we waited
+            loop.call_soon_threadsafe(lambda: line.done() or line.set_result(value))
+
+    threading.Thread(target=read, daemon=True).start()
+    return await line
+
+
+async def chat(redis: Redis, conversation: Conversation | None = None, out=sys.stdout) -> None:
+    conversation = conversation or Conversation(platform="local", channel="terminal")
+    queue = JobQueue(redis)
+    reader = ReplyReader(redis, conversation.platform, consumer="terminal")
+    await reader.ensure_group()
+    print(HELP, file=out)
+    while (line := await read_line("you> ")) is not None:
+        text = line.strip()
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            await history.reset(redis, conversation.key)
+            print("(conversation forgotten)", file=out)
+            continue
+        try:
+            submitted = await queue.submit(conversation, uuid.uuid4().hex, line)
+        except RejectedMessage as rejected:
+            print(f"({rejected})", file=out)
+            continue
+        if submitted.ahead:
+            print(f"(queued behind {submitted.ahead} message(s))", file=out)
+        await show_reply(reader, submitted.job_id, out)
+
+
+async def show_reply(reader: ReplyReader, job_id: str, out) -> None:
+    """Print the reply as it streams: each partial event holds the whole text so far."""
+    print("bot> ", end="", file=out, flush=True)
+    shown = ""
+    while True:
+        events = await reader.read(block_ms=1000)
+        await reader.ack(*(entry_id for entry_id, _ in events))
+        for _, event in events:
+            if event.job_id != job_id:
+                continue
+            if event.text.startswith(shown):
+                print(event.text[len(shown):], end="", file=out, flush=True)
+            else:
+                print(f"\n{event.text}", end="", file=out, flush=True)
+            shown = event.text
+            if event.kind != "partial":
+                print(file=out)
+                return

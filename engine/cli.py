@@ -1,0 +1,121 @@
+"""Engine commands: the worker, and small ops tools that talk to it through Redis."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+
+from engine import history
+from engine.jobs import Conversation, RejectedMessage
+from engine.queue import JobQueue
+from engine.redis_client import connect
+from engine.replies import follow, last_entry_id
+from engine.runtime import redis_url, run_worker, serve, startup
+
+DEFAULT_CONVERSATION = "cli:default"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    worker = commands.add_parser("worker", help="serve the model: take jobs from Redis, answer them")
+    worker.set_defaults(handler=worker_command)
+
+    ask = commands.add_parser("ask", help="send one message through the queue and print the reply")
+    ask.add_argument("text")
+    ask.add_argument("--conversation", default=DEFAULT_CONVERSATION, help="conversation key, e.g. cli:default")
+    ask.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the reply")
+    ask.set_defaults(handler=ask_command)
+
+    reset = commands.add_parser("reset", help="forget a conversation's history")
+    reset.add_argument("conversation", help="conversation key as the logs show it, e.g. discord:1234 or slack:D0123")
+    reset.set_defaults(handler=reset_command)
+
+    prompt = commands.add_parser("prompt", help="print the exact prompt the worker would build next")
+    prompt.add_argument("conversation")
+    prompt.add_argument("text", nargs="?", default="(next message)", help="the next message (default: a placeholder)")
+    prompt.set_defaults(handler=prompt_command)
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    settings, _ = startup(args.config)
+    return serve(settings, lambda redis: run_worker(settings, redis))
+
+
+def _client(args: argparse.Namespace):
+    settings, _ = startup(args.config)
+    url, _ = redis_url(settings, start_embedded=False)
+    return settings, connect(url)
+
+
+def ask_command(args: argparse.Namespace) -> int:
+    settings, redis = _client(args)
+    conversation = Conversation.parse(args.conversation)
+
+    async def ask() -> int:
+        queue = JobQueue(redis)
+        after = await last_entry_id(redis, conversation.platform)
+        try:
+            submitted = await queue.submit(conversation, uuid.uuid4().hex, args.text)
+        except RejectedMessage as rejected:
+            print(rejected, file=sys.stderr)
+            return 1
+        async for event in follow(redis, conversation.platform, submitted.job_id, after):
+            if event.kind != "partial":
+                print(event.text, file=sys.stdout if event.kind == "final" else sys.stderr)
+                return 0 if event.kind == "final" else 1
+        return 1
+
+    async def main() -> int:
+        try:
+            return await asyncio.wait_for(ask(), args.timeout)
+        except asyncio.TimeoutError:
+            print(f"no reply within {args.timeout:g} s: is `chatbot worker` running?", file=sys.stderr)
+            return 1
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+def reset_command(args: argparse.Namespace) -> int:
+    _, redis = _client(args)
+
+    async def main() -> int:
+        try:
+            epoch = await history.reset(redis, Conversation.parse(args.conversation).key)
+        finally:
+            await redis.aclose()
+        print(f"{args.conversation}: history cleared (reset #{epoch})")
+        return 0
+
+    return asyncio.run(main())
+
+
+def prompt_command(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from engine.assets import resolve_model
+    from engine.prompts import PromptBuilder
+
+    settings, redis = _client(args)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.model.id))
+    builder = PromptBuilder(tokenizer, settings.system_prompt, settings.model.max_prompt_tokens)
+
+    async def main() -> int:
+        try:
+            exchanges = await history.load_exchanges(redis, Conversation.parse(args.conversation).key)
+        finally:
+            await redis.aclose()
+        prompt = builder.build(exchanges, args.text)
+        print(prompt.text)
+        print(
+            f"--- {len(prompt.ids)} tokens (budget {settings.model.max_prompt_tokens}); "
+            f"{prompt.kept_exchanges} exchanges kept, {prompt.dropped_exchanges} dropped"
+            + ("; message cut" if prompt.cut else ""),
+            file=sys.stderr,
+        )
+        return 0
+
+    return asyncio.run(main())
+

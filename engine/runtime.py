@@ -1,0 +1,99 @@
+"""Process-level wiring shared by the commands: settings, logs, Redis, the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from redis.asyncio import Redis
+
+from engine.backends import Backend, load_backend
+from engine.config import ConfigError, Secrets, Settings, load_settings
+from engine.logs import setup_logging
+from engine.redis_client import connect
+from engine.redis_server import RedisServer
+from engine.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def startup(config_path: str | None) -> tuple[Settings, Secrets]:
+    settings = load_settings(config_path)
+    secrets = Secrets.from_env()
+    setup_logging(settings.log_level, list(secrets.values.values()))
+    return settings, secrets
+
+
+def log_to_file(settings: Settings, secrets: Secrets) -> Path:
+    path = settings.run_dir / "chatbot.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    setup_logging(settings.log_level, list(secrets.values.values()), stream=path.open("a"))
+    return path
+
+
+def _url_file(settings: Settings) -> Path:
+    return settings.run_dir / "redis.url"
+
+
+def redis_url(settings: Settings, start_embedded: bool) -> tuple[str, RedisServer | None]:
+    """REDIS_URL if set; else the embedded server another chatbot process runs; else start one (if allowed).
+
+    Returns the URL and the server this call started, which the caller stops.
+    """
+    if settings.redis_url:
+        return settings.redis_url, None
+    url_file = _url_file(settings)
+    if url_file.exists():
+        url = url_file.read_text().strip()
+        try:
+            import redis
+
+            redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+            return url, None
+        except redis.ConnectionError:
+            url_file.unlink()
+    if not start_embedded:
+        raise ConfigError("no REDIS_URL is set and no embedded Redis is running: start `chatbot demo` first, or set REDIS_URL")
+    server = RedisServer(settings.run_dir / "redis").start()
+    url_file.write_text(server.url)
+    return server.url, server
+
+
+def stop_embedded(settings: Settings, server: RedisServer | None) -> None:
+    if server:
+        _url_file(settings).unlink(missing_ok=True)
+        server.stop()
+
+
+def on_terminate(callback) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, callback)
+
+
+async def run_worker(settings: Settings, redis: Redis, backend: Backend | None = None) -> None:
+    """Load the model (unless given) and serve until SIGTERM/SIGINT."""
+    backend = backend or await asyncio.to_thread(load_backend, settings.model)
+    worker = Worker(redis, backend, settings, settings.worker_name)
+    on_terminate(worker.stop)
+    await worker.run()
+
+
+def serve(settings: Settings, main) -> int:
+    """Run `main(redis)` against the configured or embedded Redis, stopping what this process started."""
+    url, server = redis_url(settings, start_embedded=True)
+
+    async def _run() -> None:
+        redis = connect(url)
+        try:
+            await main(redis)
+        finally:
+            await redis.aclose()
+
+    try:
+        asyncio.run(_run())
+    finally:
+        stop_embedded(settings, server)
+    return 0

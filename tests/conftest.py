@@ -1,0 +1,83 @@
+"""Shared fixtures: a private redis-server per test session, the real tokenizers, a tiny model, a live worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+from transformers import AutoTokenizer
+
+from engine.assets import resolve_model
+from engine.config import Settings
+from engine.redis_client import connect
+from engine.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server):
+    client = connect(redis_server.url)
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model("embedded:llama2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return resolve_model("embedded:smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_backend():
+    from engine.backends import load_backend
+
+    return load_backend(tiny_settings().model)
+
+
+def tiny_settings(**overrides) -> Settings:
+    """Settings for the tiny random Llama: short answers, quick redelivery."""
+    base = {
+        "model": {"id": "embedded:tiny-llama", "device": "cpu", "sequence_length": 512, "max_prompt_tokens": 384},
+        "generation": {"max_new_tokens": 24},
+        "queue": {"visibility_timeout_s": 3, "partial_interval_s": 0.0},
+    }
+    for section, values in overrides.items():
+        base[section] = {**base.get(section, {}), **values} if isinstance(values, dict) else values
+    return Settings.model_validate(base)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return tiny_settings()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(redis, backend, settings):
+    """A real Worker serving in this test's event loop until the block ends."""
+    from engine.worker import Worker
+
+    worker = Worker(redis, backend, settings, owner="test-worker")
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def worker(redis, tiny_backend, settings):
+    async with running_worker(redis, tiny_backend, settings) as live:
+        yield live
