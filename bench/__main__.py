@@ -1,0 +1,13 @@
+"""`python -m bench [name ...]`: run the benchmarks, print markdown tables for the README."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import generation_speed, prompt_building, queue_overhead
+
+BENCHMARKS = {"prompts": prompt_building.run, "queue": queue_overhead.run, "generation": generation_speed.run}
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or BENCHMARKS:
+        print(BENCHMARKS[name](), end="\n\n", flush=True)

@@ -1,0 +1,158 @@
+"""The Redis job queue, against a real redis-server: order, fairness, leases, exactly-once answers, resets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine import history
+from engine.history import Turn
+from engine.jobs import Conversation, RejectedMessage, ReplyEvent
+from engine.queue import JobQueue, replies_key
+
+ALICE = Conversation(platform="local", channel="alice")
+BOB = Conversation(platform="local", channel="bob")
+
+
+def final(job, text="answer") -> ReplyEvent:
+    return ReplyEvent(job_id=job.id, conversation=job.conversation, kind="final", text=text)
+
+
+def exchange(text: str) -> list[Turn]:
+    return [Turn(role="user", text=text, tokens=3), Turn(role="assistant", text="re: " + text, tokens=5)]
+
+
+async def test_one_conversation_is_answered_in_order_one_at_a_time(redis):
+    queue = JobQueue(redis)
+    for n in range(3):
+        await queue.submit(ALICE, f"m{n}", f"message {n}")
+    first = await queue.claim("w", max_jobs=3)
+    assert [job.text for job in first] == ["message 0"]
+    assert await queue.claim("w", max_jobs=3) == []  # the next waits until the head is answered
+    await queue.complete(first[0], final(first[0]), [], 10, 60)
+    assert [job.text for job in await queue.claim("w", max_jobs=3)] == ["message 1"]
+
+
+async def test_a_long_backlog_does_not_hold_back_another_conversation(redis):
+    queue = JobQueue(redis)
+    for n in range(50):
+        await queue.submit(ALICE, f"a{n}", f"alice {n}")
+    await queue.submit(BOB, "b0", "bob's only message")
+    answered = []
+    while len(answered) < 3:
+        [job] = await queue.claim("w")
+        answered.append(job.text)
+        await queue.complete(job, final(job), [], 10, 60)
+    assert answered == ["alice 0", "bob's only message", "alice 1"]
+
+
+async def test_batches_never_hold_two_jobs_of_one_conversation(redis):
+    queue = JobQueue(redis)
+    for n in range(3):
+        await queue.submit(ALICE, f"a{n}", f"alice {n}")
+        await queue.submit(BOB, f"b{n}", f"bob {n}")
+    batch = await queue.claim("w", max_jobs=4)
+    assert sorted(job.text for job in batch) == ["alice 0", "bob 0"]
+
+
+async def test_same_platform_message_is_queued_once(redis):
+    queue = JobQueue(redis)
+    first = await queue.submit(ALICE, "m1", "hello")
+    again = await queue.submit(ALICE, "m1", "hello")
+    assert not first.duplicate and again.duplicate
+    [job] = await queue.claim("w")
+    await queue.complete(job, final(job), [], 10, 60)
+    assert (await queue.submit(ALICE, "m1", "hello")).duplicate  # answered messages stay answered
+
+
+async def test_position_counts_jobs_ahead(redis):
+    queue = JobQueue(redis)
+    assert (await queue.submit(ALICE, "1", "x")).ahead == 0
+    assert (await queue.submit(BOB, "2", "x")).ahead == 1
+    assert (await queue.submit(ALICE, "3", "x")).ahead == 2
+
+
+async def test_expired_lease_is_delivered_again_and_answered_once(redis):
+    queue = JobQueue(redis, visibility_timeout_s=0.2)
+    await queue.submit(ALICE, "m1", "hello")
+    [taken] = await queue.claim("dead-worker")
+    assert await queue.claim("w") == []  # still leased
+    await asyncio.sleep(0.3)
+    [again] = await queue.claim("w")
+    assert again.id == taken.id and again.attempts == 2
+    assert await queue.complete(again, final(again), exchange("hello"), 10, 60)
+    assert not await queue.complete(taken, final(taken), exchange("hello"), 10, 60)  # the late original
+    replies = await redis.xrange(replies_key("local"))
+    assert len(replies) == 1
+    assert len(await history.load_exchanges(redis, ALICE.key)) == 1
+
+
+async def test_heartbeat_keeps_a_long_job_leased(redis):
+    queue = JobQueue(redis, visibility_timeout_s=0.3)
+    await queue.submit(ALICE, "m1", "hello")
+    [job] = await queue.claim("w")
+    for _ in range(3):
+        await asyncio.sleep(0.15)
+        await queue.heartbeat([job])
+    assert await queue.claim("w") == []
+
+
+async def test_recover_requeues_a_dead_workers_jobs_at_once(redis):
+    queue = JobQueue(redis, visibility_timeout_s=600)
+    await queue.submit(ALICE, "m1", "hello")
+    [job] = await queue.claim("worker-1")
+    assert await queue.recover("worker-1") == [job.id]
+    [again] = await queue.claim("worker-1")
+    assert again.id == job.id
+
+
+async def test_released_job_comes_back_first(redis):
+    queue = JobQueue(redis)
+    await queue.submit(ALICE, "a", "alice")
+    await queue.submit(BOB, "b", "bob")
+    [job] = await queue.claim("w")
+    await queue.release([job])
+    [again] = await queue.claim("w")
+    assert again.id == job.id
+
+
+async def test_reset_is_ordered_with_messages(redis):
+    queue = JobQueue(redis)
+    await queue.submit(ALICE, "before", "sent before the reset")
+    [job] = await queue.claim("w")
+    await history.reset(redis, ALICE.key)
+    await queue.submit(ALICE, "after", "sent after the reset")
+    # The reply to the earlier message is delivered, but its turns do not come back.
+    assert await queue.complete(job, final(job), exchange(job.text), 10, 60)
+    assert await history.load_exchanges(redis, ALICE.key) == []
+    [later] = await queue.claim("w")
+    assert later.epoch == job.epoch + 1
+    await queue.complete(later, final(later), exchange(later.text), 10, 60)
+    [kept] = await history.load_exchanges(redis, ALICE.key)
+    assert kept.user.text == "sent after the reset"
+
+
+async def test_history_is_bounded_by_turns_and_ttl(redis):
+    queue = JobQueue(redis)
+    for n in range(5):
+        await queue.submit(ALICE, f"m{n}", f"message {n}")
+        [job] = await queue.claim("w")
+        await queue.complete(job, final(job), exchange(job.text), 4, 60)
+    kept = await history.load_exchanges(redis, ALICE.key)
+    assert [e.user.text for e in kept] == ["message 3", "message 4"]
+    assert 0 < await redis.ttl(history.turns_key(ALICE.key)) <= 60
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t "])
+async def test_empty_messages_are_refused_with_a_sentence(redis, text):
+    with pytest.raises(RejectedMessage, match="empty"):
+        await JobQueue(redis).submit(ALICE, "m", text)
+    assert await JobQueue(redis).claim("w") == []
+
+
+async def test_lone_surrogates_are_replaced_not_fatal(redis):
+    queue = JobQueue(redis)
+    await queue.submit(ALICE, "m", "broken \ud800 text")
+    [job] = await queue.claim("w")
+    assert job.text == "broken ? text"

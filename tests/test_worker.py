@@ -1,0 +1,180 @@
+"""The worker end to end: real Redis, real tokenizer, real models, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import history
+from engine.jobs import Conversation, ReplyEvent
+from engine.prompts import PromptBuilder
+from engine.queue import JobQueue, replies_key
+from engine.redis_client import connect
+from engine.redis_server import RedisServer
+from engine.replies import follow, last_entry_id
+from tests.conftest import running_worker, tiny_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = Conversation(platform="local", channel="chat")
+COLOUR_CONVERSATION = [
+    "My favorite color is blue. My favorite fruit is strawberry.",
+    "Name a fruit that is on my favorite colour.",
+    "What is the colour of my favorite fruit ?",
+]
+
+
+async def ask(redis, text: str, conversation: Conversation = CHAT, message_id: str | None = None) -> ReplyEvent:
+    after = await last_entry_id(redis, conversation.platform)
+    submitted = await JobQueue(redis).submit(conversation, message_id or f"m{abs(hash(text))}", text)
+    async def final():
+        async for event in follow(redis, conversation.platform, submitted.job_id, after):
+            if event.kind != "partial":
+                return event
+    return await asyncio.wait_for(final(), 60)
+
+
+async def check_colour_conversation(redis, builder: PromptBuilder) -> None:
+    for text in COLOUR_CONVERSATION[:2]:
+        assert (await ask(redis, text)).kind == "final"
+    exchanges = await history.load_exchanges(redis, CHAT.key)
+    third = builder.build(exchanges, COLOUR_CONVERSATION[2])
+    assert third.dropped_exchanges == 0
+    for exchange in exchanges:
+        assert exchange.user.text in third.text and exchange.assistant.text in third.text
+    assert [e.user.text for e in exchanges] == COLOUR_CONVERSATION[:2]
+    assert (await ask(redis, COLOUR_CONVERSATION[2])).kind == "final"
+    assert len(await history.load_exchanges(redis, CHAT.key)) == 3
+
+
+async def test_colour_conversation_through_the_queue_with_tiny_llama(redis, worker):
+    await check_colour_conversation(redis, worker.builder)
+
+
+async def test_colour_conversation_with_smollm2(redis, smollm2_path):
+    from engine.backends import load_backend
+
+    settings = tiny_settings(model={"id": "embedded:smollm2"}, generation={"max_new_tokens": 16})
+    backend = load_backend(settings.model)
+    async with running_worker(redis, backend, settings) as live:
+        await check_colour_conversation(redis, live.builder)
+        [first, *_] = await history.load_exchanges(redis, CHAT.key)
+        assert first.assistant.text.strip()  # a real model answers in words
+
+
+async def test_streams_partials_then_one_final(redis, worker):
+    await ask(redis, "Tell me a story.")
+    events = [ReplyEvent.model_validate_json(f["event"]) for _, f in await redis.xrange(replies_key("local"))]
+    assert [e.kind for e in events][-1] == "final"
+    partials = [e.text for e in events if e.kind == "partial"]
+    assert partials and all(events[-1].text.startswith(p) for p in partials)
+
+
+async def test_bad_input_gets_clear_answers_and_the_worker_keeps_serving(redis, tiny_backend, settings):
+    # An empty job that bypassed the adapters' checks is answered with a sentence, not a crash.
+    submitted = await JobQueue(redis).submit(CHAT, "raw", "placeholder")
+    key = f"chatbot:job:{submitted.job_id}"
+    await redis.hset(key, "data", (await redis.hget(key, "data")).replace('"text":"placeholder"', '"text":"   "'))
+    async with running_worker(redis, tiny_backend, settings):
+        async for event in follow(redis, "local", submitted.job_id, "0-0"):
+            if event.kind != "partial":
+                assert event.kind == "error" and "empty" in event.text
+                break
+        huge = await ask(redis, "blah " * 20_000)  # 100 kB
+        assert huge.kind == "final" and huge.text.startswith("(Your message was too long")
+        odd = await ask(redis, "lone \ud800 surrogate and \x00 nul")
+        assert odd.kind == "final"
+        assert (await ask(redis, "Still there?")).kind == "final"
+
+
+def worker_process(redis_url: str, run_dir: Path, **env) -> subprocess.Popen:
+    environ = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "CHATBOT_CONFIG": str(run_dir / "none.yaml"),
+        "CHATBOT__RUN_DIR": str(run_dir),
+        "CHATBOT__WORKER_NAME": "killable",
+        "CHATBOT__MODEL__ID": "embedded:tiny-llama",
+        "CHATBOT__MODEL__DEVICE": "cpu",
+        "CHATBOT__MODEL__SEQUENCE_LENGTH": "1024",
+        "CHATBOT__MODEL__MAX_PROMPT_TOKENS": "256",
+        "CHATBOT__GENERATION__MAX_NEW_TOKENS": "700",
+        "CHATBOT__QUEUE__PARTIAL_INTERVAL_S": "0",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "chatbot", "worker"], cwd=ROOT, env=environ,
+        stdout=subprocess.DEVNULL, stderr=open(run_dir / "worker.log", "ab"),
+    )
+
+
+async def first_partial(redis, platform: str) -> None:
+    while not await redis.xlen(replies_key(platform)):
+        await asyncio.sleep(0.01)
+
+
+async def test_sigkill_mid_generation_answers_once_after_restart(redis, redis_server, tmp_path):
+    await JobQueue(redis).submit(CHAT, "m1", "Write a long answer.")
+    process = worker_process(redis_server.url, tmp_path)
+    try:
+        await asyncio.wait_for(first_partial(redis, "local"), 60)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        process = worker_process(redis_server.url, tmp_path)
+        async for event in follow(redis, "local", "local:m1", "0-0"):
+            if event.kind != "partial":
+                break
+    finally:
+        process.kill()
+        process.wait(10)
+    events = [ReplyEvent.model_validate_json(f["event"]) for _, f in await redis.xrange(replies_key("local"))]
+    assert [e.kind for e in events].count("final") == 1
+    [exchange] = await history.load_exchanges(redis, CHAT.key)
+    assert exchange.user.text == "Write a long answer."
+    assert await redis.llen(history.turns_key(CHAT.key)) == 2
+    assert await redis.hget("chatbot:job:local:m1", "attempts") is None  # done and cleaned up
+
+
+async def test_sigterm_hands_the_job_back_and_exits_cleanly(redis, redis_server, tmp_path):
+    await JobQueue(redis).submit(CHAT, "m1", "Write a long answer.")
+    process = worker_process(redis_server.url, tmp_path)
+    try:
+        await asyncio.wait_for(first_partial(redis, "local"), 60)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    finally:
+        process.kill()
+    assert await redis.zcard("chatbot:leases") == 0
+    assert await redis.lrange("chatbot:ready", 0, -1) == [CHAT.key]
+    assert "final" not in {ReplyEvent.model_validate_json(f["event"]).kind for _, f in await redis.xrange(replies_key("local"))}
+
+
+async def test_worker_rides_out_a_redis_restart(tiny_backend, tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    redis = connect(server.url)
+    try:
+        async with running_worker(redis, tiny_backend, tiny_settings()):
+            assert (await ask(redis, "before the restart", message_id="a")).kind == "final"
+            server.stop()
+            await asyncio.sleep(1.5)  # the worker polls a dead server meanwhile
+            server.start()
+            assert (await ask(redis, "after the restart", message_id="b")).kind == "final"
+            # append-only persistence: nothing from before the restart was lost
+            assert len(await history.load_exchanges(redis, CHAT.key)) == 2
+    finally:
+        await redis.aclose()
+        server.stop()
+
+
+@pytest.mark.parametrize("text", ["", "  \n "])
+async def test_cli_ask_refuses_empty_messages(redis_server, tmp_path, text):
+    result = subprocess.run(
+        [sys.executable, "-m", "chatbot", "ask", text], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "REDIS_URL": redis_server.url, "CHATBOT_CONFIG": str(tmp_path / "none.yaml")},
+    )
+    assert result.returncode == 1 and "empty" in result.stderr and "Traceback" not in result.stderr
