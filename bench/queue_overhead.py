@@ -43,7 +43,7 @@ class InstantBackend(Backend):
 
 async def measure(url: str, backend: Backend) -> tuple[list[float], list[float]]:
     redis = connect(url)
-    settings = Settings.model_validate({"queue": {"partial_interval_s": 0}})
+    settings = Settings()
     worker = Worker(redis, backend, settings, owner="bench")
     serving = asyncio.create_task(worker.run())
     queue = JobQueue(redis)

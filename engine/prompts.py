@@ -58,6 +58,7 @@ class PromptBuilder:
         controls |= {token.content for token in tokenizer.added_tokens_decoder.values()}
         pattern = "|".join(re.escape(c) for c in sorted(controls, key=len, reverse=True) if len(c) > 1)
         self._controls = re.compile(pattern)
+        self._probe_tokens = self.count(tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False))
 
     # --- text ---------------------------------------------------------------------------
 
@@ -90,9 +91,7 @@ class PromptBuilder:
         assistant_text = self.neutralise(assistant_text)
         messages = [{"role": "user", "content": user_content}, {"role": "assistant", "content": assistant_text}]
         probe = [{"role": "user", "content": _PROBE}]
-        with_exchange = self.count(self.tokenizer.apply_chat_template(messages + probe, tokenize=False))
-        without = self.count(self.tokenizer.apply_chat_template(probe, tokenize=False))
-        exchange_tokens = with_exchange - without
+        exchange_tokens = self.count(self.tokenizer.apply_chat_template(messages + probe, tokenize=False)) - self._probe_tokens
         user_tokens = min(self.count(user_content), exchange_tokens)
         return (
             Turn(role="user", text=user_content, name=name, tokens=user_tokens),

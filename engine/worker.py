@@ -102,6 +102,8 @@ class Worker:
             return
         heartbeat = asyncio.create_task(self._keep_leases([t.job for t in tasks]))
         started = time.monotonic()
+        for task in tasks:
+            task.published_at = started  # an answer faster than partial_interval_s is not streamed
         try:
             await asyncio.to_thread(
                 self.backend.generate, [t.prompt.ids for t in tasks], self.settings.generation, self._on_step_from(tasks)
