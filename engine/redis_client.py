@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -28,13 +29,18 @@ def connect(url: str) -> Redis:
     )
 
 
-async def with_backoff(operation: Callable[[], Awaitable[T]], what: str, cap_s: float = 5.0) -> T:
-    """Run `operation` until Redis answers, waiting longer after each failure (never gives up)."""
+async def with_backoff(
+    operation: Callable[[], Awaitable[T]], what: str, cap_s: float = 5.0, give_up_after_s: float | None = None
+) -> T:
+    """Run `operation` until Redis answers, waiting longer after each failure (by default never gives up)."""
     delay = 0.1
+    deadline = None if give_up_after_s is None else time.monotonic() + give_up_after_s
     while True:
         try:
             return await operation()
         except REDIS_DOWN as error:
+            if deadline is not None and time.monotonic() > deadline:
+                raise
             log.warning("redis unavailable, retrying", extra={"operation": what, "error": str(error), "retry_in_s": round(delay, 2)})
             await asyncio.sleep(delay)
             delay = min(cap_s, delay * 2) * (0.8 + 0.4 * random.random())

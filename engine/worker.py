@@ -24,7 +24,8 @@ from engine.redis_client import REDIS_DOWN, with_backoff
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # a job that took the worker down this often is answered with an error instead
-IDLE_WAIT_S = 1.0  # how often an idle worker looks for expired leases
+IDLE_WAIT_S = 1.0
+RELEASE_PATIENCE_S = 5.0  # on shutdown, don't wait longer than this for Redis: the lease expires anyway  # how often an idle worker looks for expired leases
 MODEL_FAILED = "Sorry, something went wrong while writing the answer. Please try again."
 GAVE_UP = "Sorry, this message could not be answered: it failed several times."
 EMPTY_ANSWER = "The model returned an empty answer. Please rephrase your message."
@@ -116,12 +117,18 @@ class Worker:
         finally:
             heartbeat.cancel()
         if self.stopping.is_set():
-            await with_backoff(lambda: self.queue.release([t.job for t in tasks]), "release")
-            log.info("handed jobs back on shutdown", extra={"jobs": [t.job.id for t in tasks]})
+            await self._hand_back([t.job for t in tasks])
             return
         await self._partials.join()
         for task in tasks:
             await self._finish(task, started)
+
+    async def _hand_back(self, jobs: list[Job]) -> None:
+        try:
+            await with_backoff(lambda: self.queue.release(jobs), "release", give_up_after_s=RELEASE_PATIENCE_S)
+            log.info("handed jobs back on shutdown", extra={"jobs": [job.id for job in jobs]})
+        except REDIS_DOWN:
+            log.warning("could not hand jobs back; their leases expire instead", extra={"jobs": [job.id for job in jobs]})
 
     def _on_step_from(self, tasks: list[Task]):
         """The per-step hook, called in the generation thread."""
