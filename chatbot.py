@@ -36,11 +36,11 @@ def run_all(args: argparse.Namespace, local_only: bool) -> int:
 
     settings, secrets = startup(args.config)
     platforms = [] if local_only else platforms_configured(secrets)
-    if not platforms:
-        # The terminal is the chat: keep structured logs out of it.
-        print(f"Logs go to {log_to_file(settings, secrets)}", file=sys.stderr)
-    print(f"Loading model {settings.model.id} (first run prepares it; this can take a minute)...", file=sys.stderr)
+    print(f"Loading model {settings.model.id} (the first run prepares it: about a minute)...", file=sys.stderr)
     backend = load_backend(settings.model)
+    if not platforms:
+        # The terminal is the chat from here on: keep structured logs out of it.
+        print(f"Logs go to {log_to_file(settings, secrets)}", file=sys.stderr)
 
     async def main(redis) -> None:
         worker = Worker(redis, backend, settings, settings.worker_name)
