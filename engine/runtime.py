@@ -9,12 +9,10 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from engine.backends import Backend, load_backend
 from engine.config import ConfigError, Secrets, Settings, load_settings
 from engine.logs import setup_logging
 from engine.redis_client import connect
 from engine.redis_server import RedisServer
-from engine.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +71,13 @@ def on_terminate(callback) -> None:
         loop.add_signal_handler(sig, callback)
 
 
-async def run_worker(settings: Settings, redis: Redis, backend: Backend | None = None) -> None:
-    """Load the model (unless given) and serve until SIGTERM/SIGINT."""
-    backend = backend or await asyncio.to_thread(load_backend, settings.model)
+async def run_worker(settings: Settings, redis: Redis) -> None:
+    """Load the model and serve until SIGTERM/SIGINT."""
+    # Imported here: torch and transformers take seconds to import, and `chatbot ask/reset` need neither.
+    from engine.backends import load_backend
+    from engine.worker import Worker
+
+    backend = await asyncio.to_thread(load_backend, settings.model)
     worker = Worker(redis, backend, settings, settings.worker_name)
     on_terminate(worker.stop)
     await worker.run()

@@ -1,0 +1,58 @@
+"""The ops commands, run as a user runs them, against a live worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from engine import history
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def chatbot(redis_url: str, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "CHATBOT_CONFIG": str(tmp_path / "none.yaml"),
+        "CHATBOT__MODEL__ID": "embedded:tiny-llama",
+        "CHATBOT__MODEL__SEQUENCE_LENGTH": "512",
+        "CHATBOT__MODEL__MAX_PROMPT_TOKENS": "384",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatbot", *args, cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_ask_prompt_and_reset(redis, redis_server, worker, tmp_path):
+    code, out, err = await chatbot(redis_server.url, tmp_path, "ask", "--conversation", "cli:ops", "My favorite color is blue.")
+    assert code == 0, err
+    [exchange] = await history.load_exchanges(redis, "cli:ops")
+    assert exchange.user.text == "My favorite color is blue." and out.strip() == exchange.assistant.text.strip()
+
+    code, out, err = await chatbot(redis_server.url, tmp_path, "prompt", "cli:ops", "What is my favorite color?")
+    assert code == 0, err
+    assert "[INST] <<SYS>>" in out and "My favorite color is blue. [/INST]" in out
+    assert out.rstrip().endswith("What is my favorite color? [/INST]")
+    assert "1 exchanges kept, 0 dropped" in err
+
+    code, out, _ = await chatbot(redis_server.url, tmp_path, "reset", "cli:ops")
+    assert code == 0 and "history cleared" in out
+    assert await history.load_exchanges(redis, "cli:ops") == []
+
+
+async def test_ask_without_a_worker_times_out_with_a_sentence(redis, redis_server, tmp_path):
+    code, _, err = await chatbot(redis_server.url, tmp_path, "ask", "--timeout", "1", "anyone?")
+    assert code == 1 and "is `chatbot worker` running?" in err and "Traceback" not in err
+
+
+async def test_a_bad_config_value_stops_with_the_field_named(redis_server, tmp_path):
+    (tmp_path / "bad.yaml").write_text("model:\n  backend: tpu\n")
+    env_args = ("--config", str(tmp_path / "bad.yaml"), "reset", "cli:x")
+    code, _, err = await chatbot(redis_server.url, tmp_path, *env_args)
+    assert code == 2 and "model.backend" in err and "'transformers' or 'neuron'" in err and "Traceback" not in err
