@@ -1,8 +1,10 @@
-"""Queue overhead: message in, reply out, through Redis and the worker, with a backend that answers at once."""
+"""Queue overhead: message in, reply out, through Redis and a worker process, with a backend that answers at once."""
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import signal
 import tempfile
 import time
 from collections.abc import Sequence
@@ -41,11 +43,23 @@ class InstantBackend(Backend):
         return [list(self.answer) for _ in prompts]
 
 
-async def measure(url: str, backend: Backend) -> tuple[list[float], list[float]]:
+def serve(url: str, ready) -> None:
+    """The worker, in its own process as in production, with the instant backend."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded:llama2-tokenizer"))
+
+    async def main() -> None:
+        redis = connect(url)
+        worker = Worker(redis, InstantBackend(tokenizer), Settings(), owner="bench")
+        signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+        ready.set()
+        await worker.run()
+        await redis.aclose()
+
+    asyncio.run(main())
+
+
+async def measure(url: str) -> tuple[list[float], list[float]]:
     redis = connect(url)
-    settings = Settings()
-    worker = Worker(redis, backend, settings, owner="bench")
-    serving = asyncio.create_task(worker.run())
     queue = JobQueue(redis)
     pings, latencies = [], []
     for n in range(MESSAGES):
@@ -59,16 +73,21 @@ async def measure(url: str, backend: Backend) -> tuple[list[float], list[float]]
         async for event in follow(redis, "bench", submitted.job_id, after):
             if event.kind == "final":
                 latencies.append(time.perf_counter() - started)
-    worker.stop()
-    await serving
     await redis.aclose()
     return pings, latencies
 
 
 def run() -> str:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded:llama2-tokenizer"))
     with tempfile.TemporaryDirectory() as data, RedisServer(Path(data)) as server:
-        pings, latencies = asyncio.run(measure(server.url, InstantBackend(tokenizer)))
+        ready = multiprocessing.Event()
+        worker = multiprocessing.Process(target=serve, args=(server.url, ready))
+        worker.start()
+        ready.wait(60)
+        try:
+            pings, latencies = asyncio.run(measure(server.url))
+        finally:
+            worker.terminate()
+            worker.join(30)
     ping = median(pings)
     rows = [
         ["median", f"{median(latencies) * 1000:.2f} ms", f"{median(latencies) / ping:.1f}x"],

@@ -25,6 +25,9 @@ _PROBE = "ok"
 # in fewer than N * _MAX_CHARS_PER_TOKEN characters: cutting there first keeps huge messages cheap.
 _MAX_CHARS_PER_TOKEN = 32
 CUT_MARK = " […]"
+# How far the estimated size of a lone message may be off (Llama-2 tokenizes the first user text a
+# little differently after the system block); within this distance of the budget it is counted exactly.
+_SLACK = 16
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class PromptBuilder:
         pattern = "|".join(re.escape(c) for c in sorted(controls, key=len, reverse=True) if len(c) > 1)
         self._controls = re.compile(pattern)
         self._probe_tokens = self.count(tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False))
+        self._overhead = self.count(self.render([], _PROBE)) - self.count(_PROBE)  # system prompt and template
 
     # --- text ---------------------------------------------------------------------------
 
@@ -102,9 +106,13 @@ class PromptBuilder:
 
     def build(self, history: list[Exchange], text: str, name: str | None = None) -> Prompt:
         content = self.user_content(text, name)
-        alone = self.count(self.render([], content))
-        if alone > self.budget:
+        if len(content) > self.budget * _MAX_CHARS_PER_TOKEN:
             return self._cut_to_fit(content, len(history))
+        alone = self.count(content) + self._overhead  # a render and an encode cheaper than the exact count...
+        if alone > self.budget - _SLACK:  # ...which is only needed near the limit
+            alone = self.count(self.render([], content))
+            if alone > self.budget:
+                return self._cut_to_fit(content, len(history))
 
         pairs = [(e.user.text, e.assistant.text) for e in history]
         kept, total = 0, alone
