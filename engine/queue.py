@@ -21,9 +21,11 @@ not Redis Cluster.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from redis.asyncio import Redis
 
-from engine.history import PREFIX, Turn, epoch_key, turns_key
+from engine.history import PREFIX, Exchange, Turn, epoch_key, pair_turns, turns_key
 from engine.jobs import Conversation, Job, ReplyEvent, Submitted, clean_text
 
 READY = PREFIX + "ready"
@@ -32,6 +34,12 @@ LEASES = PREFIX + "leases"
 WAKE = PREFIX + "wake"
 QUEUED = PREFIX + "queued"
 DONE_TTL_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Claim:
+    job: Job
+    history: list[Exchange]  # the conversation's stored exchanges, read in the same step as the lease
 
 
 def job_key(job_id: str) -> str:
@@ -85,7 +93,8 @@ while #claimed < max_jobs do
     redis.call('HSET', key, 'owner', owner)
     local attempts = redis.call('HINCRBY', key, 'attempts', 1)
     local fields = redis.call('HMGET', key, 'data', 'epoch')
-    table.insert(claimed, {fields[1], fields[2], attempts})
+    local turns = redis.call('LRANGE', prefix .. 'conv:' .. conversation .. ':turns', 0, -1)
+    table.insert(claimed, {fields[1], fields[2], attempts, turns})
   end
 end
 return claimed
@@ -181,14 +190,14 @@ class JobQueue:
 
     # --- worker ---------------------------------------------------------------------
 
-    async def claim(self, owner: str, max_jobs: int = 1) -> list[Job]:
-        """Lease up to max_jobs head jobs, each from a different conversation."""
+    async def claim(self, owner: str, max_jobs: int = 1) -> list[Claim]:
+        """Lease up to max_jobs head jobs, each from a different conversation, with their histories."""
         rows = await self._claim(keys=[READY, LEASES, ACTIVE], args=[PREFIX, max_jobs, self.visibility_ms, owner])
-        jobs = []
-        for data, epoch, attempts in rows:
-            job = Job.model_validate_json(data)
-            jobs.append(job.model_copy(update={"epoch": int(epoch), "attempts": int(attempts)}))
-        return jobs
+        claims = []
+        for data, epoch, attempts, turns in rows:
+            job = Job.model_validate_json(data).model_copy(update={"epoch": int(epoch), "attempts": int(attempts)})
+            claims.append(Claim(job, pair_turns([Turn.model_validate_json(turn) for turn in turns])))
+        return claims
 
     async def wait_for_work(self, timeout_s: float) -> None:
         await self.redis.blpop([WAKE], timeout=timeout_s)

@@ -15,10 +15,9 @@ from redis.asyncio import Redis
 
 from engine.backends.base import Backend
 from engine.config import Settings
-from engine.history import load_exchanges
 from engine.jobs import EMPTY_MESSAGE, Job, ReplyEvent
 from engine.prompts import Prompt, PromptBuilder
-from engine.queue import JobQueue
+from engine.queue import Claim, JobQueue
 from engine.redis_client import REDIS_DOWN, with_backoff
 
 log = logging.getLogger(__name__)
@@ -75,9 +74,9 @@ class Worker:
             log.info("worker ready", extra={"owner": self.owner, "batch_size": self.backend.batch_size})
             while not self.stopping.is_set():
                 try:
-                    jobs = await self.queue.claim(self.owner, self.backend.batch_size)
-                    if jobs:
-                        await self.process(jobs)
+                    claims = await self.queue.claim(self.owner, self.backend.batch_size)
+                    if claims:
+                        await self.process(claims)
                     else:
                         await self.queue.wait_for_work(IDLE_WAIT_S)
                 except REDIS_DOWN as error:
@@ -87,9 +86,10 @@ class Worker:
             publisher.cancel()
             log.info("worker stopped", extra={"owner": self.owner})
 
-    async def process(self, jobs: list[Job]) -> None:
+    async def process(self, claims: list[Claim]) -> None:
         tasks = []
-        for job in jobs:
+        for claim in claims:
+            job = claim.job
             if job.attempts > MAX_ATTEMPTS:
                 log.error("job failed too often", extra={"job": job.id, "attempts": job.attempts})
                 await self._answer(job, "error", GAVE_UP)
@@ -97,8 +97,7 @@ class Worker:
             if not job.text.strip():
                 await self._answer(job, "error", EMPTY_MESSAGE)
                 continue
-            history = await load_exchanges(self.redis, job.conversation)
-            tasks.append(Task(job, self.builder.build(history, job.text, job.author)))
+            tasks.append(Task(job, self.builder.build(claim.history, job.text, job.author)))
         if not tasks:
             return
         heartbeat = asyncio.create_task(self._keep_leases([t.job for t in tasks]))

@@ -15,6 +15,10 @@ ALICE = Conversation(platform="local", channel="alice")
 BOB = Conversation(platform="local", channel="bob")
 
 
+async def claim(queue: JobQueue, owner: str, max_jobs: int = 1):
+    return [claimed.job for claimed in await queue.claim(owner, max_jobs)]
+
+
 def final(job, text="answer") -> ReplyEvent:
     return ReplyEvent(job_id=job.id, conversation=job.conversation, kind="final", text=text)
 
@@ -27,11 +31,11 @@ async def test_one_conversation_is_answered_in_order_one_at_a_time(redis):
     queue = JobQueue(redis)
     for n in range(3):
         await queue.submit(ALICE, f"m{n}", f"message {n}")
-    first = await queue.claim("w", max_jobs=3)
+    first = await claim(queue, "w", max_jobs=3)
     assert [job.text for job in first] == ["message 0"]
-    assert await queue.claim("w", max_jobs=3) == []  # the next waits until the head is answered
+    assert await claim(queue, "w", max_jobs=3) == []  # the next waits until the head is answered
     await queue.complete(first[0], final(first[0]), [], 10, 60)
-    assert [job.text for job in await queue.claim("w", max_jobs=3)] == ["message 1"]
+    assert [job.text for job in await claim(queue, "w", max_jobs=3)] == ["message 1"]
 
 
 async def test_a_long_backlog_does_not_hold_back_another_conversation(redis):
@@ -41,7 +45,7 @@ async def test_a_long_backlog_does_not_hold_back_another_conversation(redis):
     await queue.submit(BOB, "b0", "bob's only message")
     answered = []
     while len(answered) < 3:
-        [job] = await queue.claim("w")
+        [job] = await claim(queue, "w")
         answered.append(job.text)
         await queue.complete(job, final(job), [], 10, 60)
     assert answered == ["alice 0", "bob's only message", "alice 1"]
@@ -52,7 +56,7 @@ async def test_batches_never_hold_two_jobs_of_one_conversation(redis):
     for n in range(3):
         await queue.submit(ALICE, f"a{n}", f"alice {n}")
         await queue.submit(BOB, f"b{n}", f"bob {n}")
-    batch = await queue.claim("w", max_jobs=4)
+    batch = await claim(queue, "w", max_jobs=4)
     assert sorted(job.text for job in batch) == ["alice 0", "bob 0"]
 
 
@@ -61,7 +65,7 @@ async def test_same_platform_message_is_queued_once(redis):
     first = await queue.submit(ALICE, "m1", "hello")
     again = await queue.submit(ALICE, "m1", "hello")
     assert not first.duplicate and again.duplicate
-    [job] = await queue.claim("w")
+    [job] = await claim(queue, "w")
     await queue.complete(job, final(job), [], 10, 60)
     assert (await queue.submit(ALICE, "m1", "hello")).duplicate  # answered messages stay answered
 
@@ -76,10 +80,10 @@ async def test_position_counts_jobs_ahead(redis):
 async def test_expired_lease_is_delivered_again_and_answered_once(redis):
     queue = JobQueue(redis, visibility_timeout_s=0.2)
     await queue.submit(ALICE, "m1", "hello")
-    [taken] = await queue.claim("dead-worker")
-    assert await queue.claim("w") == []  # still leased
+    [taken] = await claim(queue, "dead-worker")
+    assert await claim(queue, "w") == []  # still leased
     await asyncio.sleep(0.3)
-    [again] = await queue.claim("w")
+    [again] = await claim(queue, "w")
     assert again.id == taken.id and again.attempts == 2
     assert await queue.complete(again, final(again), exchange("hello"), 10, 60)
     assert not await queue.complete(taken, final(taken), exchange("hello"), 10, 60)  # the late original
@@ -91,19 +95,19 @@ async def test_expired_lease_is_delivered_again_and_answered_once(redis):
 async def test_heartbeat_keeps_a_long_job_leased(redis):
     queue = JobQueue(redis, visibility_timeout_s=0.3)
     await queue.submit(ALICE, "m1", "hello")
-    [job] = await queue.claim("w")
+    [job] = await claim(queue, "w")
     for _ in range(3):
         await asyncio.sleep(0.15)
         await queue.heartbeat([job])
-    assert await queue.claim("w") == []
+    assert await claim(queue, "w") == []
 
 
 async def test_recover_requeues_a_dead_workers_jobs_at_once(redis):
     queue = JobQueue(redis, visibility_timeout_s=600)
     await queue.submit(ALICE, "m1", "hello")
-    [job] = await queue.claim("worker-1")
+    [job] = await claim(queue, "worker-1")
     assert await queue.recover("worker-1") == [job.id]
-    [again] = await queue.claim("worker-1")
+    [again] = await claim(queue, "worker-1")
     assert again.id == job.id
 
 
@@ -111,33 +115,44 @@ async def test_released_job_comes_back_first(redis):
     queue = JobQueue(redis)
     await queue.submit(ALICE, "a", "alice")
     await queue.submit(BOB, "b", "bob")
-    [job] = await queue.claim("w")
+    [job] = await claim(queue, "w")
     await queue.release([job])
-    [again] = await queue.claim("w")
+    [again] = await claim(queue, "w")
     assert again.id == job.id
 
 
 async def test_reset_is_ordered_with_messages(redis):
     queue = JobQueue(redis)
     await queue.submit(ALICE, "before", "sent before the reset")
-    [job] = await queue.claim("w")
+    [job] = await claim(queue, "w")
     await history.reset(redis, ALICE.key)
     await queue.submit(ALICE, "after", "sent after the reset")
     # The reply to the earlier message is delivered, but its turns do not come back.
     assert await queue.complete(job, final(job), exchange(job.text), 10, 60)
     assert await history.load_exchanges(redis, ALICE.key) == []
-    [later] = await queue.claim("w")
+    [later] = await claim(queue, "w")
     assert later.epoch == job.epoch + 1
     await queue.complete(later, final(later), exchange(later.text), 10, 60)
     [kept] = await history.load_exchanges(redis, ALICE.key)
     assert kept.user.text == "sent after the reset"
 
 
+async def test_a_claim_carries_the_conversations_history(redis):
+    queue = JobQueue(redis)
+    await queue.submit(ALICE, "m1", "first")
+    [first] = await queue.claim("w")
+    assert first.history == []
+    await queue.complete(first.job, final(first.job), exchange("first"), 10, 60)
+    await queue.submit(ALICE, "m2", "second")
+    [second] = await queue.claim("w")
+    assert [(e.user.text, e.assistant.text) for e in second.history] == [("first", "re: first")]
+
+
 async def test_history_is_bounded_by_turns_and_ttl(redis):
     queue = JobQueue(redis)
     for n in range(5):
         await queue.submit(ALICE, f"m{n}", f"message {n}")
-        [job] = await queue.claim("w")
+        [job] = await claim(queue, "w")
         await queue.complete(job, final(job), exchange(job.text), 4, 60)
     kept = await history.load_exchanges(redis, ALICE.key)
     assert [e.user.text for e in kept] == ["message 3", "message 4"]
@@ -148,11 +163,11 @@ async def test_history_is_bounded_by_turns_and_ttl(redis):
 async def test_empty_messages_are_refused_with_a_sentence(redis, text):
     with pytest.raises(RejectedMessage, match="empty"):
         await JobQueue(redis).submit(ALICE, "m", text)
-    assert await JobQueue(redis).claim("w") == []
+    assert await claim(JobQueue(redis), "w") == []
 
 
 async def test_lone_surrogates_are_replaced_not_fatal(redis):
     queue = JobQueue(redis)
     await queue.submit(ALICE, "m", "broken \ud800 text")
-    [job] = await queue.claim("w")
+    [job] = await claim(queue, "w")
     assert job.text == "broken ? text"
