@@ -86,8 +86,13 @@ class Delivery:
     async def deliver(self, event: ReplyEvent) -> None:
         shown = self.shown.get(event.job_id) or await self._recall(event.job_id)
         final = event.kind != "partial"
-        if not final and time.monotonic() - shown.edited_at < self.edit_interval_s:
-            return
+        wait = self.edit_interval_s - (time.monotonic() - shown.edited_at)
+        if wait > 0:
+            if not final:
+                return
+            # The final text must show, but no sooner than the edit rate allows. This holds
+            # the loop for less than one interval, and jobs finishing together share it.
+            await asyncio.sleep(wait)
         try:
             await self._show(event, shown, split_message(event.text, self.outbox.limit))
         except Exception:
