@@ -98,11 +98,20 @@ class Delivery:
         except Exception:
             log.exception("delivery failed", extra={"job": event.job_id, "kind": event.kind})
             if final and not shown.message_ids:
-                await self.outbox.post(event.reply_to, FAILED)
+                await self._apologise(event)
         if final:
             self.shown.pop(event.job_id, None)
         else:
             self.shown[event.job_id] = shown
+
+    async def _apologise(self, event: ReplyEvent) -> None:
+        # What failed the reply (no permission in the channel, a deleted channel) usually
+        # fails this too; it must not stop delivery, or the restarted adapter meets the
+        # same unacknowledged event and stops again.
+        try:
+            await self.outbox.post(event.reply_to, FAILED)
+        except Exception:
+            log.exception("could not tell the user that delivery failed", extra={"job": event.job_id})
 
     async def _show(self, event: ReplyEvent, shown: Shown, chunks: list[str]) -> None:
         for index, chunk in enumerate(chunks):
