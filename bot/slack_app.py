@@ -1,0 +1,94 @@
+"""The Slack adapter: bolt receives messages (Socket Mode or HTTP), the shared Delivery posts replies.
+
+Socket Mode needs no public URL: the app opens a websocket to Slack with its app-level
+token. HTTP mode serves Slack's signed requests on `slack.http_port`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncApp
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.delivery import Delivery
+from bot.slack.handlers import register
+from bot.slack.http import http_server
+from bot.slack.messages import PLATFORM
+from bot.slack.outbox import SlackOutbox
+from engine.config import Secrets, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlackTokens:
+    bot: str
+    app: str | None  # the app-level token (xapp-) that opens Socket Mode connections
+    signing_secret: str | None  # verifies HTTP mode requests
+
+
+def slack_tokens(settings: Settings, secrets: Secrets) -> SlackTokens:
+    """The tokens the configured mode needs; a missing one fails here, by name."""
+    if settings.slack.mode == "socket":
+        values = secrets.require("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN")
+        return SlackTokens(bot=values["SLACK_BOT_TOKEN"], app=values["SLACK_APP_TOKEN"], signing_secret=None)
+    values = secrets.require("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET")
+    return SlackTokens(bot=values["SLACK_BOT_TOKEN"], app=None, signing_secret=values["SLACK_SIGNING_SECRET"])
+
+
+def web_client(token: str, base_url: str = AsyncWebClient.BASE_URL) -> AsyncWebClient:
+    client = AsyncWebClient(token=token, base_url=base_url)
+    # Streaming edits can meet Slack's per-method rate limits: wait as told rather than lose the edit.
+    client.retry_handlers.append(AsyncRateLimitErrorRetryHandler(max_retry_count=2))
+    return client
+
+
+def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncWebClient | None = None) -> AsyncApp:
+    """The bolt app with our listeners; `client` replaces the Web API client (tests point one at a fake)."""
+    tokens = slack_tokens(settings, secrets)
+    app = AsyncApp(
+        client=client or web_client(tokens.bot),
+        signing_secret=tokens.signing_secret or "",
+        request_verification_enabled=tokens.signing_secret is not None,
+        # Slack hears the acknowledgement only once the job is in Redis: if queueing fails, Slack
+        # delivers the event again (and the job id makes a second success a no-op).
+        process_before_response=True,
+    )
+    register(app, settings.slack, redis, SlackOutbox(app.client))
+    return app
+
+
+@asynccontextmanager
+async def receiving(app: AsyncApp, settings: Settings, tokens: SlackTokens) -> AsyncIterator[None]:
+    if settings.slack.mode == "http":
+        async with http_server(app, settings.slack.http_port):
+            yield
+        return
+    handler = AsyncSocketModeHandler(app, app_token=tokens.app)
+    await handler.connect_async()
+    log.info("connected to slack in socket mode")
+    try:
+        yield
+    finally:
+        await handler.close_async()
+
+
+async def serve(app: AsyncApp, settings: Settings, secrets: Secrets, redis: Redis) -> None:
+    """Receive messages and deliver replies until cancelled."""
+    tokens = slack_tokens(settings, secrets)
+    # A fixed consumer name: a restarted adapter re-reads the replies it had not acknowledged.
+    consumer = f"slack-{settings.worker_name}"
+    delivery = Delivery(redis, PLATFORM, consumer, SlackOutbox(app.client), settings.slack.edit_interval_s)
+    async with receiving(app, settings, tokens):
+        await delivery.run()
+
+
+async def run_slack(settings: Settings, secrets: Secrets, redis: Redis) -> None:
+    await serve(build_app(settings, secrets, redis), settings, secrets, redis)

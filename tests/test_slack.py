@@ -1,0 +1,462 @@
+"""The Slack adapter end to end, offline: bolt's real HTTP and Socket Mode adapters, a fake Slack
+(tests/fakes/slack_server.py) over real sockets, real Redis, the real worker with the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode
+
+import aiohttp
+import pytest
+import yaml
+from slack_sdk.signature import SignatureVerifier
+
+from bot.slack.handlers import RESET_DONE, RESET_IN_CHANNEL
+from bot.slack.messages import from_slack
+from bot.slack.outbox import LIMIT
+from bot.slack_app import build_app, run_slack, serve, web_client
+from engine import history
+from engine.config import ConfigError, Secrets, Settings, SlackSettings
+from engine.jobs import EMPTY_MESSAGE, ReplyEvent
+from engine.queue import conv_jobs_key, replies_key
+from tests.conftest import running_worker, tiny_settings
+from tests.fakes.slack_server import APP_ID, BOT_ID, BOT_USER_ID, TEAM_ID, FakeSlack
+
+ROOT = Path(__file__).resolve().parents[1]
+SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
+SECRETS = Secrets(
+    values={"SLACK_BOT_TOKEN": "xoxb-test-token", "SLACK_APP_TOKEN": "xapp-test-token", "SLACK_SIGNING_SECRET": SIGNING_SECRET}
+)
+DM = "D0DM"
+CHANNEL = "C0GENERAL"
+ALICE = "U1ALICE"
+DM_CONVERSATION = f"slack:{DM}"
+COLOUR_CONVERSATION = [
+    "My favorite color is blue. My favorite fruit is strawberry.",
+    "Name a fruit that is on my favorite colour.",
+    "What is the colour of my favorite fruit ?",
+]
+_ts = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def slack_settings(**slack) -> Settings:
+    return tiny_settings(slack={"mode": "http", "http_port": free_port(), "edit_interval_s": 0.5, **slack})
+
+
+def new_ts() -> str:
+    number = next(_ts)
+    return f"{1_690_000_000 + number}.{number:06d}"
+
+
+# --- the adapter and what Slack sends it ------------------------------------------------------
+
+
+@pytest.fixture
+async def fake():
+    fake = await FakeSlack().start()
+    yield fake
+    await fake.stop()
+
+
+@contextlib.asynccontextmanager
+async def adapter(fake: FakeSlack, redis, settings: Settings):
+    """The real adapter (`serve`), its Web API client pointed at the fake, until the block ends."""
+    client = web_client(SECRETS.get("SLACK_BOT_TOKEN"), base_url=fake.api_url)
+    app = build_app(settings, SECRETS, redis, client=client)
+    connections = fake.connections
+    task = asyncio.create_task(serve(app, settings, SECRETS, redis))
+
+    async def ready() -> bool:
+        if task.done():
+            task.result()  # the adapter failed: show why
+        if settings.slack.mode == "socket":
+            return fake.connections > connections
+        with contextlib.suppress(aiohttp.ClientConnectionError):
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{settings.slack.http_port}/healthz") as response:
+                    return response.status == 200
+        return False
+
+    try:
+        deadline = time.monotonic() + 10
+        while not await ready():
+            assert time.monotonic() < deadline, "the adapter did not start"
+            await asyncio.sleep(0.02)
+        yield app
+    finally:
+        await cancel(task)
+
+
+async def cancel(task: asyncio.Task) -> None:
+    # Python 3.11's asyncio.wait_for (which redis-py awaits around each command) swallows a
+    # cancellation that lands as the wrapped call completes (fixed in 3.12): cancel until done.
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=0.5)
+    if not task.cancelled():
+        task.result()  # the adapter stopped on its own: show why
+
+
+@dataclass
+class Answer:
+    status: int
+    body: str
+    seconds: float
+
+
+async def post_to_app(
+    settings: Settings,
+    body: str,
+    content_type: str = "application/json",
+    *,
+    timestamp: int | None = None,
+    secret: str = SIGNING_SECRET,
+    headers: dict[str, str] | None = None,
+) -> Answer:
+    """POST a request the way Slack does: signed with the signing secret over timestamp and body."""
+    stamp = str(int(time.time()) if timestamp is None else timestamp)
+    signature = SignatureVerifier(secret).generate_signature(timestamp=stamp, body=body)
+    sent = {"Content-Type": content_type, "X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": signature, **(headers or {})}
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{settings.slack.http_port}/slack/events"
+        async with session.post(url, data=body.encode(), headers=sent) as response:
+            return Answer(response.status, await response.text(), time.monotonic() - started)
+
+
+def event_callback(event: dict) -> dict:
+    return {
+        "token": "legacy-verification-token",
+        "team_id": TEAM_ID,
+        "api_app_id": APP_ID,
+        "type": "event_callback",
+        "event_id": f"Ev{uuid.uuid4().hex[:10].upper()}",
+        "event_time": int(time.time()),
+        "authorizations": [{"team_id": TEAM_ID, "user_id": BOT_USER_ID, "is_bot": True}],
+        "event": event,
+    }
+
+
+def dm(text: str, **fields) -> dict:
+    ts = new_ts()
+    return {"type": "message", "channel": DM, "channel_type": "im", "user": ALICE, "text": text, "ts": ts, "event_ts": ts, **fields}
+
+
+def slash_command(channel: str = DM, channel_name: str = "directmessage") -> str:
+    return urlencode({
+        "token": "legacy-verification-token", "team_id": TEAM_ID, "team_domain": "fake", "channel_id": channel,
+        "channel_name": channel_name, "user_id": ALICE, "user_name": "alice", "command": "/reset", "text": "",
+        "api_app_id": APP_ID, "response_url": "https://hooks.slack.test/commands/1", "trigger_id": "13345224609.738474920.8088930838d88f008e0",
+    })
+
+
+async def send_dm(settings: Settings, text: str, **fields) -> str:
+    """Deliver a DM over HTTP; returns the id of the job it should create."""
+    event = dm(text, **fields)
+    answer = await post_to_app(settings, json.dumps(event_callback(event)))
+    assert answer.status == 200, answer.body
+    return f"slack:{DM}-{event['ts']}"
+
+
+async def publish(redis, event: ReplyEvent) -> None:
+    """A reply event as the worker publishes it."""
+    await redis.xadd(replies_key("slack"), {"event": event.model_dump_json()})
+
+
+async def reply_events(redis, job_id: str) -> list[ReplyEvent]:
+    events = [ReplyEvent.model_validate_json(fields["event"]) for _, fields in await redis.xrange(replies_key("slack"))]
+    return [event for event in events if event.job_id == job_id]
+
+
+async def final_event(redis, job_id: str, timeout: float = 60) -> ReplyEvent:
+    deadline = time.monotonic() + timeout
+    while True:
+        done = [event for event in await reply_events(redis, job_id) if event.kind != "partial"]
+        if done:
+            return done[-1]
+        assert time.monotonic() < deadline, f"no final reply for {job_id}"
+        await asyncio.sleep(0.05)
+
+
+async def answer_shown(fake: FakeSlack, redis, job_id: str, before: int, channel: str = DM) -> ReplyEvent:
+    """Wait for the job's final reply, then for Slack to show it as the one new message."""
+    final = await final_event(redis, job_id)
+    await fake.wait_for(lambda: [m.text for m in fake.messages_in(channel)[before:]] == [final.text])
+    return final
+
+
+async def job_keys(redis) -> list[str]:
+    return sorted(await redis.keys("chatbot:job:*"))
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+async def test_dm_over_http_is_streamed_into_one_message(redis, fake, tiny_backend):
+    settings = slack_settings()
+    async with adapter(fake, redis, settings), running_worker(redis, tiny_backend, settings):
+        job_id = await send_dm(settings, "Hello there, who are you?")
+        final = await answer_shown(fake, redis, job_id, before=0)
+    assert final.kind == "final" and final.conversation == DM_CONVERSATION
+    [post] = fake.calls_to("chat.postMessage")
+    assert post.body["channel"] == DM and "thread_ts" not in post.body
+    [message] = fake.messages_in(DM)
+    assert all(call.body["ts"] == message.ts for call in fake.calls_to("chat.update"))
+    assert message.text == final.text
+    assert {call.token for call in fake.calls} == {"xoxb-test-token"}
+    [exchange] = await history.load_exchanges(redis, DM_CONVERSATION)
+    assert exchange.user.text == "Hello there, who are you?" and exchange.user.name is None
+
+
+async def test_unsigned_forged_and_stale_requests_are_refused(redis, fake):
+    settings = slack_settings()
+    body = json.dumps(event_callback(dm("Hello")))
+    async with adapter(fake, redis, settings):
+        forged = await post_to_app(settings, body, secret="not-the-signing-secret")
+        stale = await post_to_app(settings, body, timestamp=int(time.time()) - 6 * 60)
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{settings.slack.http_port}/slack/events"
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                unsigned = response.status
+        challenge = await post_to_app(settings, json.dumps({"type": "url_verification", "challenge": "c-42", "token": "x"}))
+    assert (forged.status, stale.status, unsigned) == (401, 401, 401)
+    assert await job_keys(redis) == []
+    assert challenge.status == 200 and json.loads(challenge.body)["challenge"] == "c-42"
+
+
+async def test_retried_delivery_gets_no_second_job_or_reply(redis, fake, tiny_backend):
+    settings = slack_settings()
+    event = dm("Tell me about strawberries.")
+    body = json.dumps(event_callback(event))
+    job_id = f"slack:{DM}-{event['ts']}"
+    retry = {"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}
+    async with adapter(fake, redis, settings):
+        assert (await post_to_app(settings, body)).status == 200
+        assert (await post_to_app(settings, body, headers=retry)).status == 200
+        assert await job_keys(redis) == [f"chatbot:job:{job_id}"]
+        assert await redis.llen(conv_jobs_key(DM_CONVERSATION)) == 1
+        async with running_worker(redis, tiny_backend, settings):
+            await answer_shown(fake, redis, job_id, before=0)
+            # A retry after the answer is a no-op too: the job id is remembered as done.
+            retry["X-Slack-Retry-Num"] = "2"
+            assert (await post_to_app(settings, body, headers=retry)).status == 200
+            assert await job_keys(redis) == []
+    assert [e.kind for e in await reply_events(redis, job_id) if e.kind != "partial"] == ["final"]
+    assert len(fake.calls_to("chat.postMessage")) == 1
+
+
+async def test_bot_edited_deleted_and_channel_messages_are_ignored(redis, fake):
+    settings = slack_settings()  # mentions off
+    ts = new_ts()
+    ignored = [
+        dm("I am a bot", subtype="bot_message", bot_id="B9OTHER", user=None),
+        dm("I am an app without subtype", bot_id="B9OTHER", user="U9APP"),
+        dm("my own reply", bot_id=BOT_ID, user=BOT_USER_ID),
+        dm("", subtype="message_changed", user=None, message={"type": "message", "user": ALICE, "text": "edited", "ts": ts}),
+        dm("", subtype="message_deleted", user=None, deleted_ts=ts),
+        dm("joined", subtype="channel_join"),
+        {**dm("a channel message"), "channel": CHANNEL, "channel_type": "channel"},
+        {"type": "app_mention", "channel": CHANNEL, "user": ALICE, "text": f"<@{BOT_USER_ID}> hi", "ts": ts, "event_ts": ts},
+    ]
+    async with adapter(fake, redis, settings):
+        for event in ignored:
+            answer = await post_to_app(settings, json.dumps(event_callback(event)))
+            assert answer.status == 200, (event, answer.body)
+    assert await job_keys(redis) == []
+    assert fake.calls_to("chat.postMessage") == []
+
+
+async def test_empty_message_is_answered_with_one_sentence_where_it_was_asked(redis, fake):
+    settings = slack_settings()
+    thread = new_ts()
+    async with adapter(fake, redis, settings):
+        await send_dm(settings, "   ", thread_ts=thread)
+        await fake.wait_for(lambda: fake.messages_in(DM))
+    assert [(m.text, m.thread_ts) for m in fake.messages_in(DM)] == [(EMPTY_MESSAGE, thread)]
+    assert await job_keys(redis) == []
+
+
+async def test_reset_command_forgets_the_dm_and_later_messages_start_fresh(redis, fake, tiny_backend):
+    settings = slack_settings()
+    async with adapter(fake, redis, settings), running_worker(redis, tiny_backend, settings) as worker:
+        await answer_shown(fake, redis, await send_dm(settings, COLOUR_CONVERSATION[0]), before=0)
+        assert len(await history.load_exchanges(redis, DM_CONVERSATION)) == 1
+
+        reset = await post_to_app(settings, slash_command(), "application/x-www-form-urlencoded")
+        assert reset.status == 200 and reset.seconds < 3
+        assert json.loads(reset.body) == {"response_type": "ephemeral", "text": RESET_DONE}
+        assert await history.load_exchanges(redis, DM_CONVERSATION) == []
+
+        question = "What is my favorite color?"
+        prompt = worker.builder.build(await history.load_exchanges(redis, DM_CONVERSATION), question)
+        assert prompt.kept_exchanges == 0 and "strawberry" not in prompt.text
+        await answer_shown(fake, redis, await send_dm(settings, question), before=1)
+        assert [e.user.text for e in await history.load_exchanges(redis, DM_CONVERSATION)] == [question]
+
+        in_channel = await post_to_app(settings, slash_command(CHANNEL, "general"), "application/x-www-form-urlencoded")
+        assert json.loads(in_channel.body) == {"response_type": "ephemeral", "text": RESET_IN_CHANNEL}
+    assert fake.calls_to("chat.postEphemeral") == []  # the answer rode on the acknowledgement
+
+
+async def test_colour_conversation_keeps_its_history(redis, fake, tiny_backend):
+    settings = slack_settings()
+    async with adapter(fake, redis, settings), running_worker(redis, tiny_backend, settings) as worker:
+        for index, text in enumerate(COLOUR_CONVERSATION[:2]):
+            await answer_shown(fake, redis, await send_dm(settings, text), before=index)
+        exchanges = await history.load_exchanges(redis, DM_CONVERSATION)
+        assert [e.user.text for e in exchanges] == COLOUR_CONVERSATION[:2]
+        third = worker.builder.build(exchanges, COLOUR_CONVERSATION[2])
+        assert third.kept_exchanges == 2 and third.dropped_exchanges == 0
+        for exchange in exchanges:
+            assert exchange.user.text in third.text and exchange.assistant.text in third.text
+        await answer_shown(fake, redis, await send_dm(settings, COLOUR_CONVERSATION[2]), before=2)
+    assert len(await history.load_exchanges(redis, DM_CONVERSATION)) == 3
+
+
+async def test_mentions_are_answered_in_their_thread_with_the_author_named(redis, fake, tiny_backend):
+    settings = slack_settings(answer_mentions=True)
+    first = new_ts()
+    mentions = [
+        {"type": "app_mention", "channel": CHANNEL, "user": ALICE, "text": f"<@{BOT_USER_ID}> My favorite color is blue.", "ts": first},
+        {"type": "app_mention", "channel": CHANNEL, "user": ALICE, "text": f"<@{BOT_USER_ID}> And my fruit?", "ts": new_ts(), "thread_ts": first},
+    ]
+    async with adapter(fake, redis, settings), running_worker(redis, tiny_backend, settings):
+        for index, event in enumerate(mentions):
+            assert (await post_to_app(settings, json.dumps(event_callback(event)))).status == 200
+            await answer_shown(fake, redis, f"slack:{CHANNEL}-{event['ts']}", before=index, channel=CHANNEL)
+    assert {m.thread_ts for m in fake.messages_in(CHANNEL)} == {first}
+    exchanges = await history.load_exchanges(redis, f"slack:{CHANNEL}:{first}")
+    assert [(e.user.name, e.user.text) for e in exchanges] == [
+        ("Alice", "Alice: My favorite color is blue."), ("Alice", "Alice: And my fruit?")
+    ]
+    assert len(fake.calls_to("users.info")) == 1  # names are looked up once
+
+
+async def test_long_reply_is_split_under_the_limit(redis, fake):
+    settings = slack_settings()
+    words = [f"word{i}" for i in range(1800)]  # about 15,000 characters
+    text = " ".join(words)
+    async with adapter(fake, redis, settings):
+        await publish(redis, ReplyEvent(job_id="slack:long", conversation=DM_CONVERSATION, kind="final", text=text, reply_to={"channel": DM}))
+        await fake.wait_for(lambda: " ".join(m.text for m in fake.messages_in(DM)).split() == words)
+    texts = [m.text for m in fake.messages_in(DM)]
+    assert len(texts) == 4 and all(len(t) <= LIMIT for t in texts)
+
+
+async def test_streamed_edits_are_rate_limited(redis, fake):
+    settings = slack_settings(edit_interval_s=0.5)
+    reply_to = {"channel": DM}
+    async with adapter(fake, redis, settings):
+        text = ""
+        for index in range(50):  # a partial every 40 ms for 2 s
+            text += f" w{index}"
+            await publish(redis, ReplyEvent(job_id="slack:stream", conversation=DM_CONVERSATION, kind="partial", text=text.strip(), reply_to=reply_to))
+            await asyncio.sleep(0.04)
+        text += " end."
+        await publish(redis, ReplyEvent(job_id="slack:stream", conversation=DM_CONVERSATION, kind="final", text=text.strip(), reply_to=reply_to))
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == [text.strip()])
+    [message] = fake.messages_in(DM)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(message.writes)]
+    assert 3 <= len(message.writes) <= 2.0 / 0.5 + 2
+    assert all(gap >= 0.5 - 0.02 for gap in gaps[:-1])  # only the final text may follow sooner
+
+
+async def test_rate_limited_edit_waits_and_lands(redis, fake):
+    settings = slack_settings()
+    reply_to = {"channel": DM}
+    async with adapter(fake, redis, settings):
+        await publish(redis, ReplyEvent(job_id="slack:slow", conversation=DM_CONVERSATION, kind="partial", text="Once", reply_to=reply_to))
+        await fake.wait_for(lambda: fake.messages_in(DM))
+        fake.rate_limit_next("chat.update", retry_after_s=1)
+        await publish(redis, ReplyEvent(job_id="slack:slow", conversation=DM_CONVERSATION, kind="final", text="Once upon a time.", reply_to=reply_to))
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == ["Once upon a time."])
+    first, second = fake.calls_to("chat.update")
+    assert second.at - first.at >= 1.0
+
+
+async def test_model_text_never_pings_and_errors_read_as_a_sentence(redis, fake):
+    settings = slack_settings()
+    reply_to = {"channel": DM}
+    risky = "Hi <!channel> & <@U2BOB>, see <https://x.test|this>"
+    async with adapter(fake, redis, settings):
+        await publish(redis, ReplyEvent(job_id="slack:risky", conversation=DM_CONVERSATION, kind="final", text=risky, reply_to=reply_to))
+        await publish(redis, ReplyEvent(job_id="slack:error", conversation=DM_CONVERSATION, kind="error", text="Sorry, it failed.", reply_to=reply_to))
+        await fake.wait_for(lambda: len(fake.messages_in(DM)) == 2)
+    risky_message, error_message = fake.messages_in(DM)
+    assert risky_message.raw == "Hi &lt;!channel&gt; &amp; &lt;@U2BOB&gt;, see &lt;https://x.test|this&gt;"
+    assert risky_message.text == risky and error_message.text == "Sorry, it failed."
+
+
+async def test_socket_mode_receives_events_and_commands(redis, fake, tiny_backend):
+    settings = slack_settings(mode="socket")
+    event = dm("Hello over the socket")
+    async with adapter(fake, redis, settings), running_worker(redis, tiny_backend, settings):
+        envelope = await fake.send_envelope("events_api", event_callback(event))
+        await fake.wait_for(lambda: fake.ack_of(envelope))
+        await answer_shown(fake, redis, f"slack:{DM}-{event['ts']}", before=0)
+        command = await fake.send_envelope("slash_commands", dict(parse_qsl(slash_command())))
+        ack = await fake.wait_for(lambda: fake.ack_of(command))
+    assert ack["payload"] == {"response_type": "ephemeral", "text": RESET_DONE}
+    assert await history.load_exchanges(redis, DM_CONVERSATION) == []
+    [connect] = fake.calls_to("apps.connections.open")
+    assert connect.token == "xapp-test-token"
+
+
+async def test_reply_published_while_down_is_delivered_once_after_restart(redis, fake):
+    settings = slack_settings()
+    reply_to = {"channel": DM}
+
+    def event(job: str, kind: str, text: str) -> ReplyEvent:
+        return ReplyEvent(job_id=f"slack:{job}", conversation=DM_CONVERSATION, kind=kind, text=text, reply_to=reply_to)
+
+    async with adapter(fake, redis, settings):
+        await publish(redis, event("b", "partial", "Half an"))
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == ["Half an"])
+    await publish(redis, event("a", "final", "Sent while the adapter was down."))
+    await publish(redis, event("b", "final", "Half an answer, finished while the adapter was down."))
+    for _ in range(2):  # the second start must find nothing left to deliver
+        async with adapter(fake, redis, settings):
+            await fake.wait_for(lambda: len(fake.messages_in(DM)) == 2 and fake.calls_to("chat.update"))
+            await asyncio.sleep(1.2)  # a full read cycle of the reply stream
+    assert [m.text for m in fake.messages_in(DM)] == [
+        "Half an answer, finished while the adapter was down.", "Sent while the adapter was down."
+    ]
+    assert len(fake.calls_to("chat.update")) == 1
+
+
+def test_manifest_matches_the_adapter():
+    manifest = yaml.safe_load((ROOT / "slack_manifest.yaml").read_text())
+    assert [c["command"] for c in manifest["features"]["slash_commands"]] == [SlackSettings().reset_command]
+    assert set(manifest["settings"]["event_subscriptions"]["bot_events"]) == {"message.im", "app_mention"}
+    assert {"chat:write", "im:history", "commands", "users:read"} <= set(manifest["oauth_config"]["scopes"]["bot"])
+    assert manifest["settings"]["socket_mode_enabled"] and SlackSettings().mode == "socket"
+    assert manifest["features"]["app_home"]["messages_tab_enabled"]
+
+
+async def test_missing_tokens_fail_at_start_by_name(redis):
+    socket_settings = tiny_settings(slack={"mode": "socket"})
+    with pytest.raises(ConfigError, match="SLACK_APP_TOKEN"):
+        await run_slack(socket_settings, Secrets(values={"SLACK_BOT_TOKEN": "xoxb-x"}), redis)
+    with pytest.raises(ConfigError, match="SLACK_SIGNING_SECRET"):
+        await run_slack(slack_settings(), Secrets(values={"SLACK_BOT_TOKEN": "xoxb-x"}), redis)
+    with pytest.raises(ConfigError, match="SLACK_BOT_TOKEN"):
+        await run_slack(socket_settings, Secrets(values={"SLACK_APP_TOKEN": "xapp-x"}), redis)
+
+
+def test_slack_markup_reads_as_plain_text():
+    assert from_slack(f"<@{BOT_USER_ID}>  what is   <https://a.test/x|this> &amp; &lt;b&gt;?", drop_user=BOT_USER_ID) == "what is this (https://a.test/x) & <b>?"
+    assert from_slack("ask <@U2BOB> in <#C1|general>, <!here> <https://a.test>") == "ask @U2BOB in #general, @here https://a.test"
