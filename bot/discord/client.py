@@ -1,0 +1,100 @@
+"""The gateway side: turn Discord messages the bot should answer into jobs."""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+
+from bot.discord.routing import conversation_of, reply_route
+from bot.discord.rules import Seen, message_text, refusal
+from bot.discord.typing_indicator import TypingIndicators
+from engine.config import DiscordSettings
+from engine.jobs import RejectedMessage
+from engine.queue import JobQueue
+from engine.redis_client import REDIS_DOWN
+
+log = logging.getLogger(__name__)
+
+ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+QUEUE_NOTICE = "Your message is number {position} in the queue; I will answer as soon as I can."
+UNAVAILABLE = "Sorry, I cannot take messages right now. Please try again in a minute."
+
+
+def intents() -> discord.Intents:
+    # Message Content is privileged; member lists are not needed (messages carry the author's roles).
+    wanted = discord.Intents.none()
+    wanted.guilds = wanted.guild_messages = wanted.dm_messages = wanted.message_content = True
+    return wanted
+
+
+def seen(message: discord.Message, me: discord.ClientUser) -> Seen:
+    channel = message.channel
+    if isinstance(channel, discord.DMChannel):
+        guild_id = None
+    else:
+        # An uncached guild gives a PartialMessageable that still knows its guild.
+        guild_id = message.guild.id if message.guild else getattr(channel, "guild_id", None)
+    return Seen(
+        guild_id=guild_id,
+        channel_id=channel.id,
+        parent_id=channel.parent_id if isinstance(channel, discord.Thread) else None,
+        role_ids=frozenset(role.id for role in getattr(message.author, "roles", ())),
+        from_bot=message.author.bot,
+        system=message.type not in ANSWERED_TYPES,
+        mentions_me=any(user.id == me.id for user in message.mentions),
+    )
+
+
+class ChatClient(discord.Client):
+    def __init__(self, settings: DiscordSettings, queue: JobQueue, typing: TypingIndicators):
+        super().__init__(intents=intents(), max_messages=None, allowed_mentions=discord.AllowedMentions.none())
+        self.settings = settings
+        self.queue = queue
+        self.typing = typing
+
+    async def on_message(self, message: discord.Message) -> None:
+        facts = seen(message, self.user)
+        reason = refusal(self.settings, facts)
+        if reason:
+            log.debug("message ignored", extra={"discord_message": message.id, "channel": facts.channel_id, "reason": reason})
+            return
+        names = {user.id: user.display_name for user in message.mentions}
+        text = message_text(message.content, self.user.id, names)
+        await self.submit(message, text, author=message.author.display_name if facts.guild_id else None)
+
+    async def submit(self, message: discord.Message, text: str, author: str | None) -> None:
+        message_id = str(message.id)
+        # Typing starts before the job exists: its reply can begin before submit returns.
+        started = self.typing.start(message.channel, message_id)
+        try:
+            submitted = await self.queue.submit(
+                conversation_of(message.channel.id), message_id, text, author=author,
+                reply_to=reply_route(message.channel.id, message.id),
+            )
+        except RejectedMessage as rejected:
+            self.typing.stop(message_id)
+            await self.tell(message, str(rejected))
+            return
+        except REDIS_DOWN as error:
+            self.typing.stop(message_id)
+            log.error("could not queue a message", extra={"discord_message": message.id, "error": str(error)})
+            await self.tell(message, UNAVAILABLE)
+            return
+        if submitted.duplicate:
+            # A redelivered gateway event: the first delivery is being answered.
+            if started:
+                self.typing.stop(message_id)
+            return
+        log.info(
+            "message queued",
+            extra={"job": submitted.job_id, "conversation": conversation_of(message.channel.id).key, "ahead": submitted.ahead},
+        )
+        if submitted.ahead >= self.settings.queue_notice_threshold:
+            await self.tell(message, QUEUE_NOTICE.format(position=submitted.ahead + 1))
+
+    async def tell(self, message: discord.Message, text: str) -> None:
+        try:
+            await message.reply(text, mention_author=False)
+        except discord.HTTPException as error:
+            log.warning("could not answer in the channel", extra={"discord_message": message.id, "error": str(error)})

@@ -1,0 +1,44 @@
+"""The Discord side of reply delivery: post and edit channel messages over REST."""
+
+from __future__ import annotations
+
+import discord
+from redis.asyncio import Redis
+
+from bot.delivery import posted_key
+from bot.discord.routing import job_id_of
+from bot.discord.typing_indicator import TypingIndicators
+
+LIMIT = 2000  # characters in one Discord message
+# Replies ping their author; text the model writes never pings anyone.
+REPLY_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
+
+
+class DiscordOutbox:
+    limit = LIMIT
+
+    def __init__(self, client: discord.Client, redis: Redis, typing: TypingIndicators):
+        self.client = client
+        self.redis = redis
+        self.typing = typing
+
+    async def post(self, reply_to: dict[str, str], text: str) -> str:
+        self.typing.stop(reply_to["message"])
+        channel = self.client.get_partial_messageable(int(reply_to["channel"]))
+        reference = None
+        if not await self._started(reply_to["message"]):
+            reference = discord.MessageReference(
+                message_id=int(reply_to["message"]), channel_id=channel.id, fail_if_not_exists=False
+            )
+        message = await channel.send(text, reference=reference, allowed_mentions=REPLY_MENTIONS)
+        return str(message.id)
+
+    async def edit(self, reply_to: dict[str, str], message_id: str, text: str) -> None:
+        channel = self.client.get_partial_messageable(int(reply_to["channel"]))
+        await channel.get_partial_message(int(message_id)).edit(content=text)
+
+    async def _started(self, user_message_id: str) -> bool:
+        # Delivery records each posted message before posting the next, so a recorded one
+        # means this post continues the answer: only the first message is a reply. Reading
+        # it from Redis keeps that true across adapter restarts.
+        return bool(await self.redis.exists(posted_key(job_id_of(user_message_id))))

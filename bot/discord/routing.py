@@ -1,0 +1,22 @@
+"""How Discord ids map onto the queue: conversations, job ids, and where replies go."""
+
+from __future__ import annotations
+
+from engine.jobs import Conversation
+
+PLATFORM = "discord"
+
+
+def conversation_of(channel_id: int) -> Conversation:
+    # A thread has its own channel id, so it is its own conversation.
+    return Conversation(platform=PLATFORM, channel=str(channel_id))
+
+
+def job_id_of(message_id: int | str) -> str:
+    """The job a Discord message becomes (JobQueue.submit's naming): one per message, ever."""
+    return f"{PLATFORM}:{message_id}"
+
+
+def reply_route(channel_id: int, message_id: int) -> dict[str, str]:
+    """A job's reply_to: the channel the answer goes to and the message it answers."""
+    return {"channel": str(channel_id), "message": str(message_id)}

@@ -1,0 +1,64 @@
+"""Which Discord messages the bot answers, and the text it queues for them.
+
+Plain functions over `Seen`, the facts of one message, so the rules read and test apart
+from discord.py's objects.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from engine.config import DiscordSettings
+
+_SPACES = re.compile(r"[ \t]{2,}")
+_USER_MENTION = re.compile(r"<@!?(\d+)>")
+
+
+@dataclass(frozen=True)
+class Seen:
+    guild_id: int | None  # None in a DM
+    channel_id: int
+    parent_id: int | None  # a thread's channel: allow-lists name channels, not each thread
+    role_ids: frozenset[int]
+    from_bot: bool
+    system: bool
+    mentions_me: bool
+
+
+def refusal(settings: DiscordSettings, seen: Seen) -> str | None:
+    """Why the message is not answered, or None if it is."""
+    if seen.from_bot:
+        return "from a bot"
+    if seen.system:
+        return "system message"
+    if seen.guild_id is None:
+        return None if settings.allow_dms else "direct messages are off"
+    if settings.guilds and seen.guild_id not in settings.guilds:
+        return "guild not allowed"
+    channels = {seen.channel_id, seen.parent_id} - {None}
+    if settings.channels and not channels & set(settings.channels):
+        return "channel not allowed"
+    if settings.roles and not seen.role_ids & set(settings.roles):
+        return "author has no allowed role"
+    mention_only = settings.mention_only or bool(channels & set(settings.mention_only_channels))
+    if mention_only and not seen.mentions_me:
+        return "bot not mentioned"
+    return None
+
+
+def may_reset(settings: DiscordSettings, guild_id: int | None, role_ids: frozenset[int]) -> bool:
+    # A DM holds one user's own conversation: roles only guard shared channels.
+    return guild_id is None or not settings.reset_roles or bool(role_ids & set(settings.reset_roles))
+
+
+def message_text(content: str, bot_id: int, names: dict[int, str]) -> str:
+    """The text to queue: the bot's own mention removed, other users' mentions as @name."""
+
+    def name(match: re.Match[str]) -> str:
+        user_id = int(match.group(1))
+        if user_id == bot_id:
+            return ""
+        return f"@{names[user_id]}" if user_id in names else match.group(0)
+
+    return _SPACES.sub(" ", _USER_MENTION.sub(name, content)).strip()

@@ -1,0 +1,74 @@
+"""The Discord adapter: gateway messages in as jobs, reply events out as channel messages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+import discord
+from redis.asyncio import Redis
+
+from bot.delivery import Delivery
+from bot.discord.client import ChatClient
+from bot.discord.commands import command_tree, sync_commands
+from bot.discord.outbox import DiscordOutbox
+from bot.discord.routing import PLATFORM
+from bot.discord.typing_indicator import TypingIndicators
+from engine.config import ConfigError, Secrets, Settings
+from engine.queue import JobQueue
+
+log = logging.getLogger(__name__)
+
+# One adapter runs per bot token, so one fixed consumer name: a restarted adapter, on any
+# host, takes over the replies its predecessor read but never delivered.
+CONSUMER = "discord-adapter"
+
+
+async def run_discord(settings: Settings, secrets: Secrets, redis: Redis) -> None:
+    """Serve Discord until cancelled."""
+    token = secrets.require("DISCORD_TOKEN")["DISCORD_TOKEN"]
+    typing = TypingIndicators()
+    client = ChatClient(settings.discord, JobQueue(redis), typing)
+    tree = command_tree(client, redis, settings.discord)
+    outbox = DiscordOutbox(client, redis, typing)
+    delivery = Delivery(redis, PLATFORM, CONSUMER, outbox, settings.discord.edit_interval_s)
+    async with client:
+        try:
+            # client.start() is login() then connect(); between the two, /reset is published
+            # and delivery starts, since posting needs the login.
+            await client.login(token)
+            await sync_commands(tree, settings.discord.guilds)
+            log.info("discord adapter started", extra={"bot_user": client.user.id, "guilds": settings.discord.guilds})
+            await _until_one_ends(client.connect(), delivery.run())
+        except discord.LoginFailure:
+            raise ConfigError("Discord rejected DISCORD_TOKEN: copy the bot token again from the Developer Portal") from None
+        except discord.PrivilegedIntentsRequired:
+            raise ConfigError(
+                "Discord refused the Message Content intent: enable it for the bot in the Developer Portal"
+            ) from None
+        finally:
+            await typing.close()
+
+
+async def _until_one_ends(*coroutines: Coroutine[Any, Any, None]) -> None:
+    """Run together; when one returns or fails, stop the others and pass its error on."""
+    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await _cancel(tasks)
+    for task in done:
+        task.result()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    # On Python 3.11, asyncio.wait_for (redis-py sends every command through it) loses a
+    # cancellation that lands just as the send completes, and the task carries on: cancel
+    # until it ends. (Fixed in 3.12.)
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)

@@ -1,0 +1,338 @@
+"""A local stand-in for Discord: the REST routes and the gateway that discord.py's Client uses.
+
+One aiohttp server on 127.0.0.1 serves both. REST requests are recorded (method, path, JSON
+body, arrival time) and answered with payloads discord.py can parse. The gateway speaks plain
+JSON text frames: discord.py asks for a compressed stream in the URL but decompresses only
+binary frames, so text frames need no compression. A test pushes dispatches (MESSAGE_CREATE,
+INTERACTION_CREATE, ...) to every connected client with `dispatch`.
+
+The fake world: one guild with a text channel, a mention-only channel, a closed channel, a
+thread, two roles; users Alice (role "member"), Bob (no role), another bot; a DM channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+API_PREFIX = "/api/v10"
+GATEWAY_PATH = "/gateway"
+HEARTBEAT_INTERVAL_MS = 41_250
+TIMESTAMP = "2024-01-01T00:00:00+00:00"
+
+BOT_ID = 900
+APPLICATION_ID = 901
+OWNER_ID = 902
+GUILD_ID = 100
+GENERAL = 200  # an ordinary text channel
+QUIET = 201  # configured mention-only in the tests
+CLOSED = 202  # left out of the channel allow-list in the tests
+THREAD = 210  # a thread in GENERAL
+DM_CHANNEL = 250
+MEMBER_ROLE = 300
+ADMIN_ROLE = 301
+
+
+@dataclass(frozen=True)
+class FakeUser:
+    id: int
+    name: str
+    roles: tuple[int, ...] = ()
+    bot: bool = False
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id), "username": self.name.lower(), "global_name": self.name,
+            "discriminator": "0", "avatar": None, "bot": self.bot,
+        }
+
+    def member(self) -> dict[str, Any]:
+        return {
+            "roles": [str(r) for r in self.roles], "nick": None, "joined_at": TIMESTAMP,
+            "deaf": False, "mute": False, "flags": 0, "permissions": "2147483647",
+        }
+
+
+BOT = FakeUser(BOT_ID, "Llama", bot=True)
+ALICE = FakeUser(1001, "Alice", roles=(MEMBER_ROLE,))
+BOB = FakeUser(1002, "Bob")
+ADMIN = FakeUser(1003, "Ada", roles=(MEMBER_ROLE, ADMIN_ROLE))
+OTHER_BOT = FakeUser(1004, "Robot", bot=True)
+
+
+@dataclass
+class Call:
+    method: str
+    path: str  # without the API prefix, e.g. /channels/200/messages
+    body: Any
+    at: float  # time.monotonic() on arrival
+
+
+@dataclass
+class BotMessage:
+    """A message the bot posted, with its edits."""
+
+    id: int
+    channel_id: int
+    contents: list[str]
+    reply_to: int | None  # the message it replies to
+    times: list[float] = field(default_factory=list)  # post, then each edit
+
+    @property
+    def text(self) -> str:
+        return self.contents[-1]
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    # discord.py parses a body only when the content type is exactly application/json (no charset).
+    return web.Response(body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"})
+
+
+def _channel(channel_id: int, name: str, position: int) -> dict[str, Any]:
+    return {
+        "id": str(channel_id), "type": 0, "name": name, "position": position, "guild_id": str(GUILD_ID),
+        "permission_overwrites": [], "nsfw": False, "parent_id": None, "topic": None, "last_message_id": None,
+        "rate_limit_per_user": 0,
+    }
+
+
+def _role(role_id: int, name: str, position: int) -> dict[str, Any]:
+    return {
+        "id": str(role_id), "name": name, "color": 0, "hoist": False, "position": position,
+        "permissions": "2147483647", "managed": False, "mentionable": True, "flags": 0, "icon": None,
+    }
+
+
+def guild_payload() -> dict[str, Any]:
+    thread = {
+        "id": str(THREAD), "type": 11, "name": "a thread", "guild_id": str(GUILD_ID), "parent_id": str(GENERAL),
+        "owner_id": str(ALICE.id), "last_message_id": None, "rate_limit_per_user": 0, "message_count": 0,
+        "member_count": 1, "flags": 0,
+        "thread_metadata": {"archived": False, "auto_archive_duration": 1440, "archive_timestamp": TIMESTAMP, "locked": False},
+    }
+    return {
+        "id": str(GUILD_ID), "name": "Test guild", "icon": None, "owner_id": str(OWNER_ID), "unavailable": False,
+        "features": [], "emojis": [], "stickers": [], "large": False, "member_count": 4, "mfa_level": 0,
+        "verification_level": 0, "default_message_notifications": 0, "explicit_content_filter": 0,
+        "premium_tier": 0, "preferred_locale": "en-US", "nsfw_level": 0, "system_channel_flags": 0,
+        "roles": [_role(GUILD_ID, "@everyone", 0), _role(MEMBER_ROLE, "member", 1), _role(ADMIN_ROLE, "admin", 2)],
+        "channels": [_channel(GENERAL, "general", 0), _channel(QUIET, "quiet", 1), _channel(CLOSED, "closed", 2)],
+        "threads": [thread],
+        "members": [{**BOT.member(), "user": BOT.payload()}],
+        "voice_states": [], "presences": [], "stage_instances": [], "guild_scheduled_events": [],
+        "joined_at": TIMESTAMP,
+    }
+
+
+class FakeDiscord:
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.calls: list[Call] = []
+        self.bot_messages: dict[int, BotMessage] = {}
+        self.identified = 0  # gateway sessions that got READY
+        self.hold_posts = False  # POST /messages waits (unrecorded) until the server stops
+        self.forbidden: set[int] = set()  # channels where the bot lacks Send Messages
+        self.held = 0
+        self._ids = itertools.count(500_000)
+        self._sockets: set[web.WebSocketResponse] = set()
+        self._seq = itertools.count(1)
+        self._stopping = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> "FakeDiscord":
+        app = web.Application()
+        app.router.add_get(GATEWAY_PATH, self._gateway)
+        app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._rest)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for socket in list(self._sockets):
+            await socket.close()
+        if self._runner:
+            await self._runner.cleanup()
+
+    @property
+    def rest_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}{API_PREFIX}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}{GATEWAY_PATH}"
+
+    # --- what the test drives -----------------------------------------------------------
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        for socket in list(self._sockets):
+            await socket.send_json({"op": 0, "t": event, "s": next(self._seq), "d": data})
+
+    def message(
+        self,
+        content: str,
+        author: FakeUser = ALICE,
+        channel_id: int = GENERAL,
+        *,
+        mentions: tuple[FakeUser, ...] = (),
+        type: int = 0,
+        message_id: int | None = None,
+    ) -> dict[str, Any]:
+        """A MESSAGE_CREATE payload; DM_CHANNEL makes it a DM (no guild, no member)."""
+        data: dict[str, Any] = {
+            "id": str(message_id or self.next_id()), "channel_id": str(channel_id), "type": type,
+            "content": content, "author": author.payload(), "timestamp": TIMESTAMP, "edited_timestamp": None,
+            "tts": False, "mention_everyone": False, "mention_roles": [], "attachments": [], "embeds": [],
+            "pinned": False, "flags": 0,
+            "mentions": [{**user.payload(), "member": user.member()} for user in mentions],
+        }
+        if channel_id != DM_CHANNEL:
+            data["guild_id"] = str(GUILD_ID)
+            data["member"] = author.member()
+        return data
+
+    def interaction(self, name: str, user: FakeUser = ALICE, channel_id: int = GENERAL) -> dict[str, Any]:
+        """An INTERACTION_CREATE payload for the guild command `name`."""
+        return {
+            "id": str(self.next_id()), "application_id": str(APPLICATION_ID), "type": 2,
+            "token": f"interaction-token-{self.next_id()}", "version": 1,
+            "guild_id": str(GUILD_ID), "channel_id": str(channel_id),
+            "channel": {"id": str(channel_id), "type": 0, "guild_id": str(GUILD_ID)},
+            "member": {**user.member(), "user": user.payload()},
+            "data": {"id": str(self.next_id()), "name": name, "type": 1, "guild_id": str(GUILD_ID)},
+            "app_permissions": "2147483647", "locale": "en-US", "guild_locale": "en-US",
+            "attachment_size_limit": 8_388_608, "entitlements": [], "authorizing_integration_owners": {"0": str(GUILD_ID)},
+            "context": 0,
+        }
+
+    def requests(self, method: str | None = None, prefix: str = "") -> list[Call]:
+        return [c for c in self.calls if (method is None or c.method == method) and c.path.startswith(prefix)]
+
+    def replies_to(self, message_id: int) -> list[BotMessage]:
+        """The bot messages of one answer: the reply to `message_id` and the follow-ups in its channel after it."""
+        messages = sorted(self.bot_messages.values(), key=lambda m: m.id)
+        first = next((m for m in messages if m.reply_to == message_id), None)
+        if first is None:
+            return []
+        answer = [first]
+        for message in messages:
+            if message.id > first.id and message.channel_id == first.channel_id:
+                if message.reply_to is not None:
+                    break
+                answer.append(message)
+        return answer
+
+    async def wait_for(self, condition: Callable[[], Any], timeout: float = 20.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (result := condition()):
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out waiting for the fake Discord")
+            await asyncio.sleep(0.02)
+        return result
+
+    # --- gateway ------------------------------------------------------------------------
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        self._sockets.add(socket)
+        try:
+            await socket.send_json({"op": 10, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}})
+            async for frame in socket:
+                if frame.type != WSMsgType.TEXT:
+                    continue
+                payload = frame.json()
+                if payload["op"] == 1:
+                    await socket.send_json({"op": 11})
+                elif payload["op"] == 2:
+                    await self._identify(socket)
+        finally:
+            self._sockets.discard(socket)
+        return socket
+
+    async def _identify(self, socket: web.WebSocketResponse) -> None:
+        ready = {
+            "v": 10, "user": BOT.payload(), "session_id": f"session-{self.identified}",
+            "resume_gateway_url": self.gateway_url, "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
+            "application": {"id": str(APPLICATION_ID), "flags": 0}, "private_channels": [],
+        }
+        await socket.send_json({"op": 0, "t": "READY", "s": next(self._seq), "d": ready})
+        await socket.send_json({"op": 0, "t": "GUILD_CREATE", "s": next(self._seq), "d": guild_payload()})
+        self.identified += 1
+
+    # --- REST ---------------------------------------------------------------------------
+
+    async def _rest(self, request: web.Request) -> web.StreamResponse:
+        path = "/" + request.match_info["tail"]
+        body = await request.json() if request.can_read_body else None
+        parts = path.strip("/").split("/")
+        # Interaction callbacks are authorised by their token in the URL, everything else by the bot token.
+        if parts[0] != "interactions" and request.headers.get("Authorization") != f"Bot {self.token}":
+            return _json({"message": "401: Unauthorized", "code": 0}, status=401)
+        if request.method == "POST" and parts[0] == "channels" and parts[2:] == ["messages"] and self.hold_posts:
+            # Never answered: the adapter is stopped while it waits, as if it died mid-delivery.
+            self.held += 1
+            await self._stopping.wait()
+            return _json({"message": "shutting down"}, status=503)
+        self.calls.append(Call(request.method, path, body, time.monotonic()))
+        return self._answer(request.method, parts, body)
+
+    def _answer(self, method: str, parts: list[str], body: Any) -> web.StreamResponse:
+        if method == "GET" and parts == ["users", "@me"]:
+            return _json(BOT.payload())
+        if method == "GET" and parts == ["oauth2", "applications", "@me"]:
+            return _json({
+                "id": str(APPLICATION_ID), "name": "Llama", "description": "", "icon": None, "bot_public": True,
+                "bot_require_code_grant": False, "owner": FakeUser(OWNER_ID, "Owner").payload(),
+                "verify_key": "0" * 64, "flags": 0, "interactions_endpoint_url": None,
+            })
+        if method == "PUT" and parts[0] == "applications" and parts[-1] == "commands":
+            guild = {"guild_id": parts[3]} if "guilds" in parts else {}
+            return _json([
+                {"id": str(self.next_id()), "application_id": str(APPLICATION_ID), "version": "1", **guild, **command}
+                for command in body
+            ])
+        if method == "POST" and parts[0] == "channels" and parts[2:] == ["typing"]:
+            return web.Response(status=204)
+        if method == "POST" and parts[0] == "channels" and parts[2:] == ["messages"] and int(parts[1]) in self.forbidden:
+            return _json({"message": "Missing Permissions", "code": 50013}, status=403)
+        if method == "POST" and parts[0] == "channels" and parts[2:] == ["messages"]:
+            reference = (body.get("message_reference") or {}).get("message_id")
+            message = BotMessage(self.next_id(), int(parts[1]), [body["content"]], int(reference) if reference else None)
+            message.times.append(time.monotonic())
+            self.bot_messages[message.id] = message
+            return _json(self._message_payload(message))
+        if method == "PATCH" and parts[0] == "channels" and parts[2] == "messages":
+            message = self.bot_messages.get(int(parts[3]))
+            if message is None:
+                return _json({"message": "Unknown Message", "code": 10008}, status=404)
+            message.contents.append(body["content"])
+            message.times.append(time.monotonic())
+            return _json(self._message_payload(message))
+        if method == "POST" and parts[0] == "interactions" and parts[-1] == "callback":
+            return _json({"interaction": {"id": parts[1], "type": 2}})
+        return _json({"message": "404: Not Found", "code": 0}, status=404)
+
+    def _message_payload(self, message: BotMessage) -> dict[str, Any]:
+        return {
+            "id": str(message.id), "channel_id": str(message.channel_id), "type": 19 if message.reply_to else 0,
+            "content": message.text, "author": BOT.payload(), "timestamp": TIMESTAMP, "edited_timestamp": None,
+            "tts": False, "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": [],
+            "embeds": [], "pinned": False, "flags": 0,
+        }

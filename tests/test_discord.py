@@ -1,0 +1,390 @@
+"""The Discord adapter through discord.py's own REST and gateway code, against a local fake Discord."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import discord
+import pytest
+import yarl
+
+from bot.discord.client import QUEUE_NOTICE
+from bot.discord.commands import RESET_DONE, RESET_REFUSED
+from bot.discord.outbox import LIMIT
+from bot.discord.routing import reply_route
+from bot.discord_app import CONSUMER, run_discord
+from engine import history
+from engine.config import ConfigError, Secrets
+from engine.history import Turn, turns_key
+from engine.jobs import EMPTY_MESSAGE, Job, ReplyEvent
+from engine.queue import job_key, replies_key
+from engine.replies import GROUP
+from tests.conftest import running_worker, tiny_settings
+from tests.fakes.discord_server import (
+    ADMIN,
+    ADMIN_ROLE,
+    ALICE,
+    APPLICATION_ID,
+    BOB,
+    BOT,
+    CLOSED,
+    DM_CHANNEL,
+    GENERAL,
+    GUILD_ID,
+    MEMBER_ROLE,
+    OTHER_BOT,
+    QUIET,
+    THREAD,
+    FakeDiscord,
+)
+
+TOKEN = "fake-discord-token-0123456789"
+COLOUR_CONVERSATION = [
+    "My favorite color is blue. My favorite fruit is strawberry.",
+    "Name a fruit that is on my favorite colour.",
+    "What is the colour of my favorite fruit ?",
+]
+
+
+def discord_settings(**discord_overrides):
+    wanted = {"guilds": [GUILD_ID], "channels": [GENERAL, QUIET], "mention_only_channels": [QUIET], **discord_overrides}
+    return tiny_settings(discord=wanted)
+
+
+@pytest.fixture
+async def fake(monkeypatch):
+    server = await FakeDiscord(TOKEN).start()
+    monkeypatch.setattr(discord.http.Route, "BASE", server.rest_base)
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(server.gateway_url))
+    yield server
+    await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def adapter(redis, fake: FakeDiscord, settings):
+    """run_discord as `chatbot discord` runs it, until the block ends; yields once the gateway is up."""
+    sessions = fake.identified
+    task = asyncio.create_task(run_discord(settings, Secrets(values={"DISCORD_TOKEN": TOKEN}), redis))
+    try:
+        await fake.wait_for(lambda: fake.identified > sessions or task.done())
+        if task.done():
+            task.result()
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def say(fake: FakeDiscord, content: str, author=ALICE, channel_id=GENERAL, **kwargs) -> int:
+    data = fake.message(content, author, channel_id, **kwargs)
+    await fake.dispatch("MESSAGE_CREATE", data)
+    return int(data["id"])
+
+
+async def events_of(redis, job_id: str) -> list[ReplyEvent]:
+    entries = await redis.xrange(replies_key("discord"))
+    events = [ReplyEvent.model_validate_json(fields["event"]) for _, fields in entries]
+    return [event for event in events if event.job_id == job_id]
+
+
+async def final_event(redis, message_id: int, timeout: float = 60.0) -> ReplyEvent:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [e for e in await events_of(redis, f"discord:{message_id}") if e.kind != "partial"]
+        if done:
+            return done[-1]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no final reply event for message {message_id}")
+
+
+async def shown_answer(fake: FakeDiscord, message_id: int, text: str) -> list:
+    """Wait until the bot's messages answering `message_id` show `text`; returns them."""
+    def shown():
+        messages = fake.replies_to(message_id)
+        return messages if " ".join(m.text for m in messages).split() == text.split() else None
+
+    return await fake.wait_for(shown)
+
+
+async def ask(fake: FakeDiscord, redis, content: str, **kwargs) -> tuple[int, ReplyEvent]:
+    message_id = await say(fake, content, **kwargs)
+    event = await final_event(redis, message_id)
+    await shown_answer(fake, message_id, event.text)
+    return message_id, event
+
+
+async def queued_jobs(redis) -> dict[str, Job]:
+    jobs = {}
+    for key in await redis.keys(job_key("*")):
+        job = Job.model_validate_json(await redis.hget(key, "data"))
+        jobs[job.id] = job
+    return jobs
+
+
+async def jobs_for(redis, *message_ids: int) -> dict[str, Job]:
+    """All queued jobs, once those of `message_ids` are there."""
+    wanted = {f"discord:{message_id}" for message_id in message_ids}
+    deadline = time.monotonic() + 10
+    while not wanted <= (jobs := await queued_jobs(redis)).keys():
+        assert time.monotonic() < deadline, f"not queued: {wanted - jobs.keys()}"
+        await asyncio.sleep(0.02)
+    return jobs
+
+
+async def settle(fake: FakeDiscord, redis, sentinel: dict) -> dict[str, Job]:
+    """Send a message that is answered and wait for its job. discord.py handles gateway events
+    in order and an ignored message is dropped before its handler first waits, so every
+    message ignored before the sentinel has been dealt with by then."""
+    await fake.dispatch("MESSAGE_CREATE", sentinel)
+    return await jobs_for(redis, int(sentinel["id"]))
+
+
+# --- the whole path ---------------------------------------------------------------------
+
+
+async def test_message_is_answered_through_the_worker(redis, fake, tiny_backend):
+    settings = discord_settings()
+    async with adapter(redis, fake, settings), running_worker(redis, tiny_backend, settings):
+        message_id, final = await ask(fake, redis, "Hello there, who are you?")
+
+    assert final.kind == "final" and final.text
+    [answer] = fake.replies_to(message_id)
+    assert answer.channel_id == GENERAL and answer.text == final.text
+    # Streamed: posted with the first words, then edited into the whole answer.
+    assert len(answer.contents) >= 2 and final.text.startswith(answer.contents[0]) and answer.contents[0] != final.text
+    [post] = fake.requests("POST", f"/channels/{GENERAL}/messages")
+    assert int(post.body["message_reference"]["message_id"]) == message_id
+    # The reply pings its author and nobody else, whatever the model writes.
+    assert post.body["allowed_mentions"] == {"parse": [], "replied_user": True}
+    typing = fake.requests("POST", f"/channels/{GENERAL}/typing")
+    assert typing and typing[0].at < post.at
+    [exchange] = await history.load_exchanges(redis, f"discord:{GENERAL}")
+    assert exchange.user.name == "Alice" and exchange.user.text == "Alice: Hello there, who are you?"
+    assert exchange.assistant.text == final.text
+
+
+async def test_the_colour_conversation_keeps_its_history(redis, fake, tiny_backend):
+    settings = discord_settings()
+    async with adapter(redis, fake, settings), running_worker(redis, tiny_backend, settings) as worker:
+        for text in COLOUR_CONVERSATION[:2]:
+            await ask(fake, redis, text)
+        exchanges = await history.load_exchanges(redis, f"discord:{GENERAL}")
+        third = worker.builder.build(exchanges, COLOUR_CONVERSATION[2], "Alice")
+        assert third.kept_exchanges == 2
+        for text in COLOUR_CONVERSATION[:2]:
+            assert f"Alice: {text}" in third.text
+        for exchange in exchanges:
+            assert exchange.assistant.text in third.text
+        await ask(fake, redis, COLOUR_CONVERSATION[2])
+    exchanges = await history.load_exchanges(redis, f"discord:{GENERAL}")
+    assert [e.user.text for e in exchanges] == [f"Alice: {text}" for text in COLOUR_CONVERSATION]
+
+
+# --- what is not answered ---------------------------------------------------------------
+
+
+async def test_bots_system_messages_edits_and_closed_channels_are_ignored(redis, fake):
+    async with adapter(redis, fake, discord_settings()):
+        earlier = fake.message("an edited message", ALICE, GENERAL)
+        await say(fake, "in a closed channel", channel_id=CLOSED)
+        await say(fake, "from another bot", author=OTHER_BOT)
+        await say(fake, "from the bot itself", author=BOT)
+        await say(fake, "", type=7)  # a member joined
+        await say(fake, "pinned a message", type=6)
+        await fake.dispatch("MESSAGE_UPDATE", {**earlier, "content": "edited", "edited_timestamp": "2024-01-01T00:01:00+00:00"})
+        await say(fake, "not mentioned", channel_id=QUIET)
+        jobs = await settle(fake, redis, fake.message("the sentinel"))
+
+    assert [job.text for job in jobs.values()] == ["the sentinel"]
+    assert fake.requests("POST", f"/channels/{CLOSED}") == []
+    assert not fake.bot_messages
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ignored", "sentinel"),
+    [
+        ({"roles": [MEMBER_ROLE]}, dict(author=BOB), dict(author=ALICE)),
+        ({"allow_dms": False}, dict(channel_id=DM_CHANNEL), dict()),
+        ({"guilds": [GUILD_ID + 1]}, dict(), dict(channel_id=DM_CHANNEL)),
+        ({"mention_only": True}, dict(), dict()),
+    ],
+    ids=["role", "dm", "guild", "mention-only"],
+)
+async def test_allow_lists(redis, fake, overrides, ignored, sentinel):
+    async with adapter(redis, fake, discord_settings(**overrides)):
+        await say(fake, "not for me", **ignored)
+        jobs = await settle(fake, redis, fake.message(f"<@{BOT.id}> the sentinel", mentions=(BOT,), **sentinel))
+    assert [job.text for job in jobs.values()] == ["the sentinel"]
+
+
+async def test_dms_threads_and_mentions_make_the_right_jobs(redis, fake):
+    async with adapter(redis, fake, discord_settings()):
+        dm = await say(fake, "a direct message", author=BOB, channel_id=DM_CHANNEL)
+        thread = await say(fake, "in a thread", channel_id=THREAD)
+        quiet = await say(fake, f"<@{BOT.id}>   what do you think of <@{BOB.id}>?", channel_id=QUIET, mentions=(BOT, BOB))
+        jobs = await jobs_for(redis, dm, thread, quiet)
+
+    assert jobs[f"discord:{dm}"].conversation == f"discord:{DM_CHANNEL}"
+    assert jobs[f"discord:{dm}"].author is None  # one person per DM: no names in the prompt
+    assert jobs[f"discord:{thread}"].conversation == f"discord:{THREAD}"
+    assert jobs[f"discord:{thread}"].author == "Alice"
+    assert jobs[f"discord:{quiet}"].text == "what do you think of @Bob?"
+    assert jobs[f"discord:{quiet}"].reply_to == reply_route(QUIET, quiet)
+
+
+async def test_an_empty_mention_is_answered_with_a_sentence(redis, fake):
+    async with adapter(redis, fake, discord_settings()):
+        message_id = await say(fake, f"<@{BOT.id}>", channel_id=QUIET, mentions=(BOT,))
+        [answer] = await fake.wait_for(lambda: fake.replies_to(message_id))
+    assert answer.text == EMPTY_MESSAGE
+    assert await queued_jobs(redis) == {}
+
+
+async def test_a_redelivered_gateway_event_is_queued_once(redis, fake):
+    async with adapter(redis, fake, discord_settings(queue_notice_threshold=1)):
+        data = fake.message("hello")
+        await fake.dispatch("MESSAGE_CREATE", data)
+        await fake.dispatch("MESSAGE_CREATE", data)
+        await jobs_for(redis, int(data["id"]))
+        later = await say(fake, "a later message", channel_id=THREAD)
+        jobs = await jobs_for(redis, later)
+        [notice] = await fake.wait_for(lambda: fake.replies_to(later))
+    assert sorted(jobs) == sorted([f"discord:{data['id']}", f"discord:{later}"])
+    # The later message waits behind one job only: the duplicate added none, and got no notice.
+    assert notice.text == QUEUE_NOTICE.format(position=2)
+    assert len(fake.bot_messages) == 1
+
+
+# --- /reset -----------------------------------------------------------------------------
+
+
+def ephemeral_answer(callback) -> str:
+    """The text of an interaction callback that answers with a message only its user sees."""
+    assert callback.body["type"] == 4  # CHANNEL_MESSAGE_WITH_SOURCE
+    assert callback.body["data"]["flags"] == 64  # EPHEMERAL
+    return callback.body["data"]["content"]
+
+
+async def test_reset_forgets_the_channel_and_answers_ephemerally(redis, fake, tiny_backend):
+    settings = discord_settings()
+    async with adapter(redis, fake, settings), running_worker(redis, tiny_backend, settings):
+        await ask(fake, redis, COLOUR_CONVERSATION[0])
+        assert len(await history.load_exchanges(redis, f"discord:{GENERAL}")) == 1
+
+        interaction = fake.interaction("reset")
+        await fake.dispatch("INTERACTION_CREATE", interaction)
+        [callback] = await fake.wait_for(lambda: fake.requests("POST", f"/interactions/{interaction['id']}/"))
+        assert ephemeral_answer(callback) == RESET_DONE
+        assert await history.load_exchanges(redis, f"discord:{GENERAL}") == []
+
+        # A message after the reset starts from nothing: its prompt held no earlier turn.
+        await ask(fake, redis, "What is my favorite fruit?")
+    [exchange] = await history.load_exchanges(redis, f"discord:{GENERAL}")
+    assert exchange.user.text == "Alice: What is my favorite fruit?"
+
+    # /reset is published to the configured guild only; the global list is emptied.
+    [guild_sync] = fake.requests("PUT", f"/applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands")
+    assert [command["name"] for command in guild_sync.body] == ["reset"]
+    [global_sync] = fake.requests("PUT", f"/applications/{APPLICATION_ID}/commands")
+    assert global_sync.body == []
+
+
+async def test_reset_roles_refuse_others(redis, fake):
+    conversation = f"discord:{GENERAL}"
+    for role, text in (("user", "hi"), ("assistant", "hello")):
+        await redis.rpush(turns_key(conversation), Turn(role=role, text=text, tokens=3).model_dump_json())
+
+    async with adapter(redis, fake, discord_settings(reset_roles=[ADMIN_ROLE])):
+        refused = fake.interaction("reset", user=ALICE)
+        await fake.dispatch("INTERACTION_CREATE", refused)
+        [callback] = await fake.wait_for(lambda: fake.requests("POST", f"/interactions/{refused['id']}/"))
+        assert ephemeral_answer(callback) == RESET_REFUSED
+        assert len(await history.load_exchanges(redis, conversation)) == 1
+
+        allowed = fake.interaction("reset", user=ADMIN)
+        await fake.dispatch("INTERACTION_CREATE", allowed)
+        [callback] = await fake.wait_for(lambda: fake.requests("POST", f"/interactions/{allowed['id']}/"))
+        assert ephemeral_answer(callback) == RESET_DONE
+        assert await history.load_exchanges(redis, conversation) == []
+
+
+# --- delivery ---------------------------------------------------------------------------
+
+
+async def publish(redis, message_id: int, kind: str, text: str, channel_id: int = GENERAL) -> None:
+    job_id = f"discord:{message_id}"
+    event = ReplyEvent(job_id=job_id, conversation=f"discord:{channel_id}", kind=kind, text=text, reply_to=reply_route(channel_id, message_id))
+    await redis.xadd(replies_key("discord"), {"event": event.model_dump_json()})
+
+
+async def test_a_long_reply_is_split_into_messages_of_at_most_2000_characters(redis, fake):
+    text = "\n\n".join(f"Paragraph {n}: " + "word " * 120 for n in range(8))
+    assert len(text) > 2 * LIMIT
+    async with adapter(redis, fake, discord_settings()):
+        await publish(redis, 4242, "final", text)
+        messages = await shown_answer(fake, 4242, text)
+
+    assert len(messages) >= 3 and all(len(m.text) <= LIMIT for m in messages)
+    posts = fake.requests("POST", f"/channels/{GENERAL}/messages")
+    assert [("message_reference" in p.body) for p in posts] == [True] + [False] * (len(posts) - 1)
+
+
+async def test_streamed_edits_are_at_most_one_per_second_per_message(redis, fake):
+    words = [f"word{n}" for n in range(60)]
+    async with adapter(redis, fake, discord_settings()):
+        for count in range(1, len(words)):
+            await publish(redis, 4343, "partial", " ".join(words[:count]))
+            await asyncio.sleep(0.05)
+        await publish(redis, 4343, "final", " ".join(words))
+        [message] = await shown_answer(fake, 4343, " ".join(words))
+
+    assert len(message.times) >= 3  # the post and at least two edits
+    gaps = [later - earlier for earlier, later in zip(message.times, message.times[1:])]
+    assert min(gaps) >= 0.99, gaps
+
+
+async def test_a_reply_read_but_not_delivered_is_delivered_once_after_a_restart(redis, fake):
+    settings = discord_settings()
+    fake.hold_posts = True
+    async with adapter(redis, fake, settings):
+        await publish(redis, 4444, "final", "The answer that was in flight.")
+        await fake.wait_for(lambda: fake.held == 1)
+    pending = await redis.xpending(replies_key("discord"), GROUP)
+    assert pending["pending"] == 1 and pending["consumers"][0]["name"] == CONSUMER
+
+    fake.hold_posts = False
+    await publish(redis, 4545, "final", "An answer published while no adapter ran.")
+    async with adapter(redis, fake, settings):
+        await shown_answer(fake, 4444, "The answer that was in flight.")
+        await shown_answer(fake, 4545, "An answer published while no adapter ran.")
+    async with adapter(redis, fake, settings):
+        await asyncio.sleep(0.3)
+
+    assert len(fake.requests("POST", f"/channels/{GENERAL}/messages")) == 2
+    assert (await redis.xpending(replies_key("discord"), GROUP))["pending"] == 0
+
+
+async def test_a_channel_the_bot_may_not_post_in_does_not_stop_delivery(redis, fake):
+    fake.forbidden.add(QUIET)
+    async with adapter(redis, fake, discord_settings()) as running:
+        await publish(redis, 4646, "final", "Nobody will read this.", channel_id=QUIET)
+        await publish(redis, 4747, "final", "But this arrives.")
+        await shown_answer(fake, 4747, "But this arrives.")
+        assert not running.done()
+    assert len(fake.requests("POST", f"/channels/{QUIET}/messages")) == 2  # the answer, then the apology
+
+
+# --- start-up ---------------------------------------------------------------------------
+
+
+async def test_a_missing_token_fails_at_start_naming_it(redis):
+    with pytest.raises(ConfigError, match="DISCORD_TOKEN"):
+        await run_discord(discord_settings(), Secrets(), redis)
+
+
+async def test_a_rejected_token_fails_at_start_naming_it(redis, fake):
+    with pytest.raises(ConfigError, match="DISCORD_TOKEN"):
+        await run_discord(discord_settings(), Secrets(values={"DISCORD_TOKEN": "wrong-token-000000"}), redis)
