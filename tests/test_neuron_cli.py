@@ -283,7 +283,7 @@ def test_push_of_a_folder_that_was_not_exported(tmp_path):
 class FakeHub:
     """Stands in for huggingface_hub.HfApi; records what push asks of the Hub."""
 
-    instances: list["FakeHub"] = []
+    instances: list[FakeHub] = []
 
     def __init__(self, token=None, fail: Exception | None = None):
         self.token, self.calls, self.fail = token, [], fail

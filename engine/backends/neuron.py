@@ -78,7 +78,7 @@ class NeuronBackend(Backend):
         self.on_device_sampling = bool(getattr(model.neuron_config, "on_device_sampling", False))
 
     @classmethod
-    def load(cls, settings: ModelSettings) -> "NeuronBackend":
+    def load(cls, settings: ModelSettings) -> NeuronBackend:
         require_sdk("the neuron backend")
         check_shape(settings, compiled_shape(settings.id))
         from optimum.neuron import NeuronModelForCausalLM

@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from engine.neuron.plan import DTYPE_BYTES, INSTANCE_CORES, PlanRefused, TP_DEGREES, format_plan, make_plan, read_config
+from engine.neuron.plan import DTYPE_BYTES, INSTANCE_CORES, TP_DEGREES, PlanRefused, format_plan, make_plan, read_config
 from engine.neuron.sdk import NeuronError
 
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

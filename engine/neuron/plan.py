@@ -46,7 +46,7 @@ class PlanError(NeuronError):
 class PlanRefused(PlanError):
     """The model does not fit; carries the plan so that its arithmetic can be shown."""
 
-    def __init__(self, plan: "Plan"):
+    def __init__(self, plan: Plan):
         super().__init__(f"{plan.model} {plan.verdict}")
         self.plan = plan
 
@@ -65,7 +65,7 @@ class ModelShape:
     dtype: str | None  # as config.json states it; None when it does not
 
     @classmethod
-    def from_config(cls, config: dict) -> "ModelShape":
+    def from_config(cls, config: dict) -> ModelShape:
         if "num_local_experts" in config or "num_experts" in config:
             raise PlanError("this plan only sizes dense decoders; the config describes a mixture-of-experts model")
         try:
