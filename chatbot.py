@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 from engine.config import ConfigError
@@ -32,6 +31,7 @@ def run_all(args: argparse.Namespace, local_only: bool) -> int:
     from bot.terminal import chat
     from engine.backends import load_backend
     from engine.runtime import log_to_file, on_terminate, serve, startup
+    from engine.tasks import until_first_ends
     from engine.worker import Worker
 
     settings, secrets = startup(args.config)
@@ -45,17 +45,12 @@ def run_all(args: argparse.Namespace, local_only: bool) -> int:
     async def main(redis) -> None:
         worker = Worker(redis, backend, settings, settings.worker_name)
         on_terminate(worker.stop)
-        serving = asyncio.create_task(worker.run())
-        front = [adapter_runner(p)(settings, secrets, redis) for p in platforms] or [chat(redis)]
-        fronts = [asyncio.create_task(f) for f in front]
-        done, _ = await asyncio.wait([serving, *fronts], return_when=asyncio.FIRST_COMPLETED)
-        worker.stop()
-        for task in fronts:
-            task.cancel()
-        await asyncio.gather(serving, *fronts, return_exceptions=True)
-        for task in done:
-            if not task.cancelled() and task.exception():
-                raise task.exception()
+        fronts = [adapter_runner(p)(settings, secrets, redis) for p in platforms] or [chat(redis)]
+        try:
+            # The worker ends on SIGTERM/SIGINT, the terminal chat on /quit, an adapter on a fatal error.
+            await until_first_ends(worker.run(), *fronts)
+        finally:
+            worker.stop()
 
     return serve(settings, main)
 

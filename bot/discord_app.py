@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Any
 
 import discord
 from redis.asyncio import Redis
@@ -18,6 +15,7 @@ from bot.discord.routing import PLATFORM
 from bot.discord.typing_indicator import TypingIndicators
 from engine.config import ConfigError, Secrets, Settings
 from engine.queue import JobQueue
+from engine.tasks import until_first_ends
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +39,7 @@ async def run_discord(settings: Settings, secrets: Secrets, redis: Redis) -> Non
             await client.login(token)
             await sync_commands(tree, settings.discord.guilds)
             log.info("discord adapter started", extra={"bot_user": client.user.id, "guilds": settings.discord.guilds})
-            await _until_one_ends(client.connect(), delivery.run())
+            await until_first_ends(client.connect(), delivery.run())
         except discord.LoginFailure:
             raise ConfigError("Discord rejected DISCORD_TOKEN: copy the bot token again from the Developer Portal") from None
         except discord.PrivilegedIntentsRequired:
@@ -50,25 +48,3 @@ async def run_discord(settings: Settings, secrets: Secrets, redis: Redis) -> Non
             ) from None
         finally:
             await typing.close()
-
-
-async def _until_one_ends(*coroutines: Coroutine[Any, Any, None]) -> None:
-    """Run together; when one returns or fails, stop the others and pass its error on."""
-    tasks = [asyncio.create_task(coroutine) for coroutine in coroutines]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await _cancel(tasks)
-    for task in done:
-        task.result()
-
-
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    # On Python 3.11, asyncio.wait_for (redis-py sends every command through it) loses a
-    # cancellation that lands just as the send completes, and the task carries on: cancel
-    # until it ends. (Fixed in 3.12.)
-    pending = {task for task in tasks if not task.done()}
-    while pending:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.1)

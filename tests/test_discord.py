@@ -21,6 +21,7 @@ from engine.history import Turn, turns_key
 from engine.jobs import EMPTY_MESSAGE, Job, ReplyEvent
 from engine.queue import job_key, replies_key
 from engine.replies import GROUP
+from engine.tasks import cancel_until_done
 from tests.conftest import running_worker, tiny_settings
 from tests.fakes.discord_server import (
     ADMIN,
@@ -73,9 +74,7 @@ async def adapter(redis, fake: FakeDiscord, settings):
             task.result()
         yield task
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_until_done([task])
 
 
 async def say(fake: FakeDiscord, content: str, author=ALICE, channel_id=GENERAL, **kwargs) -> int:

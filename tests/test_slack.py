@@ -27,6 +27,7 @@ from engine import history
 from engine.config import ConfigError, Secrets, Settings, SlackSettings
 from engine.jobs import EMPTY_MESSAGE, ReplyEvent
 from engine.queue import conv_jobs_key, replies_key
+from engine.tasks import cancel_until_done
 from tests.conftest import running_worker, tiny_settings
 from tests.fakes.slack_server import APP_ID, BOT_ID, BOT_USER_ID, TEAM_ID, FakeSlack
 
@@ -102,11 +103,7 @@ async def adapter(fake: FakeSlack, redis, settings: Settings):
 
 
 async def cancel(task: asyncio.Task) -> None:
-    # Python 3.11's asyncio.wait_for (which redis-py awaits around each command) swallows a
-    # cancellation that lands as the wrapped call completes (fixed in 3.12): cancel until done.
-    while not task.done():
-        task.cancel()
-        await asyncio.wait([task], timeout=0.5)
+    await cancel_until_done([task])
     if not task.cancelled():
         task.result()  # the adapter stopped on its own: show why
 
