@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/chatbot demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

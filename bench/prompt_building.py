@@ -45,8 +45,8 @@ def run() -> str:
         history = history_of(builder, turns // 2)
         assert builder.build(history, "next?").text == reference(builder, history, "next?")
         repeats = 5 if turns < 1000 else 2
-        ours = best_of(repeats * 4, lambda: builder.build(history, "next?"))
-        theirs = best_of(repeats, lambda: reference(builder, history, "next?"))
+        ours = best_of(repeats * 4, lambda history=history: builder.build(history, "next?"))
+        theirs = best_of(repeats, lambda history=history: reference(builder, history, "next?"))
         rows.append([str(turns), f"{theirs * 1000:.1f} ms", f"{ours * 1000:.2f} ms", f"**{theirs / ours:.0f}x**"])
     return table(
         f"Prompt building (Llama-2 tokenizer, budget {BUDGET} tokens)",

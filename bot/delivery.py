@@ -69,18 +69,18 @@ class Delivery:
                 log.warning("redis unavailable", extra={"error": str(error)})
                 await asyncio.sleep(1)
                 continue
-            for entry_id, event in self._latest_per_job(events):
+            for event in self._latest_per_job(events):
                 await self.deliver(event)
             await self.reader.ack(*(entry_id for entry_id, _ in events))
 
     @staticmethod
-    def _latest_per_job(events: list[tuple[str, ReplyEvent]]) -> list[tuple[str, ReplyEvent]]:
+    def _latest_per_job(events: list[tuple[str, ReplyEvent]]) -> list[ReplyEvent]:
         """A partial followed by a newer event of the same job is stale: skip it."""
-        latest: dict[str, tuple[str, ReplyEvent]] = {}
-        for entry_id, event in events:
-            if event.job_id in latest and latest[event.job_id][1].kind != "partial":
+        latest: dict[str, ReplyEvent] = {}
+        for _, event in events:
+            if event.job_id in latest and latest[event.job_id].kind != "partial":
                 continue
-            latest[event.job_id] = (entry_id, event)
+            latest[event.job_id] = event
         return list(latest.values())
 
     async def deliver(self, event: ReplyEvent) -> None:

@@ -38,7 +38,7 @@ class ModelSettings(Strict):
     tensor_parallel_size: int = Field(2, ge=1, description="NeuronCores used by the compiled model")
 
     @model_validator(mode="after")
-    def _prompt_leaves_room(self) -> "ModelSettings":
+    def _prompt_leaves_room(self) -> ModelSettings:
         if self.max_prompt_tokens >= self.sequence_length:
             raise ValueError(
                 f"max_prompt_tokens ({self.max_prompt_tokens}) must be below sequence_length "
@@ -103,7 +103,7 @@ class Settings(Strict):
     slack: SlackSettings = SlackSettings()
 
     @model_validator(mode="after")
-    def _neuron_rules(self) -> "Settings":
+    def _neuron_rules(self) -> Settings:
         if self.model.backend == "neuron" and self.generation.do_sample and self.generation.repetition_penalty != 1.0:
             raise ValueError(
                 "generation.repetition_penalty must be 1.0 with the neuron backend and do_sample: true "
@@ -123,7 +123,7 @@ class Secrets(BaseModel):
     values: dict[str, str] = Field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_env(cls) -> "Secrets":
+    def from_env(cls) -> Secrets:
         return cls(values={name: os.environ[name] for name in SECRET_NAMES if os.environ.get(name)})
 
     def get(self, name: str) -> str | None:

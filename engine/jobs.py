@@ -24,7 +24,7 @@ class Conversation(BaseModel):
         return ":".join(p for p in (self.platform, self.channel, self.thread) if p)
 
     @classmethod
-    def parse(cls, key: str) -> "Conversation":
+    def parse(cls, key: str) -> Conversation:
         """'platform:channel[:thread]', as `key` writes it and the logs show it."""
         platform, _, rest = key.partition(":")
         channel, _, thread = rest.partition(":")

@@ -35,7 +35,7 @@ class TransformersBackend(Backend):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.end_ids)
 
     @classmethod
-    def load(cls, settings: ModelSettings) -> "TransformersBackend":
+    def load(cls, settings: ModelSettings) -> TransformersBackend:
         started = time.monotonic()
         path = resolve_model(settings.id)
         device = settings.device

@@ -149,7 +149,7 @@ class FakeDiscord:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def start(self) -> "FakeDiscord":
+    async def start(self) -> FakeDiscord:
         app = web.Application()
         app.router.add_get(GATEWAY_PATH, self._gateway)
         app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._rest)

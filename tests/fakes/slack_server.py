@@ -71,7 +71,7 @@ class FakeSlack:
         app.router.add_get(SOCKET_PATH, self._socket)
         self._app = app
 
-    async def start(self) -> "FakeSlack":
+    async def start(self) -> FakeSlack:
         self._runner = web.AppRunner(self._app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
