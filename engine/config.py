@@ -15,6 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "CHATBOT__"
+# Tensor-parallel degrees inf2 instances are used with (engine/neuron/plan.py TP_DEGREES).
+NEURON_TP_DEGREES = (1, 2, 4, 8, 12, 24)
+# optimum-neuron's on-device sampler accepts top_k in 1..256; 0 ("off" in transformers) fails there.
+NEURON_MAX_TOP_K = 256
 SECRET_NAMES = (
     "DISCORD_TOKEN",
     "SLACK_BOT_TOKEN",
@@ -104,10 +108,22 @@ class Settings(Strict):
 
     @model_validator(mode="after")
     def _neuron_rules(self) -> Settings:
-        if self.model.backend == "neuron" and self.generation.do_sample and self.generation.repetition_penalty != 1.0:
+        if self.model.backend != "neuron":
+            return self
+        if self.generation.repetition_penalty != 1.0:
             raise ValueError(
-                "generation.repetition_penalty must be 1.0 with the neuron backend and do_sample: true "
-                "(on-device sampling ignores it); use greedy decoding or drop the penalty"
+                "generation.repetition_penalty must be 1.0 with the neuron backend "
+                "(its on-device sampler never applies it, greedy decoding included)"
+            )
+        if self.model.tensor_parallel_size not in NEURON_TP_DEGREES:
+            raise ValueError(
+                f"model.tensor_parallel_size must be one of {', '.join(map(str, NEURON_TP_DEGREES))} "
+                f"with the neuron backend, got {self.model.tensor_parallel_size}"
+            )
+        if self.generation.do_sample and not 1 <= self.generation.top_k <= NEURON_MAX_TOP_K:
+            raise ValueError(
+                f"generation.top_k must be between 1 and {NEURON_MAX_TOP_K} when sampling with the neuron backend, "
+                f"got {self.generation.top_k}"
             )
         return self
 

@@ -443,15 +443,13 @@ def test_generate_pads_right_keeps_small_batches_and_cuts_at_end_of_turn():
     assert steps[0] == [[7], [5]] and steps[-1] == [[7, 8], [5]]
 
 
-def test_generate_clamps_to_the_compiled_length_and_drops_the_ignored_penalty(caplog):
+def test_generate_clamps_to_the_compiled_length_and_passes_no_penalty():
     model = FakeNeuronModel(batch_size=1, sequence_length=8, answers=[[3] * 20])
     backend = neuron_backend(model)
-    with caplog.at_level(logging.WARNING):
-        result = backend.generate([[1, 4, 5]], GenerationSettings(max_new_tokens=100, repetition_penalty=1.3), lambda rows: False)
+    result = backend.generate([[1, 4, 5]], GenerationSettings(max_new_tokens=100), lambda rows: False)
     assert model.calls[0]["max_new_tokens"] == 5  # 8 compiled - 3 prompt tokens
     assert result == [[3] * 5]
     assert "repetition_penalty" not in model.calls[0] and model.calls[0]["do_sample"] is False
-    assert any(record.getMessage() == "repetition_penalty ignored on Neuron" for record in caplog.records)
 
 
 def test_generate_passes_sampling_settings_and_stops_when_asked():
@@ -471,29 +469,23 @@ def test_generate_refuses_more_prompts_than_the_compiled_batch():
         backend.generate([[1], [1]], GenerationSettings(), lambda rows: False)
 
 
-# --- proposed config.py rules (see the report: config.py belongs to another change) -----------------
-
-# Strict: once config.py has the rule, these pass and the marker must go.
-proposed = pytest.mark.xfail(reason="Neuron rules proposed for engine/config.py, not applied yet", strict=True)
+# --- config.py's Neuron rules -----------------------------------------------------------------------
 
 
 def neuron_settings(model: dict | None = None, **generation) -> Settings:
     return Settings.model_validate({"model": {"backend": "neuron", **(model or {})}, "generation": generation})
 
 
-@proposed
-def test_proposed_repetition_penalty_is_refused_on_neuron_even_when_greedy():
+def test_repetition_penalty_is_refused_on_neuron_even_when_greedy():
     with pytest.raises(ValidationError, match="repetition_penalty must be 1.0 with the neuron backend"):
         neuron_settings(do_sample=False, repetition_penalty=1.2)
 
 
-@proposed
-def test_proposed_tensor_parallel_size_must_be_an_inf2_degree():
+def test_tensor_parallel_size_must_be_an_inf2_degree():
     with pytest.raises(ValidationError, match=r"model.tensor_parallel_size must be one of 1, 2, 4, 8, 12, 24 with the neuron backend, got 3"):
         neuron_settings({"tensor_parallel_size": 3})
 
 
-@proposed
-def test_proposed_top_k_must_suit_the_on_device_sampler():
+def test_top_k_must_suit_the_on_device_sampler():
     with pytest.raises(ValidationError, match=r"generation.top_k must be between 1 and 256 when sampling with the neuron backend, got 0"):
         neuron_settings(do_sample=True, top_k=0)

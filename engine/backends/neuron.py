@@ -103,11 +103,9 @@ class NeuronBackend(Backend):
     def generation_kwargs(self, settings: GenerationSettings) -> dict:
         kwargs = sampling_kwargs(settings)
         if self.on_device_sampling:
-            # The on-device sampler never applies logits processors (greedy included): passing the
-            # penalty would look honoured while it is not. config.py refuses it for sampling.
-            penalty = kwargs.pop("repetition_penalty")
-            if penalty != 1.0:
-                log.warning("repetition_penalty ignored on Neuron", extra={"repetition_penalty": penalty})
+            # The on-device sampler never applies logits processors (greedy included); config.py
+            # refuses a penalty other than 1.0 on this backend, so there is nothing to pass on.
+            kwargs.pop("repetition_penalty")
         return kwargs
 
     def generate(

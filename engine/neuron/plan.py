@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from engine.config import NEURON_TP_DEGREES as TP_DEGREES  # the degrees inf2 offers
 from engine.neuron.sdk import NeuronError, hub_errors
 
 GB = 10**9
@@ -33,7 +34,6 @@ HEADROOM = 0.15
 
 INSTANCE_CORES = {"inf2.xlarge": 2, "inf2.8xlarge": 2, "inf2.24xlarge": 12, "inf2.48xlarge": 24}
 # The tensor-parallel degrees inf2 instances are used with (powers of two, then whole instances).
-TP_DEGREES = (1, 2, 4, 8, 12, 24)
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 CONFIG_DIR = Path(__file__).parent / "configs"
