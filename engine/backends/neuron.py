@@ -12,13 +12,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, StoppingCriteriaList
+from transformers import AutoTokenizer
 
-from engine.backends.base import Backend
-from engine.backends.transformers_backend import end_of_turn_ids
+from engine.backends.generate import GenerateBackend
 from engine.config import GenerationSettings, ModelSettings
-from engine.generation import StepCallback, StepHook, clamp_new_tokens, cut_at_end, pad_batch, sampling_kwargs
+from engine.generation import StepCallback
 from engine.neuron.sdk import NeuronError, hub_errors, require_sdk
 
 log = logging.getLogger(__name__)
@@ -67,14 +65,12 @@ def check_shape(settings: ModelSettings, compiled: dict[str, int]) -> None:
         raise NeuronError("; ".join(wrong) + ": set config.yaml to the compiled values, or export the model again with yours")
 
 
-class NeuronBackend(Backend):
+class NeuronBackend(GenerateBackend):
+    # The compiled graphs reject left padding.
+    padding_side = "right"
+
     def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.sequence_length = model.neuron_config.sequence_length
-        self.batch_size = model.neuron_config.batch_size
-        self.end_ids = end_of_turn_ids(tokenizer, model.generation_config)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.end_ids)
+        super().__init__(model, tokenizer, model.neuron_config.sequence_length, model.neuron_config.batch_size)
         self.on_device_sampling = bool(getattr(model.neuron_config, "on_device_sampling", False))
 
     @classmethod
@@ -101,7 +97,7 @@ class NeuronBackend(Backend):
         return cls(model, tokenizer)
 
     def generation_kwargs(self, settings: GenerationSettings) -> dict:
-        kwargs = sampling_kwargs(settings)
+        kwargs = super().generation_kwargs(settings)
         if self.on_device_sampling:
             # The on-device sampler never applies logits processors (greedy included); config.py
             # refuses a penalty other than 1.0 on this backend, so there is nothing to pass on.
@@ -116,22 +112,8 @@ class NeuronBackend(Backend):
     ) -> list[list[int]]:
         if len(prompts) > self.batch_size:
             raise ValueError(f"{len(prompts)} prompts for a model compiled with batch size {self.batch_size}")
-        # Right padding: the compiled graphs reject left padding. A batch smaller than the compiled
-        # one is passed as is: optimum-neuron pads it up to the graph's batch and drops the extra
-        # rows itself (decoder_wrappers.py, _forward_with_pad); dummy rows added here would each
-        # cost a full prefill pass, as prefill runs one row at a time when batch_size > 1.
-        input_ids, attention_mask = pad_batch(prompts, self.pad_id, side="right")
-        width = input_ids.shape[1]
-        hook = StepHook(prompt_width=width, end_ids=self.end_ids, callback=on_step)
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                # optimum-neuron does not clamp max_new_tokens to the compiled length: we do
-                max_new_tokens=clamp_new_tokens(width, settings.max_new_tokens, self.sequence_length),
-                stopping_criteria=StoppingCriteriaList([hook]),
-                eos_token_id=sorted(self.end_ids),
-                pad_token_id=self.pad_id,
-                **self.generation_kwargs(settings),
-            )
-        return [cut_at_end(row, self.end_ids) for row in output[:, width:].tolist()]
+        # A batch smaller than the compiled one is passed as is: optimum-neuron pads it up to the
+        # graph's batch and drops the extra rows itself (decoder_wrappers.py, _forward_with_pad);
+        # dummy rows added here would each cost a full prefill pass, as prefill runs one row at a
+        # time when batch_size > 1.
+        return super().generate(prompts, settings, on_step)
