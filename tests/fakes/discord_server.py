@@ -22,6 +22,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes.polling import wait_until
+
 API_PREFIX = "/api/v10"
 GATEWAY_PATH = "/gateway"
 HEARTBEAT_INTERVAL_MS = 41_250
@@ -239,12 +241,7 @@ class FakeDiscord:
         return answer
 
     async def wait_for(self, condition: Callable[[], Any], timeout: float = 20.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while not (result := condition()):
-            if time.monotonic() > deadline:
-                raise AssertionError("timed out waiting for the fake Discord")
-            await asyncio.sleep(0.02)
-        return result
+        return await wait_until(condition, timeout, "the fake Discord")
 
     # --- gateway ------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ envelopes with `send_envelope`, and the client's acknowledgements are recorded.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 import uuid
@@ -20,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests.fakes.polling import wait_until
 
 TEAM_ID = "T0TEAM"
 APP_ID = "A0APP"
@@ -102,12 +103,7 @@ class FakeSlack:
         return [message for message in self.messages if message.channel == channel]
 
     async def wait_for(self, condition: Callable[[], Any], timeout: float = 20.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while not (result := condition()):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the fake Slack never saw what the test waited for")
-            await asyncio.sleep(0.02)
-        return result
+        return await wait_until(condition, timeout, "the fake Slack")
 
     # --- Web API --------------------------------------------------------------------------
 
