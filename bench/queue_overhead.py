@@ -17,7 +17,9 @@ from engine.assets import resolve_model
 from engine.backends.base import Backend
 from engine.config import GenerationSettings, Settings
 from engine.generation import StepCallback
+from engine.history import Exchange, load_exchanges
 from engine.jobs import Conversation
+from engine.prompts import PromptBuilder
 from engine.queue import JobQueue
 from engine.redis_client import connect
 from engine.redis_server import RedisServer
@@ -58,7 +60,8 @@ def serve(url: str, ready) -> None:
     asyncio.run(main())
 
 
-async def measure(url: str) -> tuple[list[float], list[float]]:
+async def measure(url: str) -> tuple[list[float], list[float], list[float]]:
+    """PING round trips, message-to-reply latencies, and the worker's prompt work on the final histories."""
     redis = connect(url)
     queue = JobQueue(redis)
     pings, latencies = [], []
@@ -73,8 +76,23 @@ async def measure(url: str) -> tuple[list[float], list[float]]:
         async for event in follow(redis, "bench", submitted.job_id, after):
             if event.kind == "final":
                 latencies.append(time.perf_counter() - started)
+    histories = [await load_exchanges(redis, f"bench:c{n}") for n in range(CONVERSATIONS)]
     await redis.aclose()
-    return pings, latencies
+    return pings, latencies, prompt_work(histories)
+
+
+def prompt_work(histories: list[list[Exchange]]) -> list[float]:
+    """What the worker spends per message on prompt building and turn counting, without Redis."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded:llama2-tokenizer"))
+    settings = Settings()
+    builder = PromptBuilder(tokenizer, settings.system_prompt, settings.model.max_prompt_tokens)
+    times = []
+    for history in histories * 5:
+        started = time.perf_counter()
+        prompt = builder.build(history, "message number 1000")
+        builder.exchange_turns(prompt.user_content, "ok", None)
+        times.append(time.perf_counter() - started)
+    return times
 
 
 def run() -> str:
@@ -84,7 +102,7 @@ def run() -> str:
         worker.start()
         ready.wait(60)
         try:
-            pings, latencies = asyncio.run(measure(server.url))
+            pings, latencies, prompts = asyncio.run(measure(server.url))
         finally:
             worker.terminate()
             worker.join(30)
@@ -92,6 +110,7 @@ def run() -> str:
     rows = [
         ["median", f"{median(latencies) * 1000:.2f} ms", f"{median(latencies) / ping:.1f}x"],
         ["p99", f"{percentile(latencies, 0.99) * 1000:.2f} ms", f"{percentile(latencies, 0.99) / ping:.1f}x"],
+        ["of which prompt building + turn counting (median)", f"{median(prompts) * 1000:.2f} ms", f"{median(prompts) / ping:.1f}x"],
     ]
     return table(
         f"Queue overhead ({MESSAGES} messages, {CONVERSATIONS} conversations, instant backend; "
