@@ -1,4 +1,8 @@
-"""Structured logs: one JSON object per line, with the `extra=` fields of each call, secrets masked."""
+"""Structured logs with the `extra=` fields of each call, secrets masked.
+
+One JSON object per line for machines (files, containers); `key=value` lines when a person
+watches a terminal.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self.secrets = [s for s in secrets if len(s) >= 6]
 
-    def format(self, record: logging.LogRecord) -> str:
+    def fields(self, record: logging.LogRecord) -> dict:
         entry = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
@@ -25,15 +29,31 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        line = json.dumps(entry, default=str, ensure_ascii=False)
+        return entry
+
+    def render(self, entry: dict) -> str:
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self.render(self.fields(record))
         for secret in self.secrets:
             line = line.replace(secret, "***")
         return line
 
 
+class ConsoleFormatter(JsonFormatter):
+    def render(self, entry: dict) -> str:
+        head = f"{entry.pop('ts')[11:19]} {entry.pop('level'):<7} {entry.pop('logger')}: {entry.pop('msg')}"
+        exception = entry.pop("exception", None)
+        line = " ".join([head, *(f"{k}={v}" for k, v in entry.items())])
+        return f"{line}\n{exception}" if exception else line
+
+
 def setup_logging(level: str, secrets: list[str], stream=None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter(secrets))
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    formatter = ConsoleFormatter if stream.isatty() else JsonFormatter
+    handler.setFormatter(formatter(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError, Secrets, load_settings
-from engine.logs import JsonFormatter
+from engine.logs import ConsoleFormatter, JsonFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +68,11 @@ def test_missing_secret_is_named_and_secrets_never_reach_logs(caplog):
     assert "xoxb" not in repr(secrets)
     record = logging.makeLogRecord({"msg": "token is %s", "args": ("xoxb-very-secret",), "levelname": "INFO"})
     assert "xoxb-very-secret" not in JsonFormatter(["xoxb-very-secret"]).format(record)
+
+
+def test_console_logs_are_key_value_lines_and_mask_secrets_too():
+    record = logging.makeLogRecord(
+        {"name": "engine.worker", "msg": "job answered", "levelname": "INFO", "job": "slack:1", "token": "xoxb-very-secret"}
+    )
+    line = ConsoleFormatter(["xoxb-very-secret"]).format(record)
+    assert "engine.worker: job answered" in line and "job=slack:1" in line and "token=***" in line
