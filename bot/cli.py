@@ -41,4 +41,6 @@ def run_adapter(args: argparse.Namespace, platform: str) -> int:
         on_terminate(stop.set)  # SIGTERM (docker stop) and Ctrl-C close connections cleanly
         await until_first_ends(run(settings, secrets, redis), stop.wait())
 
-    return serve(settings, until_stopped)
+    # An adapter alone is no use without a worker: it joins the configured Redis or the one
+    # `chatbot demo`/`chatbot worker` started, and never starts its own.
+    return serve(settings, until_stopped, start_embedded=False)

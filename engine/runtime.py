@@ -83,9 +83,9 @@ async def run_worker(settings: Settings, redis: Redis) -> None:
     await worker.run()
 
 
-def serve(settings: Settings, main) -> int:
+def serve(settings: Settings, main, start_embedded: bool = True) -> int:
     """Run `main(redis)` against the configured or embedded Redis, stopping what this process started."""
-    url, server = redis_url(settings, start_embedded=True)
+    url, server = redis_url(settings, start_embedded)
 
     async def _run() -> None:
         redis = connect(url)
