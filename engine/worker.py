@@ -105,7 +105,7 @@ class Worker:
         for task in tasks:
             task.published_at = started  # an answer faster than partial_interval_s is not streamed
         try:
-            await asyncio.to_thread(
+            rows = await asyncio.to_thread(
                 self.backend.generate, [t.prompt.ids for t in tasks], self.settings.generation, self._on_step_from(tasks)
             )
         except Exception:
@@ -119,7 +119,8 @@ class Worker:
             await self._hand_back([t.job for t in tasks])
             return
         await self._partials.join()
-        for task in tasks:
+        for task, tokens in zip(tasks, rows):
+            task.tokens = tokens  # what generate returned is final; the hook only saw steps
             await self._finish(task, started)
 
     async def _hand_back(self, jobs: list[Job]) -> None:
