@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tests.fakes.polling import wait_until
+from tests.fakes.local_server import serve_locally, shut_down, wait_until
 
 API_PREFIX = "/api/v10"
 GATEWAY_PATH = "/gateway"
@@ -155,19 +155,12 @@ class FakeDiscord:
         app = web.Application()
         app.router.add_get(GATEWAY_PATH, self._gateway)
         app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._rest)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_locally(app)
         return self
 
     async def stop(self) -> None:
         self._stopping.set()
-        for socket in list(self._sockets):
-            await socket.close()
-        if self._runner:
-            await self._runner.cleanup()
+        await shut_down(self._runner, self._sockets)
 
     @property
     def rest_base(self) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tests.fakes.polling import wait_until
+from tests.fakes.local_server import serve_locally, shut_down, wait_until
 
 TEAM_ID = "T0TEAM"
 APP_ID = "A0APP"
@@ -73,18 +73,11 @@ class FakeSlack:
         self._app = app
 
     async def start(self) -> FakeSlack:
-        self._runner = web.AppRunner(self._app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_locally(self._app)
         return self
 
     async def stop(self) -> None:
-        for socket in list(self._sockets):
-            await socket.close()
-        if self._runner:
-            await self._runner.cleanup()
+        await shut_down(self._runner, self._sockets)
 
     @property
     def api_url(self) -> str:
