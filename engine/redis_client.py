@@ -30,17 +30,22 @@ def connect(url: str) -> Redis:
 
 
 async def with_backoff(
-    operation: Callable[[], Awaitable[T]], what: str, cap_s: float = 5.0, give_up_after_s: float | None = None
+    operation: Callable[[], Awaitable[T]], what: str, give_up: Callable[[], bool] = lambda: False, cap_s: float = 5.0
 ) -> T:
-    """Run `operation` until Redis answers, waiting longer after each failure (by default never gives up)."""
+    """Run `operation` until Redis answers, waiting longer after each failure, until `give_up()` says so."""
     delay = 0.1
-    deadline = None if give_up_after_s is None else time.monotonic() + give_up_after_s
     while True:
         try:
             return await operation()
         except REDIS_DOWN as error:
-            if deadline is not None and time.monotonic() > deadline:
+            if give_up():
                 raise
             log.warning("redis unavailable, retrying", extra={"operation": what, "error": str(error), "retry_in_s": round(delay, 2)})
             await asyncio.sleep(delay)
             delay = min(cap_s, delay * 2) * (0.8 + 0.4 * random.random())
+
+
+def after(seconds: float) -> Callable[[], bool]:
+    """A give_up for with_backoff: true once `seconds` have passed."""
+    deadline = time.monotonic() + seconds
+    return lambda: time.monotonic() > deadline

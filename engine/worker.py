@@ -18,7 +18,7 @@ from engine.config import Settings
 from engine.jobs import EMPTY_MESSAGE, Job, ReplyEvent
 from engine.prompts import Prompt, PromptBuilder
 from engine.queue import Claim, JobQueue
-from engine.redis_client import REDIS_DOWN, with_backoff
+from engine.redis_client import REDIS_DOWN, after, with_backoff
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,10 @@ class Worker:
     async def run(self) -> None:
         publisher = asyncio.create_task(self._publish_partials())
         try:
-            recovered = await with_backoff(lambda: self.queue.recover(self.owner), "recover")
+            try:
+                recovered = await with_backoff(lambda: self.queue.recover(self.owner), "recover", give_up=self.stopping.is_set)
+            except REDIS_DOWN:
+                return  # stopped before Redis ever answered
             if recovered:
                 log.info("re-queued jobs a previous run left unanswered", extra={"jobs": recovered})
             log.info("worker ready", extra={"owner": self.owner, "batch_size": self.backend.batch_size})
@@ -125,7 +128,7 @@ class Worker:
 
     async def _hand_back(self, jobs: list[Job]) -> None:
         try:
-            await with_backoff(lambda: self.queue.release(jobs), "release", give_up_after_s=RELEASE_PATIENCE_S)
+            await with_backoff(lambda: self.queue.release(jobs), "release", give_up=after(RELEASE_PATIENCE_S))
             log.info("handed jobs back on shutdown", extra={"jobs": [job.id for job in jobs]})
         except REDIS_DOWN:
             log.warning("could not hand jobs back; their leases expire instead", extra={"jobs": [job.id for job in jobs]})
@@ -197,8 +200,16 @@ class Worker:
     async def _answer(self, job: Job, kind: str, text: str, turns=()) -> None:
         event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind=kind, text=text, reply_to=job.reply_to)
         history = self.settings.history
-        answered = await with_backoff(
-            lambda: self.queue.complete(job, event, list(turns), history.max_turns, history.ttl_seconds), "complete"
-        )
+        try:
+            # Keep trying while serving: the answer is worth the wait. Once stopping, the lease
+            # runs out instead and the job is answered again by the next worker.
+            answered = await with_backoff(
+                lambda: self.queue.complete(job, event, list(turns), history.max_turns, history.ttl_seconds),
+                "complete",
+                give_up=self.stopping.is_set,
+            )
+        except REDIS_DOWN:
+            log.warning("answer not recorded before shutdown; the job will be delivered again", extra={"job": job.id})
+            return
         if not answered:
             log.info("job was answered before; reply not repeated", extra={"job": job.id})
