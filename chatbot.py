@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from engine.config import ConfigError
@@ -64,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as error:
+        # The traceback goes to the structured log; the operator gets one line.
+        logging.getLogger("chatbot").exception("stopped by an unexpected error")
+        print(f"chatbot: stopped: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
