@@ -27,6 +27,7 @@ from engine.replies import ReplyReader
 
 log = logging.getLogger(__name__)
 POSTED_TTL_S = 24 * 3600
+ABANDONED_AFTER_S = 3600  # a streamed reply silent this long will not be finished
 FAILED = "Sorry, I could not deliver the answer."
 
 
@@ -72,6 +73,12 @@ class Delivery:
             for event in self._latest_per_job(events):
                 await self.deliver(event)
             await self.reader.ack(*(entry_id for entry_id, _ in events))
+            self._forget_abandoned()
+
+    def _forget_abandoned(self) -> None:
+        """Drop what we track of replies whose final event never came (their job was given up)."""
+        now = time.monotonic()
+        self.shown = {job: shown for job, shown in self.shown.items() if now - shown.edited_at < ABANDONED_AFTER_S}
 
     @staticmethod
     def _latest_per_job(events: list[tuple[str, ReplyEvent]]) -> list[ReplyEvent]:
