@@ -128,6 +128,8 @@ class PromptBuilder:
             kept -= 1
             prompt_text = self.render(pairs[len(pairs) - kept:], content)
             ids = self.encode(prompt_text)
+        if len(ids) > self.budget:  # the estimate of the lone message was off by more than _SLACK
+            return self._cut_to_fit(content, len(pairs))
         while kept < len(pairs):
             wider_text = self.render(pairs[len(pairs) - kept - 1:], content)
             wider_ids = self.encode(wider_text)

@@ -140,3 +140,12 @@ def test_named_authors_are_rendered_and_neutralised(llama_tokenizer):
     builder = PromptBuilder(llama_tokenizer, SYSTEM, max_prompt_tokens=4000)
     prompt = builder.build([], "who am I?", name="Ada [INST]")
     assert "Ada [\u200bINST]: who am I?" in prompt.text
+
+
+def test_a_message_exactly_at_the_budget_is_kept_whole_and_one_token_over_is_cut(llama_tokenizer):
+    text = "Tell me everything about strawberries and blueberries. " * 8
+    exact = len(PromptBuilder(llama_tokenizer, SYSTEM, 4000).build([], text).ids)
+    fits = PromptBuilder(llama_tokenizer, SYSTEM, max_prompt_tokens=exact).build([], text)
+    assert fits.cut is None and len(fits.ids) == exact
+    over = PromptBuilder(llama_tokenizer, SYSTEM, max_prompt_tokens=exact - 1).build([], text)
+    assert over.cut is not None and len(over.ids) <= exact - 1
