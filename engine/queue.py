@@ -128,7 +128,10 @@ return answered
 _RELEASE = """
 for i, job_id in ipairs(ARGV) do
   if redis.call('ZREM', KEYS[2], job_id) == 1 then
-    local conversation = redis.call('HGET', KEYS[3] .. 'job:' .. job_id, 'conversation')
+    local key = KEYS[3] .. 'job:' .. job_id
+    -- handed back, not failed: the delivery does not count against the job's attempts
+    redis.call('HINCRBY', key, 'attempts', -1)
+    local conversation = redis.call('HGET', key, 'conversation')
     if conversation and not redis.call('LPOS', KEYS[1], conversation) then
       redis.call('LPUSH', KEYS[1], conversation)
     end

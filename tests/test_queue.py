@@ -111,14 +111,14 @@ async def test_recover_requeues_a_dead_workers_jobs_at_once(redis):
     assert again.id == job.id
 
 
-async def test_released_job_comes_back_first(redis):
+async def test_released_job_comes_back_first_without_counting_as_an_attempt(redis):
     queue = JobQueue(redis)
     await queue.submit(ALICE, "a", "alice")
     await queue.submit(BOB, "b", "bob")
     [job] = await claim(queue, "w")
     await queue.release([job])
     [again] = await claim(queue, "w")
-    assert again.id == job.id
+    assert again.id == job.id and again.attempts == 1
 
 
 async def test_reset_is_ordered_with_messages(redis):
