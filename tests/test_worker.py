@@ -178,3 +178,17 @@ async def test_cli_ask_refuses_empty_messages(redis_server, tmp_path, text):
         env={**os.environ, "REDIS_URL": redis_server.url, "CHATBOT_CONFIG": str(tmp_path / "none.yaml")},
     )
     assert result.returncode == 1 and "empty" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_a_job_that_keeps_killing_workers_is_answered_with_an_error(redis, tiny_backend, settings):
+    queue = JobQueue(redis, visibility_timeout_s=0.05)
+    submitted = await queue.submit(CHAT, "poison", "a message that crashes every worker")
+    for _ in range(3):  # three workers took it and died
+        assert await queue.claim("doomed")
+        await asyncio.sleep(0.1)
+    async with running_worker(redis, tiny_backend, settings):
+        async for event in follow(redis, "local", submitted.job_id, "0-0"):
+            if event.kind != "partial":
+                assert event.kind == "error" and "failed several times" in event.text
+                break
+        assert (await ask(redis, "and the next message?")).kind == "final"
