@@ -247,6 +247,3 @@ class JobQueue:
         await self.redis.xadd(
             replies_key(job.platform), {"event": event.model_dump_json()}, maxlen=self.reply_stream_maxlen, approximate=True
         )
-
-    async def queued(self) -> int:
-        return int(await self.redis.get(QUEUED) or 0)

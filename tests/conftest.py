@@ -10,6 +10,8 @@ from transformers import AutoTokenizer
 
 from engine.assets import resolve_model
 from engine.config import Settings
+from engine.jobs import ReplyEvent
+from engine.queue import replies_key
 from engine.redis_client import connect
 from engine.redis_server import RedisServer
 
@@ -61,6 +63,12 @@ def tiny_settings(**overrides) -> Settings:
 @pytest.fixture
 def settings() -> Settings:
     return tiny_settings()
+
+
+async def reply_events(redis, platform: str, job_id: str | None = None) -> list[ReplyEvent]:
+    """What the worker published on a platform's reply stream (one job's, if given), oldest first."""
+    events = [ReplyEvent.model_validate_json(fields["event"]) for _, fields in await redis.xrange(replies_key(platform))]
+    return [event for event in events if job_id is None or event.job_id == job_id]
 
 
 @contextlib.asynccontextmanager

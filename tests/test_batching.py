@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from engine.backends.transformers_backend import TransformersBackend
-from engine.jobs import Conversation, ReplyEvent
+from engine.jobs import Conversation
 from engine.prompts import PromptBuilder
-from engine.queue import JobQueue, replies_key
-from tests.conftest import running_worker, tiny_settings
+from engine.queue import JobQueue
+from tests.conftest import reply_events, running_worker, tiny_settings
 
 QUESTIONS = [
     "Hi!",
@@ -19,7 +19,7 @@ QUESTIONS = [
 
 
 async def final_texts(redis) -> dict[str, str]:
-    events = [ReplyEvent.model_validate_json(f["event"]) for _, f in await redis.xrange(replies_key("local"))]
+    events = await reply_events(redis, "local")
     return {e.job_id: e.text for e in events if e.kind == "final"}
 
 

@@ -22,7 +22,7 @@ from engine.jobs import EMPTY_MESSAGE, Job, ReplyEvent
 from engine.queue import job_key, replies_key
 from engine.replies import GROUP
 from engine.tasks import cancel_until_done
-from tests.conftest import running_worker, tiny_settings
+from tests.conftest import reply_events, running_worker, tiny_settings
 from tests.fakes.discord_server import (
     ADMIN,
     ADMIN_ROLE,
@@ -84,9 +84,7 @@ async def say(fake: FakeDiscord, content: str, author=ALICE, channel_id=GENERAL,
 
 
 async def events_of(redis, job_id: str) -> list[ReplyEvent]:
-    entries = await redis.xrange(replies_key("discord"))
-    events = [ReplyEvent.model_validate_json(fields["event"]) for _, fields in entries]
-    return [event for event in events if event.job_id == job_id]
+    return await reply_events(redis, "discord", job_id)
 
 
 async def final_event(redis, message_id: int, timeout: float = 60.0) -> ReplyEvent:

@@ -28,7 +28,7 @@ from engine.config import ConfigError, Secrets, Settings, SlackSettings
 from engine.jobs import EMPTY_MESSAGE, ReplyEvent
 from engine.queue import conv_jobs_key, replies_key
 from engine.tasks import cancel_until_done
-from tests.conftest import running_worker, tiny_settings
+from tests.conftest import reply_events, running_worker, tiny_settings
 from tests.fakes.slack_server import APP_ID, BOT_ID, BOT_USER_ID, TEAM_ID, FakeSlack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,15 +174,10 @@ async def publish(redis, event: ReplyEvent) -> None:
     await redis.xadd(replies_key("slack"), {"event": event.model_dump_json()})
 
 
-async def reply_events(redis, job_id: str) -> list[ReplyEvent]:
-    events = [ReplyEvent.model_validate_json(fields["event"]) for _, fields in await redis.xrange(replies_key("slack"))]
-    return [event for event in events if event.job_id == job_id]
-
-
 async def final_event(redis, job_id: str, timeout: float = 60) -> ReplyEvent:
     deadline = time.monotonic() + timeout
     while True:
-        done = [event for event in await reply_events(redis, job_id) if event.kind != "partial"]
+        done = [event for event in await reply_events(redis, "slack", job_id) if event.kind != "partial"]
         if done:
             return done[-1]
         assert time.monotonic() < deadline, f"no final reply for {job_id}"
@@ -252,7 +247,7 @@ async def test_retried_delivery_gets_no_second_job_or_reply(redis, fake, tiny_ba
             retry["X-Slack-Retry-Num"] = "2"
             assert (await post_to_app(settings, body, headers=retry)).status == 200
             assert await job_keys(redis) == []
-    assert [e.kind for e in await reply_events(redis, job_id) if e.kind != "partial"] == ["final"]
+    assert [e.kind for e in await reply_events(redis, "slack", job_id) if e.kind != "partial"] == ["final"]
     assert len(fake.calls_to("chat.postMessage")) == 1
 
 

@@ -18,7 +18,7 @@ from engine.queue import JobQueue, replies_key
 from engine.redis_client import connect
 from engine.redis_server import RedisServer
 from engine.replies import follow, last_entry_id
-from tests.conftest import running_worker, tiny_settings
+from tests.conftest import reply_events, running_worker, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = Conversation(platform="local", channel="chat")
@@ -69,7 +69,7 @@ async def test_colour_conversation_with_smollm2(redis, smollm2_path):
 
 async def test_streams_partials_then_one_final(redis, worker):
     await ask(redis, "Tell me a story.")
-    events = [ReplyEvent.model_validate_json(f["event"]) for _, f in await redis.xrange(replies_key("local"))]
+    events = await reply_events(redis, "local")
     assert [e.kind for e in events][-1] == "final"
     partials = [e.text for e in events if e.kind == "partial"]
     assert partials and all(events[-1].text.startswith(p) for p in partials)
@@ -113,16 +113,24 @@ def worker_process(redis_url: str, run_dir: Path, **env) -> subprocess.Popen:
     )
 
 
-async def first_partial(redis, platform: str) -> None:
-    while not await redis.xlen(replies_key(platform)):
-        await asyncio.sleep(0.01)
+async def worker_mid_answer(redis, redis_url: str, run_dir: Path) -> subprocess.Popen:
+    """A worker process that has started streaming the answer to a long request."""
+    await JobQueue(redis).submit(CHAT, "m1", "Write a long answer.")
+    process = worker_process(redis_url, run_dir)
+    try:
+        while not await redis.xlen(replies_key("local")):
+            if process.poll() is not None:
+                raise AssertionError(f"the worker exited with {process.returncode}; see {run_dir / 'worker.log'}")
+            await asyncio.sleep(0.01)
+    except BaseException:  # a timeout included: never leave a worker running
+        process.kill()
+        raise
+    return process
 
 
 async def test_sigkill_mid_generation_answers_once_after_restart(redis, redis_server, tmp_path):
-    await JobQueue(redis).submit(CHAT, "m1", "Write a long answer.")
-    process = worker_process(redis_server.url, tmp_path)
+    process = await asyncio.wait_for(worker_mid_answer(redis, redis_server.url, tmp_path), 60)
     try:
-        await asyncio.wait_for(first_partial(redis, "local"), 60)
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         process = worker_process(redis_server.url, tmp_path)
@@ -132,7 +140,7 @@ async def test_sigkill_mid_generation_answers_once_after_restart(redis, redis_se
     finally:
         process.kill()
         process.wait(10)
-    events = [ReplyEvent.model_validate_json(f["event"]) for _, f in await redis.xrange(replies_key("local"))]
+    events = await reply_events(redis, "local")
     assert [e.kind for e in events].count("final") == 1
     [exchange] = await history.load_exchanges(redis, CHAT.key)
     assert exchange.user.text == "Write a long answer."
@@ -141,17 +149,15 @@ async def test_sigkill_mid_generation_answers_once_after_restart(redis, redis_se
 
 
 async def test_sigterm_hands_the_job_back_and_exits_cleanly(redis, redis_server, tmp_path):
-    await JobQueue(redis).submit(CHAT, "m1", "Write a long answer.")
-    process = worker_process(redis_server.url, tmp_path)
+    process = await asyncio.wait_for(worker_mid_answer(redis, redis_server.url, tmp_path), 60)
     try:
-        await asyncio.wait_for(first_partial(redis, "local"), 60)
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
     finally:
         process.kill()
     assert await redis.zcard("chatbot:leases") == 0
     assert await redis.lrange("chatbot:ready", 0, -1) == [CHAT.key]
-    assert "final" not in {ReplyEvent.model_validate_json(f["event"]).kind for _, f in await redis.xrange(replies_key("local"))}
+    assert "final" not in {event.kind for event in await reply_events(redis, "local")}
 
 
 async def test_worker_rides_out_a_redis_restart(tiny_backend, tmp_path):
