@@ -30,21 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
 def run_all(args: argparse.Namespace, local_only: bool) -> int:
     from bot.cli import adapter_runner, platforms_configured
     from bot.terminal import chat
-    from engine.backends import load_backend
     from engine.runtime import log_to_file, on_terminate, serve, startup
+    from engine.serving import load_engine
     from engine.tasks import until_first_ends
     from engine.worker import Worker
 
     settings, secrets = startup(args.config)
     platforms = [] if local_only else platforms_configured(secrets)
     print(f"Loading model {settings.model.id} (the first run prepares it: about a minute)...", file=sys.stderr)
-    backend = load_backend(settings.model)
+    model = load_engine(settings)
     if not platforms:
         # The terminal is the chat from here on: keep structured logs out of it.
         print(f"Logs go to {log_to_file(settings, secrets)}", file=sys.stderr)
 
     async def main(redis) -> None:
-        worker = Worker(redis, backend, settings, settings.worker_name)
+        worker = Worker(redis, model, settings, settings.worker_name)
         on_terminate(worker.stop)
         fronts = [adapter_runner(p)(settings, secrets, redis) for p in platforms] or [chat(redis)]
         try:

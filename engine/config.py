@@ -40,6 +40,14 @@ class ModelSettings(Strict):
     max_prompt_tokens: int = Field(1536, ge=16)
     batch_size: int = Field(1, ge=1, le=64)
     tensor_parallel_size: int = Field(2, ge=1, description="NeuronCores used by the compiled model")
+    max_prefills_per_step: int = Field(1, ge=1, description="new prompts admitted between two decode steps")
+    admission: Literal["continuous", "whole_batch"] = Field(
+        "continuous", description="whole_batch admits only into an empty batch (the old behaviour, kept for benchmarks)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="transformers backend; auto: bfloat16 on the CPU, float16 on CUDA"
+    )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's default")
 
     @model_validator(mode="after")
     def _prompt_leaves_room(self) -> ModelSettings:
@@ -69,6 +77,19 @@ class QueueSettings(Strict):
     visibility_timeout_s: float = Field(60.0, gt=0, description="a job held this long without a heartbeat is delivered again")
     partial_interval_s: float = Field(0.25, ge=0, description="least time between two streamed partial replies")
     reply_stream_maxlen: int = Field(10_000, ge=100)
+    step_timeout_s: float = Field(
+        30.0, gt=0, description="a model step slower than this stops the worker (exit 3) so its supervisor restarts it"
+    )
+
+    @model_validator(mode="after")
+    def _leases_outlive_a_step(self) -> QueueSettings:
+        # Leases are extended between steps, so a step must end well before a lease can expire.
+        if self.step_timeout_s > self.visibility_timeout_s / 2:
+            raise ValueError(
+                f"step_timeout_s ({self.step_timeout_s:g}) must be at most half of visibility_timeout_s "
+                f"({self.visibility_timeout_s:g}): leases are extended between model steps"
+            )
+        return self
 
 
 class DiscordSettings(Strict):

@@ -152,6 +152,16 @@ return released
 """
 
 
+_PARTIAL = """
+if redis.call('EXISTS', KEYS[1]) == 1 or not redis.call('ZSCORE', KEYS[3], ARGV[1])
+   or redis.call('HGET', KEYS[2], 'owner') ~= ARGV[2] then
+  return 0
+end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[3])
+return 1
+"""
+
+
 class JobQueue:
     def __init__(self, redis: Redis, visibility_timeout_s: float = 60.0, reply_stream_maxlen: int = 10_000):
         self.redis = redis
@@ -162,6 +172,7 @@ class JobQueue:
         self._complete = redis.register_script(_COMPLETE)
         self._release = redis.register_script(_RELEASE)
         self._recover = redis.register_script(_RECOVER)
+        self._partial = redis.register_script(_PARTIAL)
 
     # --- adapters -------------------------------------------------------------------
 
@@ -242,8 +253,12 @@ class JobQueue:
         ]
         return bool(await self._complete(keys=keys, args=args))
 
-    async def publish_partial(self, job: Job, text: str) -> None:
+    async def publish_partial(self, job: Job, text: str, owner: str) -> bool:
+        """Stream a partial answer, only while `owner` holds the job's lease and it is not answered yet.
+
+        Returns False when it is not (so a late partial never follows the final reply); the caller
+        then stops generating for the job.
+        """
         event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind="partial", text=text, reply_to=job.reply_to)
-        await self.redis.xadd(
-            replies_key(job.platform), {"event": event.model_dump_json()}, maxlen=self.reply_stream_maxlen, approximate=True
-        )
+        keys = [done_key(job.id), job_key(job.id), LEASES, replies_key(job.platform)]
+        return bool(await self._partial(keys=keys, args=[job.id, owner, event.model_dump_json(), self.reply_stream_maxlen]))

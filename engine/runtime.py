@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -15,6 +17,8 @@ from engine.redis_client import connect
 from engine.redis_server import RedisServer
 
 log = logging.getLogger(__name__)
+# Exit status of a worker whose model stopped answering (queue.step_timeout_s): restart it.
+EXIT_MODEL_STUCK = 3
 
 
 def startup(config_path: str | None) -> tuple[Settings, Secrets]:
@@ -74,11 +78,11 @@ def on_terminate(callback) -> None:
 async def run_worker(settings: Settings, redis: Redis) -> None:
     """Load the model and serve until SIGTERM/SIGINT."""
     # Imported here: torch and transformers take seconds to import, and `chatbot ask/reset` need neither.
-    from engine.backends import load_backend
+    from engine.serving import load_engine
     from engine.worker import Worker
 
-    backend = await asyncio.to_thread(load_backend, settings.model)
-    worker = Worker(redis, backend, settings, settings.worker_name)
+    engine = await asyncio.to_thread(load_engine, settings)
+    worker = Worker(redis, engine, settings, settings.worker_name)
     on_terminate(worker.stop)
     await worker.run()
 
@@ -88,9 +92,18 @@ def serve(settings: Settings, main, start_embedded: bool = True) -> int:
     url, server = redis_url(settings, start_embedded)
 
     async def _run() -> None:
+        from engine.worker import StepTimedOut
+
         redis = connect(url)
         try:
             await main(redis)
+        except StepTimedOut as error:
+            # The stuck model call holds a thread that nothing can stop, and a normal exit would wait
+            # for it forever: leave at once (an embedded redis-server dies with this process).
+            log.critical("model stuck, exiting", extra={"error": str(error), "exit_status": EXIT_MODEL_STUCK})
+            print(f"chatbot: {error}", file=sys.stderr)
+            logging.shutdown()
+            os._exit(EXIT_MODEL_STUCK)
         finally:
             await redis.aclose()
 

@@ -1,7 +1,10 @@
-"""The model worker: claims jobs, builds prompts from history, generates, answers.
+"""The model worker: the Redis side of serving (claims, leases, partial and final answers).
 
-One process, one model. Generation runs in a thread so the event loop stays free to stream
-partial replies and keep the jobs' leases alive.
+One process, one model, one loop. Each turn of the loop admits new jobs into free slots
+(prefill), runs one decode step for every live slot, then answers the slots that ended and
+streams the others. Model calls run in a thread, one at a time, each bounded by
+`queue.step_timeout_s`; everything that touches Redis runs in this loop, between steps, so
+nothing runs in the background that could fail unseen.
 """
 
 from __future__ import annotations
@@ -9,22 +12,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from engine.backends.base import Backend
 from engine.config import Settings
 from engine.jobs import EMPTY_MESSAGE, Job, ReplyEvent
 from engine.prompts import Prompt, PromptBuilder
 from engine.queue import Claim, JobQueue
 from engine.redis_client import REDIS_DOWN, after, with_backoff
+from engine.serving.engine import Engine
+from engine.serving.scheduler import Scheduler, Slot
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_ATTEMPTS = 3  # a job that took the worker down this often is answered with an error instead
-IDLE_WAIT_S = 1.0
-RELEASE_PATIENCE_S = 5.0  # on shutdown, don't wait longer than this for Redis: the lease expires anyway  # how often an idle worker looks for expired leases
+IDLE_WAIT_S = 1.0  # how long an idle worker blocks for new work before looking for expired leases
+RELEASE_PATIENCE_S = 5.0  # on shutdown, don't wait longer than this for Redis: the lease expires anyway
 MODEL_FAILED = "Sorry, something went wrong while writing the answer. Please try again."
 GAVE_UP = "Sorry, this message could not be answered: it failed several times."
 EMPTY_ANSWER = "The model returned an empty answer. Please rephrase your message."
@@ -34,27 +42,35 @@ class PromptTooSmall(ValueError):
     pass
 
 
+class StepTimedOut(RuntimeError):
+    """A model call outlived queue.step_timeout_s: the model is stuck, and only a new process recovers it."""
+
+
 @dataclass
 class Task:
-    """One job in a batch, with what the worker learns about it while generating."""
+    """What the worker keeps about a job while it holds a slot."""
 
     job: Job
     prompt: Prompt
-    tokens: list[int] = field(default_factory=list)
-    first_token_at: float | None = None
-    published_at: float = 0.0
+    claimed_at: float  # wall clock, comparable with job.submitted_at
+    published_at: float  # monotonic: when the last partial went out
+    first_token_at: float | None = None  # wall clock
+    partial_failed: bool = False
 
 
 class Worker:
-    def __init__(self, redis: Redis, backend: Backend, settings: Settings, owner: str):
+    def __init__(self, redis: Redis, engine: Engine, settings: Settings, owner: str):
         self.redis = redis
-        self.backend = backend
+        self.engine = engine
         self.settings = settings
         self.owner = owner
         self.queue = JobQueue(redis, settings.queue.visibility_timeout_s, settings.queue.reply_stream_maxlen)
-        self.builder = PromptBuilder(backend.tokenizer, settings.system_prompt, settings.model.max_prompt_tokens)
+        self.builder = PromptBuilder(engine.tokenizer, settings.system_prompt, settings.model.max_prompt_tokens)
+        self.scheduler = Scheduler(
+            engine, settings.generation.max_new_tokens, settings.model.admission, settings.model.max_prefills_per_step
+        )
         self.stopping = asyncio.Event()
-        self._partials: asyncio.Queue[tuple[Job, str]] = asyncio.Queue()
+        self._heartbeat_at = 0.0
         floor = self.builder.count(self.builder.render([], "ok"))
         if floor >= settings.model.max_prompt_tokens:
             raise PromptTooSmall(
@@ -66,7 +82,6 @@ class Worker:
         self.stopping.set()
 
     async def run(self) -> None:
-        publisher = asyncio.create_task(self._publish_partials())
         try:
             try:
                 recovered = await with_backoff(lambda: self.queue.recover(self.owner), "recover", give_up=self.stopping.is_set)
@@ -74,114 +89,133 @@ class Worker:
                 return  # stopped before Redis ever answered
             if recovered:
                 log.info("re-queued jobs a previous run left unanswered", extra={"jobs": recovered})
-            log.info("worker ready", extra={"owner": self.owner, "batch_size": self.backend.batch_size})
+            log.info("worker ready", extra={"owner": self.owner, "slots": self.engine.batch_size})
             while not self.stopping.is_set():
-                try:
-                    claims = await self.queue.claim(self.owner, self.backend.batch_size)
-                    if claims:
-                        await self.process(claims)
-                    else:
-                        await self.queue.wait_for_work(IDLE_WAIT_S)
-                except REDIS_DOWN as error:
-                    log.warning("redis unavailable", extra={"error": str(error)})
-                    await asyncio.sleep(0.5)
+                await self._admit()
+                if self.scheduler.live:
+                    ended = await self._model_call(self.scheduler.step)
+                    await self._after_step(ended)
+                elif not self.stopping.is_set():
+                    await self._idle()
+            await self._hand_back([slot.payload.job for slot in self.scheduler.live])
         finally:
-            publisher.cancel()
+            for slot in self.scheduler.live:
+                self.scheduler.free(slot)
             log.info("worker stopped", extra={"owner": self.owner})
 
-    async def process(self, claims: list[Claim]) -> None:
-        tasks = []
+    # --- admission ------------------------------------------------------------------------
+
+    async def _admit(self) -> None:
+        room = self.scheduler.room()
+        if not room:
+            return
+        try:
+            claims = await self.queue.claim(self.owner, room)
+        except REDIS_DOWN as error:
+            log.warning("redis unavailable", extra={"error": str(error)})
+            return
         for claim in claims:
-            job = claim.job
-            if job.attempts > MAX_ATTEMPTS:
-                log.error("job failed too often", extra={"job": job.id, "attempts": job.attempts})
-                await self._answer(job, "error", GAVE_UP)
-                continue
-            if not job.text.strip():
-                await self._answer(job, "error", EMPTY_MESSAGE)
-                continue
-            tasks.append(Task(job, self.builder.build(claim.history, job.text, job.author)))
-        if not tasks:
+            await self._start(claim)
+
+    async def _start(self, claim: Claim) -> None:
+        job = claim.job
+        if job.attempts > MAX_ATTEMPTS:
+            log.error("job failed too often", extra={"job": job.id, "attempts": job.attempts})
+            await self._answer(job, "error", GAVE_UP)
             return
-        heartbeat = asyncio.create_task(self._keep_leases([t.job for t in tasks]))
-        started = time.monotonic()
-        for task in tasks:
-            task.published_at = started  # an answer faster than partial_interval_s is not streamed
+        if not job.text.strip():
+            await self._answer(job, "error", EMPTY_MESSAGE)
+            return
         try:
-            rows = await asyncio.to_thread(
-                self.backend.generate, [t.prompt.ids for t in tasks], self.settings.generation, self._on_step_from(tasks)
-            )
+            prompt = self.builder.build(claim.history, job.text, job.author)
+            task = Task(job, prompt, claimed_at=time.time(), published_at=time.monotonic())
+            slot = await self._model_call(self.scheduler.admit, prompt.ids, task)
+        except StepTimedOut:
+            raise
         except Exception:
-            log.exception("generation failed", extra={"jobs": [t.job.id for t in tasks]})
-            for task in tasks:
-                await self._answer(task.job, "error", MODEL_FAILED)
+            log.exception("could not start generating", extra={"job": job.id})
+            await self._answer(job, "error", MODEL_FAILED)
             return
-        finally:
-            heartbeat.cancel()
-        if self.stopping.is_set():
-            await self._hand_back([t.job for t in tasks])
-            return
-        await self._partials.join()
-        for task, tokens in zip(tasks, rows):
-            task.tokens = tokens  # what generate returned is final; the hook only saw steps
-            await self._finish(task, started)
+        task.first_token_at = time.time()
+        if slot.ended:
+            await self._finish(slot)
 
-    async def _hand_back(self, jobs: list[Job]) -> None:
+    async def _idle(self) -> None:
         try:
-            await with_backoff(lambda: self.queue.release(jobs), "release", give_up=after(RELEASE_PATIENCE_S))
-            log.info("handed jobs back on shutdown", extra={"jobs": [job.id for job in jobs]})
-        except REDIS_DOWN:
-            log.warning("could not hand jobs back; their leases expire instead", extra={"jobs": [job.id for job in jobs]})
+            await self.queue.wait_for_work(IDLE_WAIT_S)
+        except REDIS_DOWN as error:
+            log.warning("redis unavailable", extra={"error": str(error)})
+            await asyncio.sleep(0.5)
 
-    def _on_step_from(self, tasks: list[Task]):
-        """The per-step hook, called in the generation thread."""
-        loop = asyncio.get_running_loop()
+    # --- model ----------------------------------------------------------------------------
+
+    async def _model_call(self, function: Callable[..., T], *args) -> T:
+        timeout = self.settings.queue.step_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(function, *args), timeout)
+        except asyncio.TimeoutError:
+            raise StepTimedOut(
+                f"a model step took longer than queue.step_timeout_s ({timeout:g} s): the worker stops so that it "
+                "can be restarted, and its jobs are delivered again when their leases expire"
+            ) from None
+
+    # --- after each step --------------------------------------------------------------------
+
+    async def _after_step(self, ended: list[Slot]) -> None:
+        for slot in ended:
+            await self._finish(slot)
+        now = time.monotonic()
+        live = self.scheduler.live
+        if now - self._heartbeat_at >= self.settings.queue.visibility_timeout_s / 4:
+            try:
+                await self.queue.heartbeat([slot.payload.job for slot in live])
+                self._heartbeat_at = now
+            except REDIS_DOWN:
+                pass  # the next step tries again; leases outlive two steps (config.py)
+            except RedisError as error:
+                log.error("could not extend the leases", extra={"error": str(error)})
         interval = self.settings.queue.partial_interval_s
+        due = [slot for slot in live if slot.tokens and now - slot.payload.published_at >= interval]
+        if due:
+            await asyncio.gather(*(self._publish_partial(slot, now) for slot in due))
 
-        def on_step(rows: list[list[int]]) -> bool:
-            now = time.monotonic()
-            for task, tokens in zip(tasks, rows):
-                task.tokens = tokens
-                if tokens and task.first_token_at is None:
-                    task.first_token_at = now
-                if tokens and now - task.published_at >= interval:
-                    task.published_at = now
-                    text = self.backend.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                    loop.call_soon_threadsafe(self._partials.put_nowait, (task.job, text))
-            return self.stopping.is_set()
+    async def _publish_partial(self, slot: Slot, now: float) -> None:
+        task: Task = slot.payload
+        task.published_at = now
+        text = self.engine.tokenizer.decode(slot.tokens, skip_special_tokens=True).strip()
+        if not text:
+            return
+        try:
+            still_ours = await self.queue.publish_partial(task.job, text, self.owner)
+        except REDIS_DOWN:
+            return  # a partial is only a preview: the final reply carries the whole text
+        except RedisError as error:
+            if not task.partial_failed:
+                log.error("could not stream a partial answer", extra={"job": task.job.id, "error": str(error)})
+                task.partial_failed = True
+            return
+        if not still_ours:
+            log.warning("job answered or taken over elsewhere; generation dropped", extra={"job": task.job.id})
+            self.scheduler.free(slot)
 
-        return on_step
+    async def _finish(self, slot: Slot) -> None:
+        try:
+            await self._answer_slot(slot)
+        except Exception:
+            # Only this job fails; it stays leased to this worker until the lease expires, then is delivered again.
+            log.exception("could not finish the answer", extra={"job": slot.payload.job.id})
 
-    async def _publish_partials(self) -> None:
-        # One publisher keeps each job's partials in order and ahead of its final reply.
-        while True:
-            job, text = await self._partials.get()
-            try:
-                if text:
-                    await self.queue.publish_partial(job, text)
-            except REDIS_DOWN:
-                pass  # a partial is only a preview: the final reply carries the whole text
-            finally:
-                self._partials.task_done()
-
-    async def _keep_leases(self, jobs: list[Job]) -> None:
-        while True:
-            await asyncio.sleep(self.settings.queue.visibility_timeout_s / 3)
-            try:
-                await self.queue.heartbeat(jobs)
-            except REDIS_DOWN:
-                pass
-
-    async def _finish(self, task: Task, started: float) -> None:
-        text = self.backend.tokenizer.decode(task.tokens, skip_special_tokens=True).strip()
+    async def _answer_slot(self, slot: Slot) -> None:
+        task: Task = slot.payload
+        text = self.engine.tokenizer.decode(slot.tokens, skip_special_tokens=True).strip()
         if not text:
             await self._answer(task.job, "error", EMPTY_ANSWER)
             return
         turns = list(self.builder.exchange_turns(task.prompt.user_content, text, task.job.author))
         shown = f"{task.prompt.cut.notice()}\n\n{text}" if task.prompt.cut else text
         await self._answer(task.job, "final", shown, turns)
-        elapsed = time.monotonic() - started
-        first = (task.first_token_at or time.monotonic()) - started
+        done = time.time()
+        first = task.first_token_at or done
         log.info(
             "job answered",
             extra={
@@ -190,12 +224,25 @@ class Worker:
                 "prompt_tokens": len(task.prompt.ids),
                 "dropped_turns": 2 * task.prompt.dropped_exchanges,
                 "cut": bool(task.prompt.cut),
-                "new_tokens": len(task.tokens),
-                "ttft_s": round(first, 3),
-                "tokens_per_s": round(len(task.tokens) / elapsed, 1) if elapsed > 0 else None,
+                "new_tokens": len(slot.tokens),
+                "queue_s": round(task.claimed_at - task.job.submitted_at, 3),
+                "ttft_s": round(first - task.job.submitted_at, 3),
+                "total_s": round(done - task.job.submitted_at, 3),
+                "tokens_per_s": round(len(slot.tokens) / (done - first), 1) if done > first else None,
                 "attempt": task.job.attempts,
             },
         )
+
+    # --- Redis ------------------------------------------------------------------------------
+
+    async def _hand_back(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        try:
+            await with_backoff(lambda: self.queue.release(jobs), "release", give_up=after(RELEASE_PATIENCE_S))
+            log.info("handed jobs back on shutdown", extra={"jobs": [job.id for job in jobs]})
+        except REDIS_DOWN:
+            log.warning("could not hand jobs back; their leases expire instead", extra={"jobs": [job.id for job in jobs]})
 
     async def _answer(self, job: Job, kind: str, text: str, turns=()) -> None:
         event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind=kind, text=text, reply_to=job.reply_to)
@@ -210,6 +257,11 @@ class Worker:
             )
         except REDIS_DOWN:
             log.warning("answer not recorded before shutdown; the job will be delivered again", extra={"job": job.id})
+            return
+        except RedisError:
+            # Only this job fails (Redis refused the write: OOM, READONLY, MISCONF, a damaged key); it stays
+            # leased to this worker until the lease expires, then is delivered again.
+            log.exception("redis refused the answer", extra={"job": job.id})
             return
         if not answered:
             log.info("job was answered before; reply not repeated", extra={"job": job.id})

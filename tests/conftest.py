@@ -42,18 +42,34 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="session")
-def tiny_backend():
-    from engine.backends import load_backend
+def tiny_model():
+    """The tiny random Llama in float32, loaded once; engines around it are made per test."""
+    from engine.serving.transformers_engine import TransformersEngine
 
-    return load_backend(tiny_settings().model)
+    return TransformersEngine.load(tiny_settings().model, tiny_settings().generation)
+
+
+def engine_for(loaded, settings: Settings):
+    """A fresh engine (empty slots, these settings' sampling) around an already loaded model and tokenizer."""
+    from engine.serving.transformers_engine import TransformersEngine
+
+    model = settings.model
+    return TransformersEngine(loaded.model, loaded.tokenizer, model.sequence_length, model.batch_size, settings.generation)
+
+
+@pytest.fixture
+def tiny_engine(tiny_model, settings):
+    return engine_for(tiny_model, settings)
 
 
 def tiny_settings(**overrides) -> Settings:
-    """Settings for the tiny random Llama: short answers, quick redelivery."""
+    """Settings for the tiny random Llama: float32 (exact comparisons), short answers, quick redelivery."""
     base = {
-        "model": {"id": "embedded:tiny-llama", "device": "cpu", "sequence_length": 512, "max_prompt_tokens": 384},
+        "model": {
+            "id": "embedded:tiny-llama", "device": "cpu", "dtype": "float32", "sequence_length": 512, "max_prompt_tokens": 384,
+        },
         "generation": {"max_new_tokens": 24},
-        "queue": {"visibility_timeout_s": 3, "partial_interval_s": 0.0},
+        "queue": {"visibility_timeout_s": 4, "step_timeout_s": 2, "partial_interval_s": 0.0},
     }
     for section, values in overrides.items():
         base[section] = {**base.get(section, {}), **values} if isinstance(values, dict) else values
@@ -72,11 +88,11 @@ async def reply_events(redis, platform: str, job_id: str | None = None) -> list[
 
 
 @contextlib.asynccontextmanager
-async def running_worker(redis, backend, settings):
+async def running_worker(redis, engine, settings):
     """A real Worker serving in this test's event loop until the block ends."""
     from engine.worker import Worker
 
-    worker = Worker(redis, backend, settings, owner="test-worker")
+    worker = Worker(redis, engine, settings, owner="test-worker")
     task = asyncio.create_task(worker.run())
     try:
         yield worker
@@ -86,6 +102,6 @@ async def running_worker(redis, backend, settings):
 
 
 @pytest.fixture
-async def worker(redis, tiny_backend, settings):
-    async with running_worker(redis, tiny_backend, settings) as live:
+async def worker(redis, tiny_engine, settings):
+    async with running_worker(redis, tiny_engine, settings) as live:
         yield live

@@ -142,9 +142,9 @@ async def settle(fake: FakeDiscord, redis, sentinel: dict) -> dict[str, Job]:
 # --- the whole path ---------------------------------------------------------------------
 
 
-async def test_message_is_answered_through_the_worker(redis, fake, tiny_backend):
+async def test_message_is_answered_through_the_worker(redis, fake, tiny_engine):
     settings = discord_settings()
-    async with adapter(redis, fake, settings), running_worker(redis, tiny_backend, settings):
+    async with adapter(redis, fake, settings), running_worker(redis, tiny_engine, settings):
         message_id, final = await ask(fake, redis, "Hello there, who are you?")
 
     assert final.kind == "final" and final.text
@@ -163,9 +163,9 @@ async def test_message_is_answered_through_the_worker(redis, fake, tiny_backend)
     assert exchange.assistant.text == final.text
 
 
-async def test_the_colour_conversation_keeps_its_history(redis, fake, tiny_backend):
+async def test_the_colour_conversation_keeps_its_history(redis, fake, tiny_engine):
     settings = discord_settings()
-    async with adapter(redis, fake, settings), running_worker(redis, tiny_backend, settings) as worker:
+    async with adapter(redis, fake, settings), running_worker(redis, tiny_engine, settings) as worker:
         for text in COLOUR_CONVERSATION[:2]:
             await ask(fake, redis, text)
         exchanges = await history.load_exchanges(redis, f"discord:{GENERAL}")
@@ -265,9 +265,9 @@ def ephemeral_answer(callback) -> str:
     return callback.body["data"]["content"]
 
 
-async def test_reset_forgets_the_channel_and_answers_ephemerally(redis, fake, tiny_backend):
+async def test_reset_forgets_the_channel_and_answers_ephemerally(redis, fake, tiny_engine):
     settings = discord_settings()
-    async with adapter(redis, fake, settings), running_worker(redis, tiny_backend, settings):
+    async with adapter(redis, fake, settings), running_worker(redis, tiny_engine, settings):
         await ask(fake, redis, COLOUR_CONVERSATION[0])
         assert len(await history.load_exchanges(redis, f"discord:{GENERAL}")) == 1
 

@@ -198,9 +198,9 @@ async def job_keys(redis) -> list[str]:
 # --- tests ------------------------------------------------------------------------------------
 
 
-async def test_dm_over_http_is_streamed_into_one_message(redis, fake, tiny_backend):
+async def test_dm_over_http_is_streamed_into_one_message(redis, fake, tiny_engine):
     settings = slack_settings()
-    async with adapter(fake, redis, settings), running_worker(redis, tiny_backend, settings):
+    async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings):
         job_id = await send_dm(settings, "Hello there, who are you?")
         final = await answer_shown(fake, redis, job_id, before=0)
     assert final.kind == "final" and final.conversation == DM_CONVERSATION
@@ -230,7 +230,7 @@ async def test_unsigned_forged_and_stale_requests_are_refused(redis, fake):
     assert challenge.status == 200 and json.loads(challenge.body)["challenge"] == "c-42"
 
 
-async def test_retried_delivery_gets_no_second_job_or_reply(redis, fake, tiny_backend):
+async def test_retried_delivery_gets_no_second_job_or_reply(redis, fake, tiny_engine):
     settings = slack_settings()
     event = dm("Tell me about strawberries.")
     body = json.dumps(event_callback(event))
@@ -241,7 +241,7 @@ async def test_retried_delivery_gets_no_second_job_or_reply(redis, fake, tiny_ba
         assert (await post_to_app(settings, body, headers=retry)).status == 200
         assert await job_keys(redis) == [f"chatbot:job:{job_id}"]
         assert await redis.llen(conv_jobs_key(DM_CONVERSATION)) == 1
-        async with running_worker(redis, tiny_backend, settings):
+        async with running_worker(redis, tiny_engine, settings):
             await answer_shown(fake, redis, job_id, before=0)
             # A retry after the answer is a no-op too: the job id is remembered as done.
             retry["X-Slack-Retry-Num"] = "2"
@@ -282,9 +282,9 @@ async def test_empty_message_is_answered_with_one_sentence_where_it_was_asked(re
     assert await job_keys(redis) == []
 
 
-async def test_reset_command_forgets_the_dm_and_later_messages_start_fresh(redis, fake, tiny_backend):
+async def test_reset_command_forgets_the_dm_and_later_messages_start_fresh(redis, fake, tiny_engine):
     settings = slack_settings()
-    async with adapter(fake, redis, settings), running_worker(redis, tiny_backend, settings) as worker:
+    async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings) as worker:
         await answer_shown(fake, redis, await send_dm(settings, COLOUR_CONVERSATION[0]), before=0)
         assert len(await history.load_exchanges(redis, DM_CONVERSATION)) == 1
 
@@ -304,9 +304,9 @@ async def test_reset_command_forgets_the_dm_and_later_messages_start_fresh(redis
     assert fake.calls_to("chat.postEphemeral") == []  # the answer rode on the acknowledgement
 
 
-async def test_colour_conversation_keeps_its_history(redis, fake, tiny_backend):
+async def test_colour_conversation_keeps_its_history(redis, fake, tiny_engine):
     settings = slack_settings()
-    async with adapter(fake, redis, settings), running_worker(redis, tiny_backend, settings) as worker:
+    async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings) as worker:
         for index, text in enumerate(COLOUR_CONVERSATION[:2]):
             await answer_shown(fake, redis, await send_dm(settings, text), before=index)
         exchanges = await history.load_exchanges(redis, DM_CONVERSATION)
@@ -319,14 +319,14 @@ async def test_colour_conversation_keeps_its_history(redis, fake, tiny_backend):
     assert len(await history.load_exchanges(redis, DM_CONVERSATION)) == 3
 
 
-async def test_mentions_are_answered_in_their_thread_with_the_author_named(redis, fake, tiny_backend):
+async def test_mentions_are_answered_in_their_thread_with_the_author_named(redis, fake, tiny_engine):
     settings = slack_settings(answer_mentions=True)
     first = new_ts()
     mentions = [
         {"type": "app_mention", "channel": CHANNEL, "user": ALICE, "text": f"<@{BOT_USER_ID}> My favorite color is blue.", "ts": first},
         {"type": "app_mention", "channel": CHANNEL, "user": ALICE, "text": f"<@{BOT_USER_ID}> And my fruit?", "ts": new_ts(), "thread_ts": first},
     ]
-    async with adapter(fake, redis, settings), running_worker(redis, tiny_backend, settings):
+    async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings):
         for index, event in enumerate(mentions):
             assert (await post_to_app(settings, json.dumps(event_callback(event)))).status == 200
             await answer_shown(fake, redis, f"slack:{CHANNEL}-{event['ts']}", before=index, channel=CHANNEL)
@@ -393,10 +393,10 @@ async def test_model_text_never_pings_and_errors_read_as_a_sentence(redis, fake)
     assert risky_message.text == risky and error_message.text == "Sorry, it failed."
 
 
-async def test_socket_mode_receives_events_and_commands(redis, fake, tiny_backend):
+async def test_socket_mode_receives_events_and_commands(redis, fake, tiny_engine):
     settings = slack_settings(mode="socket")
     event = dm("Hello over the socket")
-    async with adapter(fake, redis, settings), running_worker(redis, tiny_backend, settings):
+    async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings):
         envelope = await fake.send_envelope("events_api", event_callback(event))
         await fake.wait_for(lambda: fake.ack_of(envelope))
         await answer_shown(fake, redis, f"slack:{DM}-{event['ts']}", before=0)

@@ -57,11 +57,13 @@ async def test_colour_conversation_through_the_queue_with_tiny_llama(redis, work
 
 
 async def test_colour_conversation_with_smollm2(redis, smollm2_path):
-    from engine.backends import load_backend
+    from engine.serving import load_engine
 
-    settings = tiny_settings(model={"id": "embedded:smollm2"}, generation={"max_new_tokens": 16})
-    backend = load_backend(settings.model)
-    async with running_worker(redis, backend, settings) as live:
+    # The embedded default's weights (bfloat16 on the CPU) and its repetition penalty.
+    settings = tiny_settings(
+        model={"id": "embedded:smollm2", "dtype": "auto"}, generation={"max_new_tokens": 16, "repetition_penalty": 1.2}
+    )
+    async with running_worker(redis, load_engine(settings), settings) as live:
         await check_colour_conversation(redis, live.builder)
         [first, *_] = await history.load_exchanges(redis, CHAT.key)
         assert first.assistant.text.strip()  # a real model answers in words
@@ -75,12 +77,12 @@ async def test_streams_partials_then_one_final(redis, worker):
     assert partials and all(events[-1].text.startswith(p) for p in partials)
 
 
-async def test_bad_input_gets_clear_answers_and_the_worker_keeps_serving(redis, tiny_backend, settings):
+async def test_bad_input_gets_clear_answers_and_the_worker_keeps_serving(redis, tiny_engine, settings):
     # An empty job that bypassed the adapters' checks is answered with a sentence, not a crash.
     submitted = await JobQueue(redis).submit(CHAT, "raw", "placeholder")
     key = f"chatbot:job:{submitted.job_id}"
     await redis.hset(key, "data", (await redis.hget(key, "data")).replace('"text":"placeholder"', '"text":"   "'))
-    async with running_worker(redis, tiny_backend, settings):
+    async with running_worker(redis, tiny_engine, settings):
         async for event in follow(redis, "local", submitted.job_id, "0-0"):
             if event.kind != "partial":
                 assert event.kind == "error" and "empty" in event.text
@@ -160,11 +162,11 @@ async def test_sigterm_hands_the_job_back_and_exits_cleanly(redis, redis_server,
     assert "final" not in {event.kind for event in await reply_events(redis, "local")}
 
 
-async def test_worker_rides_out_a_redis_restart(tiny_backend, tmp_path):
+async def test_worker_rides_out_a_redis_restart(tiny_engine, tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     redis = connect(server.url)
     try:
-        async with running_worker(redis, tiny_backend, tiny_settings()):
+        async with running_worker(redis, tiny_engine, tiny_settings()):
             assert (await ask(redis, "before the restart", message_id="a")).kind == "final"
             server.stop()
             await asyncio.sleep(1.5)  # the worker polls a dead server meanwhile
@@ -186,13 +188,13 @@ async def test_cli_ask_refuses_empty_messages(redis_server, tmp_path, text):
     assert result.returncode == 1 and "empty" in result.stderr and "Traceback" not in result.stderr
 
 
-async def test_a_job_that_keeps_killing_workers_is_answered_with_an_error(redis, tiny_backend, settings):
+async def test_a_job_that_keeps_killing_workers_is_answered_with_an_error(redis, tiny_engine, settings):
     queue = JobQueue(redis, visibility_timeout_s=0.05)
     submitted = await queue.submit(CHAT, "poison", "a message that crashes every worker")
     for _ in range(3):  # three workers took it and died
         assert await queue.claim("doomed")
         await asyncio.sleep(0.1)
-    async with running_worker(redis, tiny_backend, settings):
+    async with running_worker(redis, tiny_engine, settings):
         async for event in follow(redis, "local", submitted.job_id, "0-0"):
             if event.kind != "partial":
                 assert event.kind == "error" and "failed several times" in event.text

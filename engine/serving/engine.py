@@ -1,0 +1,40 @@
+"""The one interface both model engines implement: slots, prefill, decode."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from transformers import PreTrainedTokenizerBase
+
+
+class Engine(ABC):
+    """A model serving up to `batch_size` sequences at once, each in a slot (a KV-cache line).
+
+    A slot is taken by `prefill`, advanced by `decode` together with the other live slots, and
+    simply reused by the next `prefill` once its sequence has ended: nothing is freed. Prefill
+    and decode are separate calls, never mixed, as optimum-neuron's compiled graphs require.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    sequence_length: int  # prompt + output never exceed it
+    batch_size: int  # slots
+    end_ids: frozenset[int]  # tokens that end the assistant's turn
+
+    @abstractmethod
+    def prefill(self, slot: int, prompt: list[int]) -> int:
+        """Put a prompt into `slot` (overwriting whatever it held) and return its first new token."""
+
+    @abstractmethod
+    def decode(self, slots: list[int]) -> list[int]:
+        """Feed each slot its last token in one model call; return each slot's next token, in order."""
+
+    def release(self, slot: int) -> None:
+        """The slot's sequence has ended; engines that hold memory per sequence give it back here."""
+
+
+def end_of_turn_ids(tokenizer, generation_config) -> frozenset[int]:
+    configured = generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,95 @@
+"""Slots and admission: which prompts enter the batch, which sequences leave it, one model step at a time.
+
+Modelled on optimum-neuron's vLLM runner: a fixed table of slots, a new prompt takes the first
+free one, a sequence leaves the moment it ends and its slot is reused by the next prompt.
+The caller (the worker) decides what a sequence is for; here it is an opaque `payload`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from engine.serving.engine import Engine
+
+Admission = Literal["continuous", "whole_batch"]
+
+
+class OutOfContext(ValueError):
+    """The prompt leaves no room for even one new token."""
+
+
+def clamp_new_tokens(prompt_tokens: int, requested: int, sequence_length: int) -> int:
+    """Prompt + output never exceed the (compiled) sequence length."""
+    room = sequence_length - prompt_tokens
+    if room < 1:
+        raise OutOfContext(f"prompt of {prompt_tokens} tokens fills the {sequence_length}-token context")
+    return min(requested, room)
+
+
+@dataclass
+class Slot:
+    index: int
+    payload: Any
+    limit: int  # most new tokens this sequence may have
+    tokens: list[int] = field(default_factory=list)  # the output so far, end-of-turn token excluded
+    ended: bool = False
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_new_tokens: int, admission: Admission = "continuous", max_prefills_per_step: int = 1):
+        self.engine = engine
+        self.max_new_tokens = max_new_tokens
+        self.admission = admission
+        self.max_prefills_per_step = max_prefills_per_step
+        self.slots: list[Slot | None] = [None] * engine.batch_size
+        self._prefills_since_step = 0
+
+    @property
+    def live(self) -> list[Slot]:
+        return [slot for slot in self.slots if slot is not None]
+
+    def room(self) -> int:
+        """How many new prompts may be admitted before the next decode step."""
+        free = self.slots.count(None)
+        if self.admission == "whole_batch":
+            return free if free == len(self.slots) else 0
+        return min(free, self.max_prefills_per_step - self._prefills_since_step)
+
+    def admit(self, prompt: list[int], payload: Any) -> Slot:
+        """Prefill `prompt` into the first free slot; the returned slot holds its first token (or has ended)."""
+        index = self.slots.index(None)
+        slot = Slot(index, payload, clamp_new_tokens(len(prompt), self.max_new_tokens, self.engine.sequence_length))
+        self.slots[index] = slot
+        self._prefills_since_step += 1
+        try:
+            self._advance(slot, self.engine.prefill(index, prompt))
+        except BaseException:
+            self.free(slot)
+            raise
+        return slot
+
+    def step(self) -> list[Slot]:
+        """One decode step for every live slot; returns the slots whose sequences ended (already freed)."""
+        live = self.live
+        self._prefills_since_step = 0
+        if not live:
+            return []
+        for slot, token in zip(live, self.engine.decode([slot.index for slot in live])):
+            self._advance(slot, token)
+        return [slot for slot in live if slot.ended]
+
+    def free(self, slot: Slot) -> None:
+        """Take a sequence out of the batch, ended or not (its job was handed back or taken over)."""
+        if self.slots[slot.index] is slot:
+            self.slots[slot.index] = None
+            self.engine.release(slot.index)
+
+    def _advance(self, slot: Slot, token: int) -> None:
+        if token in self.engine.end_ids:
+            slot.ended = True
+        else:
+            slot.tokens.append(token)
+            slot.ended = len(slot.tokens) >= slot.limit
+        if slot.ended:
+            self.free(slot)
