@@ -6,9 +6,9 @@ import asyncio
 import time
 
 import torch
+from engine.backends.transformers_backend import TransformersBackend
 
 from bench.common import median, table
-from engine.backends.transformers_backend import TransformersBackend
 from engine.config import Settings
 from engine.jobs import Job
 from engine.prompts import Prompt, PromptBuilder

@@ -10,13 +10,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine.backends.base import Backend
+from engine.generation import StepCallback
 from transformers import AutoTokenizer
 
 from bench.common import median, percentile, table
 from engine.assets import resolve_model
-from engine.backends.base import Backend
 from engine.config import GenerationSettings, Settings
-from engine.generation import StepCallback
 from engine.history import Exchange, load_exchanges
 from engine.jobs import Conversation
 from engine.prompts import PromptBuilder

@@ -105,3 +105,25 @@ async def running_worker(redis, engine, settings):
 async def worker(redis, tiny_engine, settings):
     async with running_worker(redis, tiny_engine, settings) as live:
         yield live
+
+
+def run_staggered(scheduler, prompts: list[list[int]]) -> tuple[dict[int, list[int]], list[list[int]]]:
+    """Admit the prompts in order whenever the scheduler has room; decode until every sequence ended.
+
+    Returns each prompt's output and, per step, the prompts admitted before it.
+    """
+    outputs: dict[int, list[int]] = {}
+    admitted: list[list[int]] = []
+    pending = list(range(len(prompts)))
+    while len(outputs) < len(prompts):
+        admitted.append([])
+        while pending and scheduler.room():
+            index = pending.pop(0)
+            admitted[-1].append(index)
+            slot = scheduler.admit(prompts[index], index)
+            if slot.ended:
+                outputs[index] = slot.tokens
+        for slot in scheduler.step():
+            outputs[slot.payload] = slot.tokens
+        assert len(admitted) < 500
+    return outputs, admitted

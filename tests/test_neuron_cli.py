@@ -1,4 +1,4 @@
-"""Neuron commands and backend without the Neuron SDK: arguments, refusals, one-sentence errors, the generate glue."""
+"""Neuron commands and loading without the Neuron SDK: arguments, refusals, one-sentence errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from pydantic import ValidationError
 from transformers import GenerationConfig
 
@@ -239,7 +238,7 @@ def test_export_compiles_with_the_planned_shape_then_saves_model_and_tokenizer(m
 
 
 def test_backend_load_checks_the_compiled_shape_before_loading(monkeypatch, tmp_path):
-    import engine.backends.neuron as neuron
+    import engine.serving.neuron_engine as neuron
 
     fake = FakeOptimumNeuron({"batch_size": 2, "sequence_length": 1024, "tp_degree": 4})
     monkeypatch.setitem(sys.modules, "optimum.neuron", fake.module)
@@ -248,11 +247,11 @@ def test_backend_load_checks_the_compiled_shape_before_loading(monkeypatch, tmp_
     folder = compiled_model_dir(tmp_path, batch_size=2, sequence_length=1024, tp_degree=4)
     settings = ModelSettings(backend="neuron", id=str(folder), batch_size=2, sequence_length=1024, max_prompt_tokens=512, tensor_parallel_size=4)
     with pytest.raises(NeuronError, match="model.sequence_length is 2048 but"):
-        neuron.NeuronBackend.load(settings.model_copy(update={"sequence_length": 2048}))
+        neuron.NeuronEngine.load(settings.model_copy(update={"sequence_length": 2048}), GenerationSettings())
     assert fake.calls == []  # refused before anything was loaded
-    backend = neuron.NeuronBackend.load(settings)
+    engine = neuron.NeuronEngine.load(settings, GenerationSettings())
     assert fake.calls == [("tokenizer", str(folder)), ("from_pretrained", str(folder))]
-    assert (backend.batch_size, backend.sequence_length, backend.end_ids) == (2, 1024, frozenset({2}))
+    assert (engine.batch_size, engine.sequence_length, engine.end_ids) == (2, 1024, frozenset({2}))
 
 
 # --- push ----------------------------------------------------------------------------------------
@@ -362,10 +361,10 @@ def test_a_failed_stage_says_so_and_raises(caplog):
 
 @no_sdk
 def test_backend_load_without_the_sdk_gives_the_clear_message():
-    from engine.backends import load_backend
+    from engine.serving import load_engine
 
     with pytest.raises(NeuronError, match=r"^the neuron backend needs the AWS Neuron SDK, which is not installed here \(missing"):
-        load_backend(ModelSettings(backend="neuron", id="/models/compiled"))
+        load_engine(Settings(model=ModelSettings(backend="neuron", id="/models/compiled")))
 
 
 def compiled_model_dir(tmp_path: Path, **shape) -> Path:
@@ -374,7 +373,7 @@ def compiled_model_dir(tmp_path: Path, **shape) -> Path:
 
 
 def test_a_compiled_shape_other_than_the_settings_is_refused(tmp_path):
-    from engine.backends.neuron import check_shape, compiled_shape
+    from engine.serving.neuron_engine import check_shape, compiled_shape
 
     folder = compiled_model_dir(tmp_path, batch_size=4, tp_degree=8)
     settings = ModelSettings(backend="neuron", id=str(folder), batch_size=1, sequence_length=2048, tensor_parallel_size=2)
@@ -389,84 +388,10 @@ def test_a_compiled_shape_other_than_the_settings_is_refused(tmp_path):
 
 
 def test_a_folder_that_was_not_compiled_is_refused(tmp_path):
-    from engine.backends.neuron import compiled_shape
+    from engine.serving.neuron_engine import compiled_shape
 
     with pytest.raises(NeuronError, match="has no neuron_config.json: it is not a model compiled by `chatbot export`"):
         compiled_shape(str(tmp_path))
-
-
-class FakeNeuronModel:
-    """Follows optimum-neuron 0.4.5's generate contract: fixed compiled batch and length, right padding only,
-    stopping criteria called after every token, finished rows continued with the pad token."""
-
-    def __init__(self, batch_size: int, sequence_length: int, answers: list[list[int]]):
-        self.neuron_config = SimpleNamespace(batch_size=batch_size, sequence_length=sequence_length, tp_degree=2, on_device_sampling=True)
-        self.generation_config = GenerationConfig(eos_token_id=2)
-        self.answers = answers
-        self.calls: list[dict] = []
-
-    def generate(self, input_ids, attention_mask, max_new_tokens, stopping_criteria, pad_token_id, **kwargs):
-        self.calls.append({"input_ids": input_ids.clone(), "attention_mask": attention_mask.clone(), "max_new_tokens": max_new_tokens, **kwargs})
-        if (attention_mask[:, 0] == 0).any():
-            raise ValueError("Left padding is not supported for Neuron models.")
-        if input_ids.shape[0] > self.neuron_config.batch_size:
-            raise ValueError("batch exceeds the compiled batch size")
-        if input_ids.shape[1] > self.neuron_config.sequence_length:
-            raise ValueError("input exceeds the compiled sequence length")
-        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool)
-        for step in range(max_new_tokens):
-            column = [answer[step] if unfinished[row] and step < len(answer) else pad_token_id for row, answer in enumerate(self.answers)]
-            input_ids = torch.cat([input_ids, torch.tensor(column[: input_ids.shape[0]])[:, None]], dim=1)
-            unfinished &= ~stopping_criteria(input_ids, None)
-            if not unfinished.any():
-                break
-        return input_ids
-
-
-def neuron_backend(model: FakeNeuronModel):
-    from engine.backends.neuron import NeuronBackend
-
-    return NeuronBackend(model, SimpleNamespace(eos_token_id=2, pad_token_id=None))
-
-
-def test_generate_pads_right_keeps_small_batches_and_cuts_at_end_of_turn():
-    model = FakeNeuronModel(batch_size=4, sequence_length=64, answers=[[7, 8, 2, 9], [5, 2]])
-    backend = neuron_backend(model)
-    assert (backend.batch_size, backend.sequence_length, backend.end_ids) == (4, 64, frozenset({2}))
-    steps: list[list[list[int]]] = []
-    result = backend.generate([[1, 10, 11, 12], [1, 20]], GenerationSettings(max_new_tokens=10), lambda rows: steps.append(rows) or False)
-    assert result == [[7, 8], [5]]
-    call = model.calls[0]
-    assert call["input_ids"].tolist() == [[1, 10, 11, 12], [1, 20, 2, 2]]  # right padded with the end id
-    assert call["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    assert call["input_ids"].shape[0] == 2  # optimum-neuron pads to the compiled batch itself
-    assert steps[0] == [[7], [5]] and steps[-1] == [[7, 8], [5]]
-
-
-def test_generate_clamps_to_the_compiled_length_and_passes_no_penalty():
-    model = FakeNeuronModel(batch_size=1, sequence_length=8, answers=[[3] * 20])
-    backend = neuron_backend(model)
-    result = backend.generate([[1, 4, 5]], GenerationSettings(max_new_tokens=100), lambda rows: False)
-    assert model.calls[0]["max_new_tokens"] == 5  # 8 compiled - 3 prompt tokens
-    assert result == [[3] * 5]
-    assert "repetition_penalty" not in model.calls[0] and model.calls[0]["do_sample"] is False
-
-
-def test_generate_passes_sampling_settings_and_stops_when_asked():
-    model = FakeNeuronModel(batch_size=2, sequence_length=64, answers=[[3] * 20, [4] * 20])
-    backend = neuron_backend(model)
-    settings = GenerationSettings(do_sample=True, temperature=0.5, top_k=20, top_p=0.8, max_new_tokens=10)
-    result = backend.generate([[1], [1]], settings, lambda rows: len(rows[0]) == 3)
-    assert result == [[3, 3, 3], [4, 4, 4]]
-    assert {k: model.calls[0][k] for k in ("do_sample", "temperature", "top_k", "top_p")} == {
-        "do_sample": True, "temperature": 0.5, "top_k": 20, "top_p": 0.8,
-    }
-
-
-def test_generate_refuses_more_prompts_than_the_compiled_batch():
-    backend = neuron_backend(FakeNeuronModel(batch_size=1, sequence_length=64, answers=[[2]]))
-    with pytest.raises(ValueError, match="2 prompts for a model compiled with batch size 1"):
-        backend.generate([[1], [1]], GenerationSettings(), lambda rows: False)
 
 
 # --- config.py's Neuron rules -----------------------------------------------------------------------

@@ -13,7 +13,7 @@ from engine.prompts import PromptBuilder
 from engine.queue import JobQueue
 from engine.serving.scheduler import Scheduler
 from engine.serving.transformers_engine import TransformersEngine
-from tests.conftest import engine_for, reply_events, running_worker, tiny_settings
+from tests.conftest import engine_for, reply_events, run_staggered, running_worker, tiny_settings
 
 QUESTIONS = [
     "Hi!",
@@ -39,28 +39,6 @@ def generate_alone(engine: TransformersEngine, prompt: list[int], new_tokens: in
 def prompts_for(engine, questions) -> list[list[int]]:
     builder = PromptBuilder(engine.tokenizer, tiny_settings().system_prompt, 384)
     return [builder.build([], question).ids for question in questions]
-
-
-def run_staggered(scheduler: Scheduler, prompts: list[list[int]]) -> tuple[dict[int, list[int]], list[list[int]]]:
-    """Admit the prompts in order whenever the scheduler has room; decode until every sequence ended.
-
-    Returns each prompt's output and, per step, the prompts admitted before it.
-    """
-    outputs: dict[int, list[int]] = {}
-    admitted: list[list[int]] = []
-    pending = list(range(len(prompts)))
-    while len(outputs) < len(prompts):
-        admitted.append([])
-        while pending and scheduler.room():
-            index = pending.pop(0)
-            admitted[-1].append(index)
-            slot = scheduler.admit(prompts[index], index)
-            if slot.ended:
-                outputs[index] = slot.tokens
-        for slot in scheduler.step():
-            outputs[slot.payload] = slot.tokens
-        assert len(admitted) < 500
-    return outputs, admitted
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

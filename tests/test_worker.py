@@ -18,7 +18,7 @@ from engine.queue import JobQueue, replies_key
 from engine.redis_client import connect
 from engine.redis_server import RedisServer
 from engine.replies import follow, last_entry_id
-from tests.conftest import reply_events, running_worker, tiny_settings
+from tests.conftest import engine_for, reply_events, running_worker, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = Conversation(platform="local", channel="chat")
@@ -115,10 +115,10 @@ def worker_process(redis_url: str, run_dir: Path, **env) -> subprocess.Popen:
     )
 
 
-async def worker_mid_answer(redis, redis_url: str, run_dir: Path) -> subprocess.Popen:
+async def worker_mid_answer(redis, redis_url: str, run_dir: Path, **env) -> subprocess.Popen:
     """A worker process that has started streaming the answer to a long request."""
     await JobQueue(redis).submit(CHAT, "m1", "Write a long answer.")
-    process = worker_process(redis_url, run_dir)
+    process = worker_process(redis_url, run_dir, **env)
     try:
         while not await redis.xlen(replies_key("local")):
             if process.poll() is not None:
@@ -150,15 +150,21 @@ async def test_sigkill_mid_generation_answers_once_after_restart(redis, redis_se
     assert await redis.hget("chatbot:job:local:m1", "attempts") is None  # done and cleaned up
 
 
-async def test_sigterm_hands_the_job_back_and_exits_cleanly(redis, redis_server, tmp_path):
-    process = await asyncio.wait_for(worker_mid_answer(redis, redis_server.url, tmp_path), 60)
+async def test_sigterm_hands_back_every_job_in_a_slot_and_exits_cleanly(redis, redis_server, tmp_path):
+    other = Conversation(platform="local", channel="other")
+    await JobQueue(redis).submit(other, "o1", "Write another long answer.")
+    process = await asyncio.wait_for(
+        worker_mid_answer(redis, redis_server.url, tmp_path, CHATBOT__MODEL__BATCH_SIZE="2"), 60
+    )
     try:
+        while await redis.zcard("chatbot:leases") < 2:  # both conversations hold a slot
+            await asyncio.sleep(0.01)
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
     finally:
         process.kill()
     assert await redis.zcard("chatbot:leases") == 0
-    assert await redis.lrange("chatbot:ready", 0, -1) == [CHAT.key]
+    assert sorted(await redis.lrange("chatbot:ready", 0, -1)) == sorted([CHAT.key, other.key])
     assert "final" not in {event.kind for event in await reply_events(redis, "local")}
 
 
@@ -200,3 +206,73 @@ async def test_a_job_that_keeps_killing_workers_is_answered_with_an_error(redis,
                 assert event.kind == "error" and "failed several times" in event.text
                 break
         assert (await ask(redis, "and the next message?")).kind == "final"
+
+
+async def test_a_stuck_model_step_ends_the_worker_and_the_job_is_answered_after_restart(redis, redis_server, tmp_path):
+    await JobQueue(redis).submit(CHAT, "stuck", "Hello?")
+    # No real step finishes within a microsecond: to the watchdog, this model is stuck.
+    process = worker_process(redis_server.url, tmp_path, CHATBOT__QUEUE__STEP_TIMEOUT_S="0.000001")
+    try:
+        assert process.wait(60) == 3
+    finally:
+        process.kill()
+    log = (tmp_path / "worker.log").read_text()
+    assert "a model step took longer than queue.step_timeout_s (1e-06 s)" in log
+    assert await redis.zcard("chatbot:leases") == 1  # still leased: delivered again when the lease expires
+    await redis.zadd("chatbot:leases", {"local:stuck": 0})  # (expire it now rather than wait a minute)
+    process = worker_process(redis_server.url, tmp_path, CHATBOT__WORKER_NAME="another")
+    try:
+        async def final():
+            async for event in follow(redis, "local", "local:stuck", "0-0"):
+                if event.kind != "partial":
+                    return event
+        assert (await asyncio.wait_for(final(), 60)).kind == "final"
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+async def test_redis_refusing_one_answer_fails_only_that_job(redis, tiny_model, caplog):
+    """A write Redis refuses (here WRONGTYPE on one platform's reply stream) costs that job, not the batch."""
+    settings = tiny_settings(model={"batch_size": 2}, generation={"max_new_tokens": 40})
+    await redis.set("chatbot:replies:broken", "not a stream")
+    queue = JobQueue(redis)
+    await queue.submit(Conversation(platform="broken", channel="x"), "b1", "This platform's stream is damaged.")
+    await queue.submit(CHAT, "ok1", "And this one is fine.")
+    async with running_worker(redis, engine_for(tiny_model, settings), settings):
+        fine = await asyncio.wait_for(_final(redis, "local:ok1"), 30)
+        assert fine.kind == "final"
+        assert (await ask(redis, "Still serving?", message_id="ok2")).kind == "final"
+    messages = [record.getMessage() for record in caplog.records]
+    assert "could not stream a partial answer" in messages  # logged once, not once per step
+    assert messages.count("could not stream a partial answer") == 1
+    assert "redis refused the answer" in messages
+    assert await redis.zscore("chatbot:leases", "broken:b1") is not None  # left to be delivered again
+
+
+async def _final(redis, job_id: str) -> ReplyEvent:
+    async for event in follow(redis, "local", job_id, "0-0"):
+        if event.kind != "partial":
+            return event
+
+
+async def test_the_answer_log_line_times_the_job_from_submission(redis, worker, caplog):
+    caplog.set_level("INFO", logger="engine.worker")
+    assert (await ask(redis, "How long did this take?")).kind == "final"
+    [record] = [r for r in caplog.records if r.getMessage() == "job answered"]
+    assert 0 <= record.queue_s <= record.ttft_s <= record.total_s < 30
+    assert record.new_tokens > 0
+
+
+async def test_a_partial_is_published_only_while_the_lease_is_held_and_the_job_unanswered(redis):
+    queue = JobQueue(redis, visibility_timeout_s=30)
+    await queue.submit(CHAT, "p1", "hello")
+    [claim] = await queue.claim("me")
+    assert await queue.publish_partial(claim.job, "so far", "me")
+    assert not await queue.publish_partial(claim.job, "so far", "someone else")  # lease taken over
+    await redis.zrem("chatbot:leases", claim.job.id)
+    assert not await queue.publish_partial(claim.job, "so far", "me")  # lease gone
+    await redis.zadd("chatbot:leases", {claim.job.id: 10**13})
+    await queue.complete(claim.job, ReplyEvent(job_id=claim.job.id, conversation=CHAT.key, kind="final", text="done"), [], 40, 60)
+    assert not await queue.publish_partial(claim.job, "late", "me")  # answered already
+    assert [e.text for e in await reply_events(redis, "local")] == ["so far", "done"]

@@ -28,8 +28,9 @@ class Engine(ABC):
     def decode(self, slots: list[int]) -> list[int]:
         """Feed each slot its last token in one model call; return each slot's next token, in order."""
 
+    @abstractmethod
     def release(self, slot: int) -> None:
-        """The slot's sequence has ended; engines that hold memory per sequence give it back here."""
+        """The slot's sequence has ended (or was dropped); engines that hold memory per sequence give it back."""
 
 
 def end_of_turn_ids(tokenizer, generation_config) -> frozenset[int]:
