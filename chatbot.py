@@ -32,13 +32,14 @@ def run_all(args: argparse.Namespace, local_only: bool) -> int:
     from bot.terminal import chat
     from engine.runtime import log_to_file, on_terminate, serve, startup
     from engine.serving import load_engine
+    from engine.serving.engine import MODEL_THREAD
     from engine.tasks import until_first_ends
     from engine.worker import Worker
 
     settings, secrets = startup(args.config)
     platforms = [] if local_only else platforms_configured(secrets)
     print(f"Loading model {settings.model.id} (the first run prepares it: about a minute)...", file=sys.stderr)
-    model = load_engine(settings)
+    model = MODEL_THREAD.submit(load_engine, settings).result()
     if not platforms:
         # The terminal is the chat from here on: keep structured logs out of it.
         print(f"Logs go to {log_to_file(settings, secrets)}", file=sys.stderr)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from bench import generation_speed, prompt_building, queue_overhead
+from bench import concurrency, generation_speed, prompt_building, queue_overhead
 
-BENCHMARKS = {"prompts": prompt_building.run, "queue": queue_overhead.run, "generation": generation_speed.run}
+BENCHMARKS = {
+    "prompts": prompt_building.run, "queue": queue_overhead.run, "generation": generation_speed.run,
+    "concurrency": concurrency.run,
+}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or BENCHMARKS:

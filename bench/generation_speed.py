@@ -1,68 +1,81 @@
-"""Worker generation speed against calling model.generate directly on the same model and settings."""
+"""One conversation's decoding speed: the serving engine (default weights, and float32) against fp32 model.generate.
+
+model.generate in float32 is how the worker generated before continuous batching: the baseline.
+The engine rows run the scheduler's prefill and decode steps for one slot, as the worker does.
+Rounds alternate, so a slow spell of the machine hits every side alike.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import torch
-from engine.backends.transformers_backend import TransformersBackend
 
 from bench.common import median, table
 from engine.config import Settings
-from engine.jobs import Job
-from engine.prompts import Prompt, PromptBuilder
-from engine.redis_client import connect
-from engine.worker import Task, Worker
+from engine.prompts import PromptBuilder
+from engine.serving.scheduler import Scheduler
+from engine.serving.transformers_engine import TransformersEngine
 
 NEW_TOKENS = 96
-ROUNDS = 5
+ROUNDS = 3
+PROMPT = "Write a long story about the sea, with many details."
 
 
-def direct(backend: TransformersBackend, ids: list[int]) -> float:
-    """tokens/s of plain model.generate, greedy, no hook."""
+def generate_fp32(engine: TransformersEngine, ids: list[int]) -> float:
+    """tokens/s of plain model.generate, greedy."""
     input_ids = torch.tensor([ids])
     started = time.perf_counter()
     with torch.inference_mode():
-        output = backend.model.generate(
+        output = engine.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=backend.pad_id,
+            min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=min(engine.end_ids),
         )
     return (output.shape[1] - len(ids)) / (time.perf_counter() - started)
 
 
-def through_worker(backend: TransformersBackend, worker: Worker, ids: list[int]) -> float:
-    """tokens/s of the worker's generation path: per-step hook, streaming decode, partial events queued."""
-    job = Job(id="bench:1", conversation="bench:c", platform="bench", text="x")
-    task = Task(job, Prompt("", ids, "x", 0, 0))
-
-    async def go() -> float:
-        hook = worker._on_step_from([task])
+def serving(engine: TransformersEngine, ids: list[int], threads: int) -> float:
+    """tokens/s of one slot through the scheduler (end of turn ignored: every run decodes NEW_TOKENS)."""
+    torch.set_num_threads(threads)
+    try:
+        engine.end_ids = frozenset()
+        scheduler = Scheduler(engine, NEW_TOKENS)
         started = time.perf_counter()
-        settings = worker.settings.generation.model_copy(update={"max_new_tokens": NEW_TOKENS})
-        rows = await asyncio.to_thread(backend.generate, [ids], settings, hook)
-        if len(rows[0]) != NEW_TOKENS:
-            raise RuntimeError(f"the model stopped after {len(rows[0])} tokens: pick a prompt with a longer answer")
-        return len(rows[0]) / (time.perf_counter() - started)
+        scheduler.admit(ids, None)
+        while scheduler.live:
+            scheduler.step()
+        return NEW_TOKENS / (time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(default_threads)
 
-    return asyncio.run(go())
+
+default_threads = torch.get_num_threads()
 
 
 def run(model_id: str = "embedded:smollm2") -> str:
-    settings = Settings.model_validate({"model": {"id": model_id, "device": "cpu"}, "queue": {"partial_interval_s": 0.25}})
-    backend = TransformersBackend.load(settings.model)
-    # The measured path never reaches Redis (partials wait in the worker's in-process queue).
-    worker = Worker(connect("redis://127.0.0.1:1"), backend, settings, owner="bench")
-    builder = PromptBuilder(backend.tokenizer, settings.system_prompt, 512)
-    ids = builder.build([], "Write a long story about the sea, with many details.").ids
-    direct(backend, ids)  # warm-up
-    plain, ours = [], []
-    for _ in range(ROUNDS):  # alternated, so a slow spell of the machine hits both sides alike
-        plain.append(direct(backend, ids))
-        ours.append(through_worker(backend, worker, ids))
-    ratio = median([o / p for o, p in zip(ours, plain)])
+    settings = Settings.model_validate({"model": {"id": model_id, "device": "cpu"}, "generation": {"do_sample": False}})
+    fp32_settings = settings.model.model_copy(update={"dtype": "float32"})
+    fp32 = TransformersEngine.load(fp32_settings, settings.generation)
+    default = TransformersEngine.load(settings.model, settings.generation)  # the embedded default's dtype
+    ids = PromptBuilder(fp32.tokenizer, settings.system_prompt, 512).build([], PROMPT).ids
+    generate_fp32(fp32, ids)  # warm-up
+    sides = {
+        "model.generate, float32 (baseline)": lambda: generate_fp32(fp32, ids),
+        "engine, float32": lambda: serving(fp32, ids, default_threads),
+        f"engine, {default.model.dtype} (default), {default_threads} threads": lambda: serving(default, ids, default_threads),
+        f"engine, {default.model.dtype} (default), 1 thread": lambda: serving(default, ids, 1),
+    }
+    speeds: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(ROUNDS):
+        for name, side in sides.items():
+            speeds[name].append(side())
+    baseline = speeds["model.generate, float32 (baseline)"]
+    rows = [
+        [name, f"{median(values):.1f}", f"**{median([v / b for v, b in zip(values, baseline)]):.2f}x**"]
+        for name, values in speeds.items()
+    ]
     return table(
-        f"Generation speed ({model_id}, CPU, greedy, {NEW_TOKENS} new tokens, {ROUNDS} alternating rounds)",
-        ["model.generate directly (median)", "worker path (median)", "ratio (median of rounds)"],
-        [[f"{median(plain):.1f} tokens/s", f"{median(ours):.1f} tokens/s", f"**{ratio:.2f}**"]],
+        f"Single-conversation speed ({model_id}, CPU, greedy, {NEW_TOKENS} new tokens, {ROUNDS} alternating rounds)",
+        ["path", "tokens/s (median)", "vs baseline (median of rounds)"],
+        rows,
     )

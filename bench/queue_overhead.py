@@ -1,4 +1,4 @@
-"""Queue overhead: message in, reply out, through Redis and a worker process, with a backend that answers at once."""
+"""Queue overhead: message in, reply out, through Redis and a worker process, with an engine that answers at once."""
 
 from __future__ import annotations
 
@@ -7,16 +7,13 @@ import multiprocessing
 import signal
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-from engine.backends.base import Backend
-from engine.generation import StepCallback
 from transformers import AutoTokenizer
 
 from bench.common import median, percentile, table
 from engine.assets import resolve_model
-from engine.config import GenerationSettings, Settings
+from engine.config import Settings
 from engine.history import Exchange, load_exchanges
 from engine.jobs import Conversation
 from engine.prompts import PromptBuilder
@@ -24,34 +21,40 @@ from engine.queue import JobQueue
 from engine.redis_client import connect
 from engine.redis_server import RedisServer
 from engine.replies import follow, last_entry_id
+from engine.serving.engine import Engine
 from engine.worker import Worker
 
 MESSAGES = 1000
 CONVERSATIONS = 20
 
 
-class InstantBackend(Backend):
-    """Answers "ok" without a model: what is left to measure is the queue, history and prompt path."""
+class InstantEngine(Engine):
+    """Answers "ok" then ends the turn, without a model: what is left to measure is the queue, history and prompt path."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.sequence_length = 4096
         self.batch_size = 1
         self.end_ids = frozenset({tokenizer.eos_token_id})
-        self.answer = tokenizer("ok", add_special_tokens=False).input_ids
+        [self.answer] = tokenizer("ok", add_special_tokens=False).input_ids
 
-    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, on_step: StepCallback):
-        on_step([self.answer for _ in prompts])
-        return [list(self.answer) for _ in prompts]
+    def prefill(self, slot: int, prompt: list[int]) -> int:
+        return self.answer
+
+    def decode(self, slots: list[int]) -> list[int]:
+        return [self.tokenizer.eos_token_id for _ in slots]
+
+    def release(self, slot: int) -> None:
+        pass
 
 
 def serve(url: str, ready) -> None:
-    """The worker, in its own process as in production, with the instant backend."""
+    """The worker, in its own process as in production, with the instant engine."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded:llama2-tokenizer"))
 
     async def main() -> None:
         redis = connect(url)
-        worker = Worker(redis, InstantBackend(tokenizer), Settings(), owner="bench")
+        worker = Worker(redis, InstantEngine(tokenizer), Settings(), owner="bench")
         signal.signal(signal.SIGTERM, lambda *_: worker.stop())
         ready.set()
         await worker.run()
@@ -113,7 +116,7 @@ def run() -> str:
         ["of which prompt building + turn counting (median)", f"{median(prompts) * 1000:.2f} ms", f"{median(prompts) / ping:.1f}x"],
     ]
     return table(
-        f"Queue overhead ({MESSAGES} messages, {CONVERSATIONS} conversations, instant backend; "
+        f"Queue overhead ({MESSAGES} messages, {CONVERSATIONS} conversations, instant engine; "
         f"baseline: Redis PING round trip, median {ping * 1000:.3f} ms)",
         ["", "message in -> reply out", "vs PING"],
         rows,

@@ -79,9 +79,10 @@ async def run_worker(settings: Settings, redis: Redis) -> None:
     """Load the model and serve until SIGTERM/SIGINT."""
     # Imported here: torch and transformers take seconds to import, and `chatbot ask/reset` need neither.
     from engine.serving import load_engine
+    from engine.serving.engine import on_model_thread
     from engine.worker import Worker
 
-    engine = await asyncio.to_thread(load_engine, settings)
+    engine = await on_model_thread(load_engine, settings)
     worker = Worker(redis, engine, settings, settings.worker_name)
     on_terminate(worker.stop)
     await worker.run()

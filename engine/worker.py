@@ -2,7 +2,7 @@
 
 One process, one model, one loop. Each turn of the loop admits new jobs into free slots
 (prefill), runs one decode step for every live slot, then answers the slots that ended and
-streams the others. Model calls run in a thread, one at a time, each bounded by
+streams the others. Model calls run on the model thread, one at a time, each bounded by
 `queue.step_timeout_s`; everything that touches Redis runs in this loop, between steps, so
 nothing runs in the background that could fail unseen.
 """
@@ -24,7 +24,7 @@ from engine.jobs import EMPTY_MESSAGE, Job, ReplyEvent
 from engine.prompts import Prompt, PromptBuilder
 from engine.queue import Claim, JobQueue
 from engine.redis_client import REDIS_DOWN, after, with_backoff
-from engine.serving.engine import Engine
+from engine.serving.engine import Engine, on_model_thread
 from engine.serving.scheduler import Scheduler, Slot
 
 log = logging.getLogger(__name__)
@@ -90,14 +90,23 @@ class Worker:
             if recovered:
                 log.info("re-queued jobs a previous run left unanswered", extra={"jobs": recovered})
             log.info("worker ready", extra={"owner": self.owner, "slots": self.engine.batch_size})
+            claims: list[Claim] = []
             while not self.stopping.is_set():
-                await self._admit()
+                if not self.scheduler.live:
+                    claims = await self._claim(self.scheduler.room())
+                    if not claims:
+                        await self._idle()
+                        continue
+                for claim in claims:
+                    await self._start(claim)
+                claims = []
                 if self.scheduler.live:
-                    ended = await self._model_call(self.scheduler.step)
+                    # The next claim travels to Redis while the model computes this step.
+                    claims, ended = await asyncio.gather(
+                        self._claim(self.scheduler.room_after_step()), self._model_call(self.scheduler.step)
+                    )
                     await self._after_step(ended)
-                elif not self.stopping.is_set():
-                    await self._idle()
-            await self._hand_back([slot.payload.job for slot in self.scheduler.live])
+            await self._hand_back([slot.payload.job for slot in self.scheduler.live] + [claim.job for claim in claims])
         finally:
             for slot in self.scheduler.live:
                 self.scheduler.free(slot)
@@ -105,17 +114,15 @@ class Worker:
 
     # --- admission ------------------------------------------------------------------------
 
-    async def _admit(self) -> None:
-        room = self.scheduler.room()
+    async def _claim(self, room: int) -> list[Claim]:
         if not room:
-            return
+            return []
         try:
-            claims = await self.queue.claim(self.owner, room)
+            return await self.queue.claim(self.owner, room)
         except REDIS_DOWN as error:
             log.warning("redis unavailable", extra={"error": str(error)})
-            return
-        for claim in claims:
-            await self._start(claim)
+            await asyncio.sleep(0 if self.scheduler.live else 0.5)
+            return []
 
     async def _start(self, claim: Claim) -> None:
         job = claim.job
@@ -143,16 +150,15 @@ class Worker:
     async def _idle(self) -> None:
         try:
             await self.queue.wait_for_work(IDLE_WAIT_S)
-        except REDIS_DOWN as error:
-            log.warning("redis unavailable", extra={"error": str(error)})
-            await asyncio.sleep(0.5)
+        except REDIS_DOWN:
+            pass  # _claim has said so, and waited
 
     # --- model ----------------------------------------------------------------------------
 
     async def _model_call(self, function: Callable[..., T], *args) -> T:
         timeout = self.settings.queue.step_timeout_s
         try:
-            return await asyncio.wait_for(asyncio.to_thread(function, *args), timeout)
+            return await asyncio.wait_for(on_model_thread(function, *args), timeout)
         except asyncio.TimeoutError:
             raise StepTimedOut(
                 f"a model step took longer than queue.step_timeout_s ({timeout:g} s): the worker stops so that it "

@@ -44,9 +44,10 @@ def smollm2_path():
 @pytest.fixture(scope="session")
 def tiny_model():
     """The tiny random Llama in float32, loaded once; engines around it are made per test."""
+    from engine.serving.engine import MODEL_THREAD
     from engine.serving.transformers_engine import TransformersEngine
 
-    return TransformersEngine.load(tiny_settings().model, tiny_settings().generation)
+    return MODEL_THREAD.submit(TransformersEngine.load, tiny_settings().model, tiny_settings().generation).result()
 
 
 def engine_for(loaded, settings: Settings):

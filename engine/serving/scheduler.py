@@ -56,6 +56,12 @@ class Scheduler:
             return free if free == len(self.slots) else 0
         return min(free, self.max_prefills_per_step - self._prefills_since_step)
 
+    def room_after_step(self) -> int:
+        """How many prompts the next turn may admit at least, whatever this step ends (claimed during the step)."""
+        if self.admission == "whole_batch":
+            return 0  # a batch still runs; once it has ended, room() says so
+        return min(self.slots.count(None), self.max_prefills_per_step)
+
     def admit(self, prompt: list[int], payload: Any) -> Slot:
         """Prefill `prompt` into the first free slot; the returned slot holds its first token (or has ended)."""
         index = self.slots.index(None)

@@ -1,0 +1,152 @@
+"""Many conversations at once: continuous batching against whole-batch admission and batch 1, in one run.
+
+32 messages over 16 conversations (two each, so a conversation's second message waits for its
+first), answers of mixed lengths, submitted all together and also arriving at random
+intervals. The worker serves them through real Redis; its per-job log line gives time to first
+token and time to final reply, both measured from submission.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import percentile, table
+from engine.config import Settings
+from engine.jobs import Conversation
+from engine.queue import JobQueue
+from engine.redis_client import connect
+from engine.redis_server import RedisServer
+from engine.serving.engine import MODEL_THREAD
+from engine.serving.transformers_engine import TransformersEngine
+from engine.worker import Worker
+
+CONVERSATIONS = 16
+MESSAGES = 32
+MEAN_GAP_S = 0.15  # random arrivals: exponential gaps with this mean
+QUESTIONS = [
+    "Hi!", "Write a short poem about the sea.", "What is the capital of France?", "Explain how a rainbow forms.",
+    "Say yes or no: is water wet?", "List five fruits.", "Tell me a story about a brave cat.", "What is 2 + 2?",
+    "Describe your favourite season and why.", "Thanks!", "How do airplanes fly?", "Name a colour.",
+    "Give me three tips for learning to cook.", "Who wrote Hamlet?", "Write a haiku about autumn.", "Good night!",
+]
+MODELS = {
+    # The tiny random Llama rarely ends a turn on its own: a context just above the longest
+    # prompts gives each message its own limit (from about 10 to 64 tokens).
+    "embedded:tiny-llama": {"model": {"sequence_length": 300, "max_prompt_tokens": 290, "dtype": "float32"},
+                            "generation": {"max_new_tokens": 64, "repetition_penalty": 1.0}},
+    "embedded:smollm2": {"model": {"sequence_length": 2048, "max_prompt_tokens": 1024},
+                         "generation": {"max_new_tokens": 64}},
+}
+
+
+class Answers(logging.Handler):
+    """The worker's 'job answered' log lines."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "job answered":
+            self.records.append(record)
+
+
+def messages(model_id: str) -> list[tuple[Conversation, str]]:
+    rng = random.Random(7)
+    out = []
+    for n in range(MESSAGES):
+        text = QUESTIONS[n % len(QUESTIONS)]
+        if model_id == "embedded:tiny-llama":
+            text += " more" * rng.randrange(0, 200)  # prompt length decides the answer length here
+        out.append((Conversation(platform="bench", channel=f"c{n % CONVERSATIONS}"), text))
+    return out
+
+
+async def serve_once(url: str, engine: TransformersEngine, settings: Settings, arrivals: str, model_id: str) -> dict:
+    redis = connect(url)
+    await redis.flushdb()
+    answers = Answers()
+    logging.getLogger("engine.worker").addHandler(answers)
+    worker = Worker(redis, engine, settings, owner="bench")
+    task = asyncio.create_task(worker.run())
+    queue = JobQueue(redis)
+    rng = random.Random(11)
+    started = time.time()
+    try:
+        for n, (conversation, text) in enumerate(messages(model_id)):
+            await queue.submit(conversation, str(n), text)
+            if arrivals == "random":
+                await asyncio.sleep(rng.expovariate(1 / MEAN_GAP_S))
+        while len(answers.records) < MESSAGES:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.02)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+        logging.getLogger("engine.worker").removeHandler(answers)
+        await redis.aclose()
+    records = answers.records
+    finished = max(r.created for r in records)
+    return {
+        "ttft": [r.ttft_s for r in records],
+        "final": [r.total_s for r in records],
+        "tokens_per_s": sum(r.new_tokens for r in records) / (finished - started),
+    }
+
+
+def run(model_ids: list[str] | None = None) -> str:
+    logging.getLogger("engine.worker").setLevel(logging.INFO)
+    tables = []
+    with tempfile.TemporaryDirectory() as data, RedisServer(Path(data)) as server:
+        for model_id in model_ids or list(MODELS):
+            overrides = MODELS[model_id]
+            base = Settings.model_validate(
+                {"model": {"id": model_id, "device": "cpu", **overrides["model"]}, "generation": overrides["generation"],
+                 "queue": {"partial_interval_s": 0.25}}
+            )
+            loaded = MODEL_THREAD.submit(TransformersEngine.load, base.model, base.generation).result()
+            cases = [("batch 1", 1, "continuous")]
+            for batch in (4, 8):
+                cases += [(f"batch {batch}, whole-batch admission", batch, "whole_batch"), (f"batch {batch}, continuous", batch, "continuous")]
+            for arrivals in ("together", "random"):
+                results = {}
+                for label, batch, admission in cases:
+                    settings = base.model_copy(update={"model": base.model.model_copy(update={"batch_size": batch, "admission": admission})})
+                    engine = TransformersEngine(loaded.model, loaded.tokenizer, settings.model.sequence_length, batch, settings.generation)
+                    results[label] = asyncio.run(serve_once(server.url, engine, settings, arrivals, model_id))
+                    print(f"  {model_id} {arrivals} {label}: done", flush=True)
+                tables.append(render(model_id, arrivals, results))
+    return "\n\n".join(tables)
+
+
+def render(model_id: str, arrivals: str, results: dict[str, dict]) -> str:
+    one = results["batch 1"]["tokens_per_s"]
+    rows = []
+    for label, r in results.items():
+        batch = label.split(",")[0]
+        whole = results.get(f"{batch}, whole-batch admission")
+        vs_whole = ""
+        if whole and "continuous" in label:
+            vs_whole = (f"p95 final {percentile(whole['final'], 0.95) / percentile(r['final'], 0.95):.2f}x better, "
+                        f"tokens/s {r['tokens_per_s'] / whole['tokens_per_s']:.2f}x")
+        rows.append([
+            label,
+            f"{percentile(r['ttft'], 0.5):.2f} / {percentile(r['ttft'], 0.95):.2f} s",
+            f"{percentile(r['final'], 0.5):.2f} / {percentile(r['final'], 0.95):.2f} s",
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['tokens_per_s'] / one:.2f}x",
+            vs_whole,
+        ])
+    how = "all submitted together" if arrivals == "together" else f"random arrivals, mean gap {MEAN_GAP_S} s"
+    return table(
+        f"Concurrency ({model_id}, CPU, {MESSAGES} messages over {CONVERSATIONS} conversations, {how})",
+        ["serving", "time to first token p50 / p95", "time to final p50 / p95", "tokens/s (all)", "vs batch 1",
+         "continuous vs whole-batch"],
+        rows,
+    )
