@@ -36,11 +36,13 @@ QUESTIONS = [
 ]
 MODELS = {
     # The tiny random Llama rarely ends a turn on its own: a context just above the longest
-    # prompts gives each message its own limit (from about 10 to 64 tokens).
-    "embedded:tiny-llama": {"model": {"sequence_length": 300, "max_prompt_tokens": 290, "dtype": "float32"},
-                            "generation": {"max_new_tokens": 64, "repetition_penalty": 1.0}},
+    # prompts gives each message its own limit (from about 20 to 256 tokens).
+    "embedded:tiny-llama": {"model": {"sequence_length": 500, "max_prompt_tokens": 480, "dtype": "float32"},
+                            "generation": {"max_new_tokens": 256, "repetition_penalty": 1.0}},
+    # SmolLM2 as the embedded default serves it (bfloat16, repetition penalty 1.2, 256 new
+    # tokens at most), greedy so that every policy writes the same answers.
     "embedded:smollm2": {"model": {"sequence_length": 2048, "max_prompt_tokens": 1024},
-                         "generation": {"max_new_tokens": 64}},
+                         "generation": {"max_new_tokens": 256, "do_sample": False, "repetition_penalty": 1.2}},
 }
 
 
@@ -62,7 +64,7 @@ def messages(model_id: str) -> list[tuple[Conversation, str]]:
     for n in range(MESSAGES):
         text = QUESTIONS[n % len(QUESTIONS)]
         if model_id == "embedded:tiny-llama":
-            text += " more" * rng.randrange(0, 200)  # prompt length decides the answer length here
+            text += " more" * rng.randrange(0, 420)  # prompt length decides the answer length here
         out.append((Conversation(platform="bench", channel=f"c{n % CONVERSATIONS}"), text))
     return out
 

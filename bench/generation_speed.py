@@ -29,16 +29,15 @@ def generate_fp32(engine: TransformersEngine, ids: list[int]) -> float:
     with torch.inference_mode():
         output = engine.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=min(engine.end_ids),
+            min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=engine.tokenizer.eos_token_id,
         )
     return (output.shape[1] - len(ids)) / (time.perf_counter() - started)
 
 
 def serving(engine: TransformersEngine, ids: list[int], threads: int) -> float:
-    """tokens/s of one slot through the scheduler (end of turn ignored: every run decodes NEW_TOKENS)."""
+    """tokens/s of one slot through the scheduler."""
     torch.set_num_threads(threads)
     try:
-        engine.end_ids = frozenset()
         scheduler = Scheduler(engine, NEW_TOKENS)
         started = time.perf_counter()
         scheduler.admit(ids, None)
@@ -58,6 +57,7 @@ def run(model_id: str = "embedded:smollm2") -> str:
     fp32 = TransformersEngine.load(fp32_settings, settings.generation)
     default = TransformersEngine.load(settings.model, settings.generation)  # the embedded default's dtype
     ids = PromptBuilder(fp32.tokenizer, settings.system_prompt, 512).build([], PROMPT).ids
+    fp32.end_ids = default.end_ids = frozenset()  # every engine run decodes NEW_TOKENS, as min_new_tokens does
     generate_fp32(fp32, ids)  # warm-up
     sides = {
         "model.generate, float32 (baseline)": lambda: generate_fp32(fp32, ids),

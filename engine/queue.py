@@ -218,6 +218,8 @@ class JobQueue:
 
     async def heartbeat(self, jobs: list[Job]) -> None:
         """Push the lease deadline of jobs still being worked on."""
+        if not jobs:
+            return
         seconds, micros = await self.redis.time()
         deadline = seconds * 1000 + micros // 1000 + self.visibility_ms
         await self.redis.zadd(LEASES, {job.id: deadline for job in jobs}, xx=True)

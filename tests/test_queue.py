@@ -102,6 +102,12 @@ async def test_heartbeat_keeps_a_long_job_leased(redis):
     assert await claim(queue, "w") == []
 
 
+async def test_a_heartbeat_with_no_job_in_flight_is_a_no_op(redis):
+    # The worker extends leases after each step, and a step can end the last live slot.
+    await JobQueue(redis).heartbeat([])
+    assert await redis.zcard("chatbot:leases") == 0
+
+
 async def test_recover_requeues_a_dead_workers_jobs_at_once(redis):
     queue = JobQueue(redis, visibility_timeout_s=600)
     await queue.submit(ALICE, "m1", "hello")

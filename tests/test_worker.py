@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -262,6 +263,7 @@ async def test_the_answer_log_line_times_the_job_from_submission(redis, worker, 
     [record] = [r for r in caplog.records if r.getMessage() == "job answered"]
     assert 0 <= record.queue_s <= record.ttft_s <= record.total_s < 30
     assert record.new_tokens > 0
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # e.g. no empty lease update
 
 
 async def test_a_partial_is_published_only_while_the_lease_is_held_and_the_job_unanswered(redis):
@@ -276,3 +278,30 @@ async def test_a_partial_is_published_only_while_the_lease_is_held_and_the_job_u
     await queue.complete(claim.job, ReplyEvent(job_id=claim.job.id, conversation=CHAT.key, kind="final", text="done"), [], 40, 60)
     assert not await queue.publish_partial(claim.job, "late", "me")  # answered already
     assert [e.text for e in await reply_events(redis, "local")] == ["so far", "done"]
+
+
+def most_repeated_ngram(tokens: list[int], n: int = 6) -> int:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return max((grams.count(gram) for gram in set(grams)), default=0)
+
+
+async def test_the_embedded_default_does_not_loop_on_the_colour_conversation(redis, smollm2_path):
+    """Tried as a new user would: at repetition penalty 1.0 SmolLM2 answered with 256 tokens of one phrase."""
+    from engine.config import load_settings
+    from engine.serving import load_engine
+
+    shipped = load_settings(ROOT / "config.yaml", environ={})
+    assert shipped.generation.repetition_penalty > 1.0 and shipped.model.dtype == "auto"
+    # The shipped model and penalty, greedy so that the test sees the same answers every run.
+    settings = shipped.model_copy(update={
+        "generation": shipped.generation.model_copy(update={"do_sample": False}),
+        "queue": tiny_settings().queue,
+        "model": shipped.model.model_copy(update={"device": "cpu"}),
+    })
+    engine = load_engine(settings)
+    async with running_worker(redis, engine, settings):
+        for text in COLOUR_CONVERSATION:
+            assert (await ask(redis, text)).kind == "final"
+    for exchange in await history.load_exchanges(redis, CHAT.key):
+        tokens = engine.tokenizer(exchange.assistant.text, add_special_tokens=False).input_ids
+        assert most_repeated_ngram(tokens) <= 3, exchange.assistant.text
