@@ -6,6 +6,9 @@ import argparse
 import logging
 import sys
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from engine.config import ConfigError
 
 
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except (RedisConnectionError, RedisTimeoutError) as error:
+        logging.getLogger("chatbot").exception("redis unreachable")
+        print(f"chatbot: cannot reach Redis ({error}): start it, or set REDIS_URL to the server the worker uses", file=sys.stderr)
+        return 1
     except Exception as error:
         # The traceback goes to the structured log; the operator gets one line.
         logging.getLogger("chatbot").exception("stopped by an unexpected error")

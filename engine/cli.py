@@ -12,9 +12,17 @@ from engine.jobs import Conversation, RejectedMessage
 from engine.queue import JobQueue
 from engine.redis_client import connect
 from engine.replies import follow, last_entry_id
-from engine.runtime import redis_url, run_worker, serve, startup
+from engine.runtime import log_to_file, redis_url, run_worker, serve, startup
 
 DEFAULT_CONVERSATION = "cli:default"
+
+
+def conversation_id(text: str) -> Conversation:
+    """argparse type: a bad id is reported by argparse as one line, with the usage."""
+    try:
+        return Conversation.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -23,16 +31,20 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     ask = commands.add_parser("ask", help="send one message through the queue and print the reply")
     ask.add_argument("text")
-    ask.add_argument("--conversation", default=DEFAULT_CONVERSATION, help="conversation key, e.g. cli:default")
+    ask.add_argument(
+        "--conversation", type=conversation_id, default=DEFAULT_CONVERSATION, help="conversation id, e.g. cli:default"
+    )
     ask.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the reply")
     ask.set_defaults(handler=ask_command)
 
     reset = commands.add_parser("reset", help="forget a conversation's history")
-    reset.add_argument("conversation", help="conversation key as the logs show it, e.g. discord:1234 or slack:D0123")
+    reset.add_argument(
+        "conversation", type=conversation_id, help="conversation id as the logs show it, e.g. discord:1234 or slack:D0123"
+    )
     reset.set_defaults(handler=reset_command)
 
     prompt = commands.add_parser("prompt", help="print the exact prompt the worker would build next")
-    prompt.add_argument("conversation")
+    prompt.add_argument("conversation", type=conversation_id, help="conversation id, e.g. cli:default")
     prompt.add_argument("text", nargs="?", default="(next message)", help="the next message (default: a placeholder)")
     prompt.set_defaults(handler=prompt_command)
 
@@ -43,14 +55,16 @@ def worker_command(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):
-    settings, _ = startup(args.config)
+    settings, secrets = startup(args.config)
+    # A one-shot command speaks to the terminal in sentences; details go to the log file.
+    log_to_file(settings, secrets)
     url, _ = redis_url(settings, start_embedded=False)
     return settings, connect(url)
 
 
 def ask_command(args: argparse.Namespace) -> int:
     settings, redis = _client(args)
-    conversation = Conversation.parse(args.conversation)
+    conversation = args.conversation
 
     async def ask() -> int:
         queue = JobQueue(redis)
@@ -83,10 +97,10 @@ def reset_command(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         try:
-            epoch = await history.reset(redis, Conversation.parse(args.conversation).key)
+            epoch = await history.reset(redis, args.conversation.key)
         finally:
             await redis.aclose()
-        print(f"{args.conversation}: history cleared (reset #{epoch})")
+        print(f"{args.conversation.key}: history cleared (reset #{epoch})")
         return 0
 
     return asyncio.run(main())
@@ -104,7 +118,7 @@ def prompt_command(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         try:
-            exchanges = await history.load_exchanges(redis, Conversation.parse(args.conversation).key)
+            exchanges = await history.load_exchanges(redis, args.conversation.key)
         finally:
             await redis.aclose()
         prompt = builder.build(exchanges, args.text)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -173,17 +174,36 @@ class Secrets(BaseModel):
         return {name: self.values[name] for name in names}
 
 
+def _takes_text(path: list[str]) -> bool:
+    """Whether the setting at `path` is a string (or a path): its environment value is taken as written."""
+    model: type[BaseModel] = Settings
+    for part in path[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return False
+        model = field.annotation
+    field = model.model_fields.get(path[-1])
+    if field is None:
+        return False
+    kinds = [kind for kind in (typing.get_args(field.annotation) or (field.annotation,)) if kind is not type(None)]
+    return bool(kinds) and all(kind in (str, Path) for kind in kinds)
+
+
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
-    """CHATBOT__MODEL__ID=x becomes {"model": {"id": "x"}}; REDIS_URL is accepted as is."""
+    """CHATBOT__MODEL__ID=x becomes {"model": {"id": "x"}}; REDIS_URL is accepted as is.
+
+    Values are read as YAML (numbers, booleans, lists), except for string settings: a system
+    prompt such as "You are bot #1" must not lose what YAML takes for a comment.
+    """
     tree: dict[str, Any] = {}
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
         node = tree
-        *parents, leaf = key[len(ENV_PREFIX):].lower().split("__")
+        *parents, leaf = path = key[len(ENV_PREFIX):].lower().split("__")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw else raw
+        node[leaf] = raw if not raw or _takes_text(path) else yaml.safe_load(raw)
     if environ.get("REDIS_URL"):
         tree["redis_url"] = environ["REDIS_URL"]
     return tree

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Literal
 
@@ -28,6 +29,11 @@ class Conversation(BaseModel):
         """'platform:channel[:thread]', as `key` writes it and the logs show it."""
         platform, _, rest = key.partition(":")
         channel, _, thread = rest.partition(":")
+        if not re.fullmatch(r"[a-z0-9_-]+", platform) or not channel:
+            raise ValueError(
+                f"{key!r} is not a conversation id: they look like platform:channel, "
+                f"e.g. cli:{channel or platform or 'default'} or discord:1234567890"
+            )
         return cls(platform=platform, channel=channel, thread=thread or None)
 
 

@@ -77,6 +77,14 @@ class Worker:
                 f"model.max_prompt_tokens ({settings.model.max_prompt_tokens}) leaves no room for a message: "
                 f"the system prompt alone takes {floor} tokens"
             )
+        room = engine.sequence_length - settings.model.max_prompt_tokens
+        if room < settings.generation.max_new_tokens:
+            log.warning(
+                f"a full prompt ({settings.model.max_prompt_tokens} tokens) leaves answers {room} tokens, not "
+                f"generation.max_new_tokens ({settings.generation.max_new_tokens}): prompt + answer never exceed "
+                f"sequence_length ({engine.sequence_length})",
+                extra={"answer_tokens_at_full_prompt": room},
+            )
 
     def stop(self) -> None:
         self.stopping.set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 from transformers import AutoTokenizer
@@ -86,6 +87,17 @@ async def reply_events(redis, platform: str, job_id: str | None = None) -> list[
     """What the worker published on a platform's reply stream (one job's, if given), oldest first."""
     events = [ReplyEvent.model_validate_json(fields["event"]) for _, fields in await redis.xrange(replies_key(platform))]
     return [event for event in events if job_id is None or event.job_id == job_id]
+
+
+async def final_event(redis, platform: str, job_id: str, timeout: float = 60) -> ReplyEvent:
+    """The job's final or error event, once the worker has published it; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = [event for event in await reply_events(redis, platform, job_id) if event.kind != "partial"]
+        if done:
+            return done[-1]
+        assert time.monotonic() < deadline, f"no final reply for {job_id} within {timeout:g} s"
+        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager

@@ -56,3 +56,28 @@ async def test_a_bad_config_value_stops_with_the_field_named(redis_server, tmp_p
     env_args = ("--config", str(tmp_path / "bad.yaml"), "reset", "cli:x")
     code, _, err = await chatbot(redis_server.url, tmp_path, *env_args)
     assert code == 2 and "model.backend" in err and "'transformers' or 'neuron'" in err and "Traceback" not in err
+
+
+async def test_a_bad_conversation_id_gets_one_sentence_saying_what_ids_look_like(redis_server, tmp_path):
+    for args in (("ask", "--conversation", "t1", "hi"), ("reset", "unknown-id"), ("prompt", "t1")):
+        code, out, err = await chatbot(redis_server.url, tmp_path, *args)
+        assert code == 2, args
+        last = err.strip().splitlines()[-1]
+        assert "is not a conversation id: they look like platform:channel, e.g. cli:" in last, err
+        assert "Traceback" not in err and "{" not in err and "validation error" not in err
+
+
+async def test_redis_down_is_one_sentence_with_the_traceback_in_the_log_file(tmp_path):
+    env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0", "CHATBOT_CONFIG": str(tmp_path / "none.yaml"),
+           "CHATBOT__RUN_DIR": str(tmp_path / "run")}
+    for args in (("ask", "--timeout", "5", "hi"), ("reset", "cli:t1")):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "chatbot", *args, cwd=ROOT, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+        lines = err.decode().strip().splitlines()
+        assert process.returncode == 1
+        assert len(lines) == 1 and lines[0].startswith("chatbot: cannot reach Redis"), lines
+        assert "set REDIS_URL" in lines[0]
+    assert "Traceback" in (tmp_path / "run" / "chatbot.log").read_text()

@@ -28,6 +28,24 @@ def test_environment_overrides_the_file(tmp_path):
     assert settings.redis_url == "redis://r:6379/1"
 
 
+def test_string_settings_take_the_environment_value_as_written():
+    settings = load_settings(
+        ROOT / "config.yaml",
+        environ={
+            "CHATBOT__SYSTEM_PROMPT": "You are bot #1: {be: brief}",
+            "CHATBOT__WORKER_NAME": "007",
+            "CHATBOT__MODEL__ID": "yes",
+            "CHATBOT__SLACK__RESET_COMMAND": "/reset",
+            "CHATBOT__RUN_DIR": "null",
+            "CHATBOT__MODEL__THREADS": "1",
+        },
+    )
+    assert settings.system_prompt == "You are bot #1: {be: brief}"
+    assert settings.worker_name == "007" and settings.model.id == "yes"
+    assert settings.run_dir == Path("null")
+    assert settings.model.threads == 1  # other settings still read YAML
+
+
 @pytest.mark.parametrize(
     ("environ", "message"),
     [

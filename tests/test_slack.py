@@ -28,7 +28,7 @@ from engine.config import ConfigError, Secrets, Settings, SlackSettings
 from engine.jobs import EMPTY_MESSAGE, ReplyEvent
 from engine.queue import conv_jobs_key, replies_key
 from engine.tasks import cancel_until_done
-from tests.conftest import reply_events, running_worker, tiny_settings
+from tests.conftest import final_event, reply_events, running_worker, tiny_settings
 from tests.fakes.slack_server import APP_ID, BOT_ID, BOT_USER_ID, TEAM_ID, FakeSlack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,19 +174,9 @@ async def publish(redis, event: ReplyEvent) -> None:
     await redis.xadd(replies_key("slack"), {"event": event.model_dump_json()})
 
 
-async def final_event(redis, job_id: str, timeout: float = 60) -> ReplyEvent:
-    deadline = time.monotonic() + timeout
-    while True:
-        done = [event for event in await reply_events(redis, "slack", job_id) if event.kind != "partial"]
-        if done:
-            return done[-1]
-        assert time.monotonic() < deadline, f"no final reply for {job_id}"
-        await asyncio.sleep(0.05)
-
-
 async def answer_shown(fake: FakeSlack, redis, job_id: str, before: int, channel: str = DM) -> ReplyEvent:
     """Wait for the job's final reply, then for Slack to show it as the one new message."""
-    final = await final_event(redis, job_id)
+    final = await final_event(redis, "slack", job_id)
     await fake.wait_for(lambda: [m.text for m in fake.messages_in(channel)[before:]] == [final.text])
     return final
 

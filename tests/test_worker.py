@@ -19,7 +19,7 @@ from engine.queue import JobQueue, replies_key
 from engine.redis_client import connect
 from engine.redis_server import RedisServer
 from engine.replies import follow, last_entry_id
-from tests.conftest import engine_for, reply_events, running_worker, tiny_settings
+from tests.conftest import engine_for, final_event, reply_events, running_worker, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = Conversation(platform="local", channel="chat")
@@ -84,10 +84,8 @@ async def test_bad_input_gets_clear_answers_and_the_worker_keeps_serving(redis, 
     key = f"chatbot:job:{submitted.job_id}"
     await redis.hset(key, "data", (await redis.hget(key, "data")).replace('"text":"placeholder"', '"text":"   "'))
     async with running_worker(redis, tiny_engine, settings):
-        async for event in follow(redis, "local", submitted.job_id, "0-0"):
-            if event.kind != "partial":
-                assert event.kind == "error" and "empty" in event.text
-                break
+        event = await final_event(redis, "local", submitted.job_id)
+        assert event.kind == "error" and "empty" in event.text
         huge = await ask(redis, "blah " * 20_000)  # 100 kB
         assert huge.kind == "final" and huge.text.startswith("(Your message was too long")
         odd = await ask(redis, "lone \ud800 surrogate and \x00 nul")
@@ -137,9 +135,7 @@ async def test_sigkill_mid_generation_answers_once_after_restart(redis, redis_se
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         process = worker_process(redis_server.url, tmp_path)
-        async for event in follow(redis, "local", "local:m1", "0-0"):
-            if event.kind != "partial":
-                break
+        await final_event(redis, "local", "local:m1")
     finally:
         process.kill()
         process.wait(10)
@@ -202,10 +198,8 @@ async def test_a_job_that_keeps_killing_workers_is_answered_with_an_error(redis,
         assert await queue.claim("doomed")
         await asyncio.sleep(0.1)
     async with running_worker(redis, tiny_engine, settings):
-        async for event in follow(redis, "local", submitted.job_id, "0-0"):
-            if event.kind != "partial":
-                assert event.kind == "error" and "failed several times" in event.text
-                break
+        event = await final_event(redis, "local", submitted.job_id)
+        assert event.kind == "error" and "failed several times" in event.text
         assert (await ask(redis, "and the next message?")).kind == "final"
 
 
@@ -223,11 +217,7 @@ async def test_a_stuck_model_step_ends_the_worker_and_the_job_is_answered_after_
     await redis.zadd("chatbot:leases", {"local:stuck": 0})  # (expire it now rather than wait a minute)
     process = worker_process(redis_server.url, tmp_path, CHATBOT__WORKER_NAME="another")
     try:
-        async def final():
-            async for event in follow(redis, "local", "local:stuck", "0-0"):
-                if event.kind != "partial":
-                    return event
-        assert (await asyncio.wait_for(final(), 60)).kind == "final"
+        assert (await final_event(redis, "local", "local:stuck")).kind == "final"
     finally:
         process.kill()
         process.wait(10)
@@ -241,20 +231,13 @@ async def test_redis_refusing_one_answer_fails_only_that_job(redis, tiny_model, 
     await queue.submit(Conversation(platform="broken", channel="x"), "b1", "This platform's stream is damaged.")
     await queue.submit(CHAT, "ok1", "And this one is fine.")
     async with running_worker(redis, engine_for(tiny_model, settings), settings):
-        fine = await asyncio.wait_for(_final(redis, "local:ok1"), 30)
-        assert fine.kind == "final"
+        assert (await final_event(redis, "local", "local:ok1")).kind == "final"
         assert (await ask(redis, "Still serving?", message_id="ok2")).kind == "final"
     messages = [record.getMessage() for record in caplog.records]
     assert "could not stream a partial answer" in messages  # logged once, not once per step
     assert messages.count("could not stream a partial answer") == 1
     assert "redis refused the answer" in messages
     assert await redis.zscore("chatbot:leases", "broken:b1") is not None  # left to be delivered again
-
-
-async def _final(redis, job_id: str) -> ReplyEvent:
-    async for event in follow(redis, "local", job_id, "0-0"):
-        if event.kind != "partial":
-            return event
 
 
 async def test_the_answer_log_line_times_the_job_from_submission(redis, worker, caplog):
@@ -305,3 +288,15 @@ async def test_the_embedded_default_does_not_loop_on_the_colour_conversation(red
     for exchange in await history.load_exchanges(redis, CHAT.key):
         tokens = engine.tokenizer(exchange.assistant.text, add_special_tokens=False).input_ids
         assert most_repeated_ngram(tokens) <= 3, exchange.assistant.text
+
+
+def test_a_config_whose_prompt_and_answer_overflow_the_context_states_the_clamp_at_start(redis, tiny_engine, caplog):
+    from engine.worker import Worker
+
+    settings = tiny_settings(model={"sequence_length": 512, "max_prompt_tokens": 480}, generation={"max_new_tokens": 256})
+    Worker(redis, tiny_engine, settings, owner="w")
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning == (
+        "a full prompt (480 tokens) leaves answers 32 tokens, not generation.max_new_tokens (256): "
+        "prompt + answer never exceed sequence_length (512)"
+    )
