@@ -37,7 +37,7 @@ def run_all(args: argparse.Namespace, local_only: bool) -> int:
     from engine.serving import load_engine
     from engine.serving.engine import MODEL_THREAD
     from engine.tasks import until_first_ends
-    from engine.worker import Worker
+    from engine.worker import Worker, worker_identity
 
     settings, secrets = startup(args.config)
     platforms = [] if local_only else platforms_configured(secrets)
@@ -48,7 +48,7 @@ def run_all(args: argparse.Namespace, local_only: bool) -> int:
         print(f"Logs go to {log_to_file(settings, secrets)}", file=sys.stderr)
 
     async def main(redis) -> None:
-        worker = Worker(redis, model, settings, settings.worker_name)
+        worker = Worker(redis, model, settings, worker_identity(settings.worker_name))
         on_terminate(worker.stop)
         fronts = [adapter_runner(p)(settings, secrets, redis) for p in platforms] or [chat(redis)]
         try:

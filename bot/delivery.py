@@ -11,6 +11,7 @@ instead of posting them again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -22,7 +23,8 @@ from redis.asyncio import Redis
 from bot.split import split_message
 from engine.history import PREFIX
 from engine.jobs import ReplyEvent
-from engine.redis_client import REDIS_DOWN
+from engine.observability import DELIVERIES, PLATFORM_ERRORS
+from engine.redis_client import REDIS_DOWN, with_backoff
 from engine.replies import ReplyReader
 
 log = logging.getLogger(__name__)
@@ -56,13 +58,14 @@ class Shown:
 class Delivery:
     def __init__(self, redis: Redis, platform: str, consumer: str, outbox: Outbox, edit_interval_s: float):
         self.redis = redis
+        self.platform = platform
         self.reader = ReplyReader(redis, platform, consumer)
         self.outbox = outbox
         self.edit_interval_s = edit_interval_s
         self.shown: dict[str, Shown] = {}
 
     async def run(self) -> None:
-        await self.reader.ensure_group()
+        await with_backoff(self.reader.ensure_group, "create the reply group")
         while True:
             try:
                 events = await self.reader.read(block_ms=1000)
@@ -72,7 +75,8 @@ class Delivery:
                 continue
             for event in self._latest_per_job(events):
                 await self.deliver(event)
-            await self.reader.ack(*(entry_id for entry_id, _ in events))
+            entry_ids = [entry_id for entry_id, _ in events]
+            await with_backoff(functools.partial(self.reader.ack, *entry_ids), "acknowledge replies")
             self._forget_abandoned()
 
     def _forget_abandoned(self) -> None:
@@ -102,7 +106,9 @@ class Delivery:
             await asyncio.sleep(wait)
         try:
             await self._show(event, shown, split_message(event.text, self.outbox.limit))
-        except Exception:
+            DELIVERIES.labels(self.platform, event.kind).inc()
+        except Exception as error:
+            PLATFORM_ERRORS.labels(self.platform, type(error).__name__).inc()
             log.exception("delivery failed", extra={"job": event.job_id, "kind": event.kind})
             if final and not shown.message_ids:
                 await self._apologise(event)
@@ -127,10 +133,11 @@ class Delivery:
                     await self.outbox.edit(event.reply_to, shown.message_ids[index], chunk)
             else:
                 shown.message_ids.append(await self.outbox.post(event.reply_to, chunk))
-                await self.redis.set(posted_key(event.job_id), json.dumps(shown.message_ids), ex=POSTED_TTL_S)
+                record = functools.partial(self.redis.set, posted_key(event.job_id), json.dumps(shown.message_ids), ex=POSTED_TTL_S)
+                await with_backoff(record, "record posted ids")
         shown.texts = chunks
         shown.edited_at = time.monotonic()
 
     async def _recall(self, job_id: str) -> Shown:
-        raw = await self.redis.get(posted_key(job_id))
+        raw = await with_backoff(lambda: self.redis.get(posted_key(job_id)), "read posted ids")
         return Shown(message_ids=json.loads(raw)) if raw else Shown()

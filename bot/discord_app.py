@@ -14,6 +14,7 @@ from bot.discord.outbox import DiscordOutbox
 from bot.discord.routing import PLATFORM
 from bot.discord.typing_indicator import TypingIndicators
 from engine.config import ConfigError, Secrets, Settings
+from engine.observability import HEALTH
 from engine.queue import JobQueue
 from engine.tasks import until_first_ends
 
@@ -24,11 +25,18 @@ log = logging.getLogger(__name__)
 CONSUMER = "discord-adapter"
 
 
+def gateway_check(client: discord.Client):
+    async def check() -> str | None:
+        return None if client.is_ready() and not client.is_closed() else "not connected to the Discord gateway"
+
+    return check
+
+
 async def run_discord(settings: Settings, secrets: Secrets, redis: Redis) -> None:
     """Serve Discord until cancelled."""
     token = secrets.require("DISCORD_TOKEN")["DISCORD_TOKEN"]
     typing = TypingIndicators()
-    client = ChatClient(settings.discord, JobQueue(redis), typing)
+    client = ChatClient(settings.discord, JobQueue(redis, limits=settings.limits), typing)
     tree = command_tree(client, redis, settings.discord)
     outbox = DiscordOutbox(client, redis, typing)
     delivery = Delivery(redis, PLATFORM, CONSUMER, outbox, settings.discord.edit_interval_s)
@@ -39,7 +47,8 @@ async def run_discord(settings: Settings, secrets: Secrets, redis: Redis) -> Non
             await client.login(token)
             await sync_commands(tree, settings.discord.guilds)
             log.info("discord adapter started", extra={"bot_user": client.user.id, "guilds": settings.discord.guilds})
-            await until_first_ends(client.connect(), delivery.run())
+            with HEALTH.checking("discord", gateway_check(client)):
+                await until_first_ends(client.connect(), delivery.run())
         except discord.LoginFailure:
             raise ConfigError("Discord rejected DISCORD_TOKEN: copy the bot token again from the Developer Portal") from None
         except discord.PrivilegedIntentsRequired:

@@ -23,8 +23,14 @@ from bot.slack.http import http_server
 from bot.slack.messages import PLATFORM
 from bot.slack.outbox import SlackOutbox
 from engine.config import Secrets, Settings
+from engine.observability import HEALTH
+from engine.queue import JobQueue
 
 log = logging.getLogger(__name__)
+
+# One fixed consumer name, whatever the host or container: a restarted or redeployed adapter
+# re-reads the replies its predecessor read but never delivered.
+CONSUMER = "slack-adapter"
 
 
 @dataclass(frozen=True)
@@ -61,21 +67,26 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
         # delivers the event again (and the job id makes a second success a no-op).
         process_before_response=True,
     )
-    register(app, settings.slack, redis, SlackOutbox(app.client))
+    register(app, settings.slack, JobQueue(redis, limits=settings.limits), SlackOutbox(app.client))
     return app
 
 
 @asynccontextmanager
 async def receiving(app: AsyncApp, settings: Settings, tokens: SlackTokens) -> AsyncIterator[None]:
     if settings.slack.mode == "http":
-        async with http_server(app, settings.slack.http_port):
+        async with http_server(app, settings.slack.http_port, tokens.signing_secret):
             yield
         return
     handler = AsyncSocketModeHandler(app, app_token=tokens.app)
     await handler.connect_async()
     log.info("connected to slack in socket mode")
+
+    async def connected() -> str | None:
+        return None if await handler.client.is_connected() else "the Socket Mode connection to Slack is down"
+
     try:
-        yield
+        with HEALTH.checking("slack", connected):
+            yield
     finally:
         await handler.close_async()
 
@@ -83,9 +94,7 @@ async def receiving(app: AsyncApp, settings: Settings, tokens: SlackTokens) -> A
 async def serve(app: AsyncApp, settings: Settings, secrets: Secrets, redis: Redis) -> None:
     """Receive messages and deliver replies until cancelled."""
     tokens = slack_tokens(settings, secrets)
-    # A fixed consumer name: a restarted adapter re-reads the replies it had not acknowledged.
-    consumer = f"slack-{settings.worker_name}"
-    delivery = Delivery(redis, PLATFORM, consumer, SlackOutbox(app.client), settings.slack.edit_interval_s)
+    delivery = Delivery(redis, PLATFORM, CONSUMER, SlackOutbox(app.client), settings.slack.edit_interval_s)
     async with receiving(app, settings, tokens):
         await delivery.run()
 

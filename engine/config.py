@@ -77,7 +77,9 @@ class HistorySettings(Strict):
 class QueueSettings(Strict):
     visibility_timeout_s: float = Field(60.0, gt=0, description="a job held this long without a heartbeat is delivered again")
     partial_interval_s: float = Field(0.25, ge=0, description="least time between two streamed partial replies")
-    reply_stream_maxlen: int = Field(10_000, ge=100)
+    reply_stream_maxlen: int = Field(
+        10_000, ge=100, description="replies kept where no adapter reads (cli); an adapter's unread replies are never trimmed"
+    )
     step_timeout_s: float = Field(
         30.0, gt=0, description="a model step slower than this stops the worker (exit 3) so its supervisor restarts it"
     )
@@ -91,6 +93,19 @@ class QueueSettings(Strict):
                 f"({self.visibility_timeout_s:g}): leases are extended between model steps"
             )
         return self
+
+
+class LimitSettings(Strict):
+    """What one conversation or one person may hold in the queue; over a limit, a sentence back and nothing queued."""
+
+    max_queued_per_conversation: int = Field(10, ge=1, description="messages waiting for an answer in one conversation")
+    max_queued_per_author: int = Field(5, ge=1, description="messages one person has waiting, across conversations")
+    messages_per_minute_per_author: int = Field(20, ge=1)
+    max_message_chars: int = Field(40_000, ge=100, description="Slack's own limit; Discord's is 2,000 (4,000 with Nitro)")
+
+
+class MetricsSettings(Strict):
+    port: int | None = Field(None, ge=1, le=65535, description="serve /metrics and /healthz here; unset: off")
 
 
 class DiscordSettings(Strict):
@@ -119,12 +134,16 @@ class Settings(Strict):
     )
     redis_url: str | None = Field(None, description="unset: a private redis-server is started under run_dir")
     run_dir: Path = Path("run")
-    worker_name: str = Field(default_factory=socket.gethostname, description="a restarted worker of this name re-queues its unfinished jobs at once")
+    worker_name: str = Field(
+        default_factory=socket.gethostname, description="first part of each worker's identity in logs (a unique suffix is added)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     model: ModelSettings = ModelSettings()
     generation: GenerationSettings = GenerationSettings()
     history: HistorySettings = HistorySettings()
     queue: QueueSettings = QueueSettings()
+    limits: LimitSettings = LimitSettings()
+    metrics: MetricsSettings = MetricsSettings()
     discord: DiscordSettings = DiscordSettings()
     slack: SlackSettings = SlackSettings()
 

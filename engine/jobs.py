@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 EMPTY_MESSAGE = "Your message is empty, so there is nothing to answer."
-MAX_MESSAGE_CHARS = 1_000_000  # protects Redis; the prompt builder cuts long text to the token budget
 
 
 class Conversation(BaseModel):
@@ -43,6 +43,7 @@ class Job(BaseModel):
     platform: str
     text: str
     author: str | None = None  # display name, rendered into the prompt in shared channels
+    author_id: str | None = None  # the platform's user id, for per-person limits
     reply_to: dict[str, str] = Field(default_factory=dict)  # adapter routing data, opaque to the engine
     submitted_at: float = Field(default_factory=time.time)
     epoch: int = 0  # the conversation's reset count when the job was submitted
@@ -67,14 +68,17 @@ class RejectedMessage(ValueError):
     """A message the service will not queue; the text is meant for the user."""
 
 
-def clean_text(text: str) -> str:
+def is_blank(text: str) -> bool:
+    """Nothing a reader would see: whitespace, control and invisible format characters (zero-width spaces...)."""
+    return all(char.isspace() or unicodedata.category(char) in ("Cc", "Cf") for char in text)
+
+
+def clean_text(text: str, max_chars: int) -> str:
     """Make a platform message safe to queue, or refuse it with a sentence for the user."""
     # Lone surrogates (from broken clients) cannot be encoded as UTF-8; replace rather than refuse.
     text = text.encode("utf-8", "replace").decode("utf-8")
-    if not text.strip():
+    if is_blank(text):
         raise RejectedMessage(EMPTY_MESSAGE)
-    if len(text) > MAX_MESSAGE_CHARS:
-        raise RejectedMessage(
-            f"Your message is {len(text):,} characters long; the limit is {MAX_MESSAGE_CHARS:,}."
-        )
+    if len(text) > max_chars:
+        raise RejectedMessage(f"Your message is {len(text):,} characters long; the limit is {max_chars:,}.")
     return text

@@ -16,14 +16,12 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from engine.config import ConfigError
 from engine.history import Exchange, Turn
 
 TEMPLATE_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 NEUTRALISER = "\u200b"  # zero-width space: keeps the text readable, breaks the control string
 _PROBE = "ok"
-# No token is longer than this many characters, so a longer text cannot fit a budget of N tokens
-# in fewer than N * _MAX_CHARS_PER_TOKEN characters: cutting there first keeps huge messages cheap.
-_MAX_CHARS_PER_TOKEN = 32
 CUT_MARK = " […]"
 # How far the estimated size of a lone message may be off (Llama-2 tokenizes the first user text a
 # little differently after the system block); within this distance of the budget it is counted exactly.
@@ -52,17 +50,31 @@ class Prompt:
     cut: Cut | None = None
 
 
+class PromptTooSmall(ConfigError):
+    pass
+
+
 class PromptBuilder:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, system_prompt: str, max_prompt_tokens: int):
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt.strip()
         self.budget = max_prompt_tokens
+        # No token spells more characters than its vocabulary entry (byte tokens such as <0xF0>
+        # spell fewer), so a text longer than budget x this cannot fit: cutting there first keeps
+        # huge messages cheap without ever cutting one that fits.
+        self._max_chars_per_token = max(map(len, tokenizer.get_vocab()))
         controls = set(TEMPLATE_MARKERS) | set(tokenizer.all_special_tokens)
         controls |= {token.content for token in tokenizer.added_tokens_decoder.values()}
         pattern = "|".join(re.escape(c) for c in sorted(controls, key=len, reverse=True) if len(c) > 1)
         self._controls = re.compile(pattern)
         self._probe_tokens = self.count(tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False))
         self._overhead = self.count(self.render([], _PROBE)) - self.count(_PROBE)  # system prompt and template
+        smallest = self.count(self.render([], CUT_MARK))  # a message cut to nothing
+        if smallest >= self.budget:
+            raise PromptTooSmall(
+                f"model.max_prompt_tokens ({self.budget}) leaves no room for a message: the system prompt and "
+                f"template alone take {smallest} tokens"
+            )
 
     # --- text ---------------------------------------------------------------------------
 
@@ -106,7 +118,7 @@ class PromptBuilder:
 
     def build(self, history: list[Exchange], text: str, name: str | None = None) -> Prompt:
         content = self.user_content(text, name)
-        if len(content) > self.budget * _MAX_CHARS_PER_TOKEN:
+        if len(content) > self.budget * self._max_chars_per_token:
             return self._cut_to_fit(content, len(history))
         alone = self.count(content) + self._overhead  # a render and an encode cheaper than the exact count...
         if alone > self.budget - _SLACK:  # ...which is only needed near the limit
@@ -139,12 +151,18 @@ class PromptBuilder:
         return Prompt(prompt_text, ids, content, kept, len(pairs) - kept)
 
     def _cut_to_fit(self, content: str, history_len: int) -> Prompt:
+        """The longest start of `content`, in whole characters, that fits the budget with CUT_MARK after it."""
         total_chars = len(content)
-        content = content[: self.budget * _MAX_CHARS_PER_TOKEN]
-        content_ids = self.encode(content)
-        keep = len(content_ids)
+        content = content[: self.budget * self._max_chars_per_token]
+        # Where each token ends in the text. The byte tokens of one character (an emoji is four
+        # under Llama-2's byte fallback) all span that character, so a cut between them is moved
+        # back to the character's start rather than leaving half a character.
+        spans = self.tokenizer(content, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+        keep = len(spans)
         while True:
-            kept_text = self.tokenizer.decode(content_ids[:keep], skip_special_tokens=True).rstrip("\ufffd")
+            while 0 < keep < len(spans) and spans[keep][0] < spans[keep - 1][1]:
+                keep -= 1
+            kept_text = content[: spans[keep - 1][1]] if keep else ""
             candidate = kept_text + CUT_MARK
             prompt_text = self.render([], candidate)
             ids = self.encode(prompt_text)

@@ -1,63 +1,88 @@
 """Reading a platform's reply stream.
 
 Adapters read through a consumer group, so a reply read by an adapter that dies before
-delivering it stays pending and is read again by the restarted adapter. Scripts (`chatbot
-ask`) follow one job's events without a group.
+delivering it stays pending and is read again by the restarted adapter; replies another
+consumer left pending too long (a container replaced under another name) are adopted while
+running. Scripts (`chatbot ask`) follow one job's events without a group.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator
 
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from engine.jobs import ReplyEvent
 from engine.queue import replies_key
 
+log = logging.getLogger(__name__)
 GROUP = "adapters"
 
 
 class ReplyReader:
-    def __init__(self, redis: Redis, platform: str, consumer: str, take_over_after_ms: int = 30_000):
+    def __init__(
+        self, redis: Redis, platform: str, consumer: str, take_over_after_ms: int = 30_000, adopt_every_s: float = 30.0
+    ):
         self.redis = redis
         self.stream = replies_key(platform)
         self.consumer = consumer
         self.take_over_after_ms = take_over_after_ms
+        self.adopt_every_s = adopt_every_s
         self._backlog_done = False
+        self._adopted_at = 0.0
 
     async def ensure_group(self) -> None:
-        """Create the group if needed, and adopt what a vanished consumer read but never delivered.
-
-        A container restarted under a new host name is a new consumer: without this, replies
-        its predecessor had read would stay pending forever.
-        """
         try:
             await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
         except ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
-        start = "0-0"
-        while True:
-            start, *_ = await self.redis.xautoclaim(
-                self.stream, GROUP, self.consumer, self.take_over_after_ms, start_id=start, count=100
-            )
-            if start == "0-0":
-                return
 
     async def read(self, block_ms: int = 1000, count: int = 100) -> list[tuple[str, ReplyEvent]]:
-        """Next events; first those this consumer read but never acknowledged (before a restart)."""
-        if not self._backlog_done:
-            pending = await self._read("0", count, block_ms=None)
-            if pending:
-                return pending
-            self._backlog_done = True
-        return await self._read(">", count, block_ms)
+        """Next events: first those this consumer read but never acknowledged (before a restart),
+        then, now and then, those other consumers left pending, then new ones.
 
-    async def _read(self, start: str, count: int, block_ms: int | None) -> list[tuple[str, ReplyEvent]]:
+        An entry that cannot be read (trimmed while pending, or written by a newer worker) is
+        logged and acknowledged, so it never blocks the ones behind it.
+        """
+        while not self._backlog_done:
+            entries = await self._read("0", count, block_ms=None)
+            self._backlog_done = not entries
+            if events := await self._parse(entries):
+                return events
+        if time.monotonic() - self._adopted_at >= self.adopt_every_s:
+            self._adopted_at = time.monotonic()
+            adopted = await self._adopt(count)
+            if adopted:
+                return adopted
+        return await self._parse(await self._read(">", count, block_ms))
+
+    async def _read(self, start: str, count: int, block_ms: int | None) -> list:
         response = await self.redis.xreadgroup(GROUP, self.consumer, {self.stream: start}, count=count, block=block_ms)
-        entries = response[0][1] if response else []
-        return [(entry_id, ReplyEvent.model_validate_json(fields["event"])) for entry_id, fields in entries]
+        return response[0][1] if response else []
+
+    async def _adopt(self, count: int) -> list[tuple[str, ReplyEvent]]:
+        _, entries, *_ = await self.redis.xautoclaim(
+            self.stream, GROUP, self.consumer, self.take_over_after_ms, start_id="0-0", count=count
+        )
+        if entries:
+            log.info("adopted replies another adapter left undelivered", extra={"entries": len(entries)})
+        return await self._parse(entries)
+
+    async def _parse(self, entries) -> list[tuple[str, ReplyEvent]]:
+        events, unreadable = [], []
+        for entry_id, fields in entries:
+            try:
+                events.append((entry_id, ReplyEvent.model_validate_json((fields or {})["event"])))
+            except (KeyError, ValidationError) as error:
+                log.error("unreadable reply event skipped", extra={"entry": entry_id, "error": str(error)[:200]})
+                unreadable.append(entry_id)
+        await self.ack(*unreadable)
+        return events
 
     async def ack(self, *entry_ids: str) -> None:
         if entry_ids:
@@ -77,6 +102,8 @@ async def follow(redis: Redis, platform: str, job_id: str, after: str) -> AsyncI
         for _, entries in response or []:
             for entry_id, fields in entries:
                 after = entry_id
+                if not fields:
+                    continue  # trimmed
                 event = ReplyEvent.model_validate_json(fields["event"])
                 if event.job_id != job_id:
                     continue

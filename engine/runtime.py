@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from engine.config import ConfigError, Secrets, Settings, load_settings
 from engine.logs import setup_logging
+from engine.observability import HEALTH, redis_check, serving
 from engine.redis_client import connect
 from engine.redis_server import RedisServer
 
@@ -80,10 +81,10 @@ async def run_worker(settings: Settings, redis: Redis) -> None:
     # Imported here: torch and transformers take seconds to import, and `chatbot ask/reset` need neither.
     from engine.serving import load_engine
     from engine.serving.engine import on_model_thread
-    from engine.worker import Worker
+    from engine.worker import Worker, worker_identity
 
     engine = await on_model_thread(load_engine, settings)
-    worker = Worker(redis, engine, settings, settings.worker_name)
+    worker = Worker(redis, engine, settings, worker_identity(settings.worker_name))
     on_terminate(worker.stop)
     await worker.run()
 
@@ -97,7 +98,9 @@ def serve(settings: Settings, main, start_embedded: bool = True) -> int:
 
         redis = connect(url)
         try:
-            await main(redis)
+            with HEALTH.checking("redis", redis_check(redis)):
+                async with serving(HEALTH, settings.metrics.port):
+                    await main(redis)
         except StepTimedOut as error:
             # The stuck model call holds a thread that nothing can stop, and a normal exit would wait
             # for it forever: leave at once (an embedded redis-server dies with this process).

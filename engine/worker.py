@@ -10,7 +10,10 @@ nothing runs in the background that could fail unseen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +23,18 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from engine.config import Settings
-from engine.jobs import EMPTY_MESSAGE, Job, ReplyEvent
+from engine.jobs import EMPTY_MESSAGE, Job, ReplyEvent, is_blank
+from engine.observability import (
+    ACTIVE_SLOTS,
+    GENERATED_TOKENS,
+    HEALTH,
+    JOBS,
+    QUEUED_JOBS,
+    TIME_IN_QUEUE,
+    TIME_TO_FINAL,
+    TIME_TO_FIRST_TOKEN,
+    WAITING_CONVERSATIONS,
+)
 from engine.prompts import Prompt, PromptBuilder
 from engine.queue import Claim, JobQueue
 from engine.redis_client import REDIS_DOWN, after, with_backoff
@@ -38,8 +52,10 @@ GAVE_UP = "Sorry, this message could not be answered: it failed several times."
 EMPTY_ANSWER = "The model returned an empty answer. Please rephrase your message."
 
 
-class PromptTooSmall(ValueError):
-    pass
+def worker_identity(name: str) -> str:
+    """Unique per process, `name` first: two workers on one host, or replicas sharing one env file,
+    never take over each other's jobs."""
+    return f"{name}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class StepTimedOut(RuntimeError):
@@ -71,12 +87,7 @@ class Worker:
         )
         self.stopping = asyncio.Event()
         self._heartbeat_at = 0.0
-        floor = self.builder.count(self.builder.render([], "ok"))
-        if floor >= settings.model.max_prompt_tokens:
-            raise PromptTooSmall(
-                f"model.max_prompt_tokens ({settings.model.max_prompt_tokens}) leaves no room for a message: "
-                f"the system prompt alone takes {floor} tokens"
-            )
+        self._turn_at = time.monotonic()  # when the serving loop last came round
         room = engine.sequence_length - settings.model.max_prompt_tokens
         if room < settings.generation.max_new_tokens:
             log.warning(
@@ -90,16 +101,27 @@ class Worker:
         self.stopping.set()
 
     async def run(self) -> None:
+        self._turn_at = time.monotonic()
+        with HEALTH.checking("worker", self._loop_check):
+            await self._serve()
+
+    async def _loop_check(self) -> str | None:
+        # A turn takes at most one model step (bounded by step_timeout_s) or one idle wait.
+        late = time.monotonic() - self._turn_at - self.settings.queue.step_timeout_s - IDLE_WAIT_S
+        return f"the serving loop has not come round for {late:.0f} s past its limit" if late > 5 else None
+
+    async def _serve(self) -> None:
         try:
             try:
-                recovered = await with_backoff(lambda: self.queue.recover(self.owner), "recover", give_up=self.stopping.is_set)
+                await with_backoff(lambda: self.queue.heartbeat(self.owner, []), "register", give_up=self.stopping.is_set)
             except REDIS_DOWN:
                 return  # stopped before Redis ever answered
-            if recovered:
-                log.info("re-queued jobs a previous run left unanswered", extra={"jobs": recovered})
+            self._heartbeat_at = time.monotonic()
             log.info("worker ready", extra={"owner": self.owner, "slots": self.engine.batch_size})
             claims: list[Claim] = []
             while not self.stopping.is_set():
+                self._turn_at = time.monotonic()
+                ACTIVE_SLOTS.set(len(self.scheduler.live))
                 if not self.scheduler.live:
                     claims = await self._claim(self.scheduler.room())
                     if not claims:
@@ -118,6 +140,8 @@ class Worker:
         finally:
             for slot in self.scheduler.live:
                 self.scheduler.free(slot)
+            with contextlib.suppress(RedisError, asyncio.CancelledError):
+                await asyncio.wait_for(self.queue.gone(self.owner), RELEASE_PATIENCE_S)  # what it still holds is due now
             log.info("worker stopped", extra={"owner": self.owner})
 
     # --- admission ------------------------------------------------------------------------
@@ -134,11 +158,14 @@ class Worker:
 
     async def _start(self, claim: Claim) -> None:
         job = claim.job
+        TIME_IN_QUEUE.observe(max(0.0, time.time() - job.submitted_at))
+        if job.attempts > 1:
+            JOBS.labels("redelivered").inc()
         if job.attempts > MAX_ATTEMPTS:
             log.error("job failed too often", extra={"job": job.id, "attempts": job.attempts})
             await self._answer(job, "error", GAVE_UP)
             return
-        if not job.text.strip():
+        if is_blank(job.text):
             await self._answer(job, "error", EMPTY_MESSAGE)
             return
         try:
@@ -156,10 +183,30 @@ class Worker:
             await self._finish(slot)
 
     async def _idle(self) -> None:
+        await self._heartbeat()
         try:
             await self.queue.wait_for_work(IDLE_WAIT_S)
         except REDIS_DOWN:
             pass  # _claim has said so, and waited
+
+    async def _heartbeat(self) -> None:
+        """Keep this worker's liveness and its jobs' leases, every quarter of the visibility timeout.
+
+        Called between model steps and while idle, never from a timer: a stuck loop lets both expire.
+        """
+        now = time.monotonic()
+        if now - self._heartbeat_at < self.settings.queue.visibility_timeout_s / 4:
+            return
+        try:
+            await self.queue.heartbeat(self.owner, [slot.payload.job for slot in self.scheduler.live])
+            self._heartbeat_at = now
+            queued, waiting = await self.queue.depth()
+            QUEUED_JOBS.set(queued)
+            WAITING_CONVERSATIONS.set(waiting)
+        except REDIS_DOWN:
+            pass  # the next turn tries again; leases outlive two steps (config.py)
+        except RedisError as error:
+            log.error("could not extend the leases", extra={"error": str(error)})
 
     # --- model ----------------------------------------------------------------------------
 
@@ -178,18 +225,10 @@ class Worker:
     async def _after_step(self, ended: list[Slot]) -> None:
         for slot in ended:
             await self._finish(slot)
+        await self._heartbeat()
         now = time.monotonic()
-        live = self.scheduler.live
-        if now - self._heartbeat_at >= self.settings.queue.visibility_timeout_s / 4:
-            try:
-                await self.queue.heartbeat([slot.payload.job for slot in live])
-                self._heartbeat_at = now
-            except REDIS_DOWN:
-                pass  # the next step tries again; leases outlive two steps (config.py)
-            except RedisError as error:
-                log.error("could not extend the leases", extra={"error": str(error)})
         interval = self.settings.queue.partial_interval_s
-        due = [slot for slot in live if slot.tokens and now - slot.payload.published_at >= interval]
+        due = [slot for slot in self.scheduler.live if slot.tokens and now - slot.payload.published_at >= interval]
         if due:
             await asyncio.gather(*(self._publish_partial(slot, now) for slot in due))
 
@@ -230,6 +269,9 @@ class Worker:
         await self._answer(task.job, "final", shown, turns)
         done = time.time()
         first = task.first_token_at or done
+        GENERATED_TOKENS.inc(len(slot.tokens))
+        TIME_TO_FIRST_TOKEN.observe(max(0.0, first - task.job.submitted_at))
+        TIME_TO_FINAL.observe(max(0.0, done - task.job.submitted_at))
         log.info(
             "job answered",
             extra={
@@ -279,3 +321,5 @@ class Worker:
             return
         if not answered:
             log.info("job was answered before; reply not repeated", extra={"job": job.id})
+        else:
+            JOBS.labels("answered" if kind == "final" else "failed").inc()

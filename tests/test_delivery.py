@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from bot.delivery import ABANDONED_AFTER_S, Delivery, Shown
+from engine.jobs import ReplyEvent
+from engine.queue import replies_key
+from engine.redis_client import connect
+from engine.redis_server import RedisServer
+from engine.tasks import cancel_until_done
 
 
 class Nowhere:
@@ -26,3 +32,51 @@ def test_replies_whose_final_never_comes_are_forgotten(redis):
     }
     delivery._forget_abandoned()
     assert list(delivery.shown) == ["slack:streaming"]
+
+
+class Recording:
+    limit = 2000
+
+    def __init__(self):
+        self.posted: list[str] = []
+
+    async def post(self, reply_to, text):
+        self.posted.append(text)
+        return str(len(self.posted))
+
+    async def edit(self, reply_to, message_id, text):
+        self.posted[int(message_id) - 1] = text
+
+
+async def test_delivery_rides_out_a_redis_restart(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    redis = connect(server.url)
+    outbox = Recording()
+    delivery = Delivery(redis, "slack", "slack-adapter", outbox, edit_interval_s=1.0)
+    task = asyncio.create_task(delivery.run())
+
+    async def shown(text: str) -> None:
+        deadline = time.monotonic() + 20
+        while text not in outbox.posted:
+            assert not task.done(), task.exception()
+            assert time.monotonic() < deadline, f"{text!r} never delivered"
+            await asyncio.sleep(0.02)
+
+    async def publish(text: str) -> None:
+        event = ReplyEvent(job_id=f"slack:{text}", conversation="slack:D1", kind="final", text=text)
+        await redis.xadd(replies_key("slack"), {"event": event.model_dump_json()})
+
+    try:
+        await publish("before")
+        await shown("before")
+        server.stop()
+        await asyncio.sleep(1.5)  # delivery polls a dead server meanwhile
+        server.start()
+        await publish("after")
+        await shown("after")
+        assert outbox.posted == ["before", "after"]
+        assert not task.done()
+    finally:
+        await cancel_until_done([task])
+        await redis.aclose()
+        server.stop()

@@ -82,6 +82,11 @@ class FakeNeuronLlama:
                 assert position == len(self.lines[line]), f"seq id {line}: position {position}, cached {len(self.lines[line])}"
                 assert position < self.neuron_config.sequence_length
                 self.lines[line].append(token)
+            # _forward_with_pad runs the missing rows on the unused seq ids, writing their cache
+            # lines: a line decoded later without a new prefill would show it in its position.
+            for line in range(self.neuron_config.batch_size):
+                if line not in ids and line in self.lines:
+                    self.lines[line].append(-1)
         tokens = [self._next(line) for line in ids]
         if self.neuron_config.on_device_sampling:
             return torch.tensor(tokens)

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from engine.history import Exchange
-from engine.prompts import CUT_MARK, PromptBuilder
+from engine.prompts import CUT_MARK, PromptBuilder, PromptTooSmall
 
 SYSTEM = "You are a helpful assistant. Answer briefly."
 CONVERSATION = [
@@ -149,3 +149,41 @@ def test_a_message_exactly_at_the_budget_is_kept_whole_and_one_token_over_is_cut
     assert fits.cut is None and len(fits.ids) == exact
     over = PromptBuilder(llama_tokenizer, SYSTEM, max_prompt_tokens=exact - 1).build([], text)
     assert over.cut is not None and len(over.ids) <= exact - 1
+
+
+def test_an_emoji_message_over_the_budget_keeps_every_whole_character_that_fits(llama_tokenizer):
+    builder = PromptBuilder(llama_tokenizer, SYSTEM, max_prompt_tokens=256)
+    prompt = builder.build([], "😀" * 500)  # byte-fallback tokens: several per character
+    kept = prompt.user_content.removesuffix(CUT_MARK)
+    assert prompt.cut and len(prompt.ids) <= 256
+    assert kept and set(kept) == {"😀"} and prompt.cut.kept_chars == len(kept)
+    wider = builder.render([], "😀" * (len(kept) + 1) + CUT_MARK)
+    assert builder.count(wider) > 256  # one more emoji would not have fitted
+
+
+def test_at_the_smallest_accepted_budget_a_cut_message_still_fits(llama_tokenizer):
+    smallest = next(budget for budget in range(8, 400) if _accepted(llama_tokenizer, budget))
+    builder = PromptBuilder(llama_tokenizer, SYSTEM, max_prompt_tokens=smallest)
+    for text in ("x" * 3000, "😀" * 300, "word " * 600):
+        prompt = builder.build([], text)
+        assert len(prompt.ids) <= smallest, (text[:10], len(prompt.ids))
+
+
+def _accepted(tokenizer, budget: int) -> bool:
+    try:
+        PromptBuilder(tokenizer, SYSTEM, max_prompt_tokens=budget)
+    except PromptTooSmall:
+        return False
+    return True
+
+
+def test_a_long_message_that_fits_is_not_cut_whatever_its_tokens_spell(smollm2_path):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    longest = max((token for token in tokenizer.get_vocab() if token.isascii() and token.isprintable()), key=len)
+    text = tokenizer.convert_tokens_to_string([longest]) * 60
+    builder = PromptBuilder(tokenizer, SYSTEM, max_prompt_tokens=120)
+    assert len(text) > 120 * 32  # more characters than the old bound of 32 per token allowed
+    alone = builder.count(builder.render([], text))
+    assert alone <= 120
+    prompt = builder.build([], text)
+    assert prompt.cut is None and len(prompt.ids) == alone

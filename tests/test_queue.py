@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from engine import history
+from engine.config import LimitSettings
 from engine.history import Turn
 from engine.jobs import Conversation, RejectedMessage, ReplyEvent
 from engine.queue import JobQueue, replies_key
@@ -16,6 +17,8 @@ BOB = Conversation(platform="local", channel="bob")
 
 
 async def claim(queue: JobQueue, owner: str, max_jobs: int = 1):
+    """Claim as a live worker does: its liveness key set first."""
+    await queue.heartbeat(owner, [])
     return [claimed.job for claimed in await queue.claim(owner, max_jobs)]
 
 
@@ -39,7 +42,7 @@ async def test_one_conversation_is_answered_in_order_one_at_a_time(redis):
 
 
 async def test_a_long_backlog_does_not_hold_back_another_conversation(redis):
-    queue = JobQueue(redis)
+    queue = JobQueue(redis, limits=LimitSettings(max_queued_per_conversation=100))
     for n in range(50):
         await queue.submit(ALICE, f"a{n}", f"alice {n}")
     await queue.submit(BOB, "b0", "bob's only message")
@@ -98,22 +101,33 @@ async def test_heartbeat_keeps_a_long_job_leased(redis):
     [job] = await claim(queue, "w")
     for _ in range(3):
         await asyncio.sleep(0.15)
-        await queue.heartbeat([job])
+        await queue.heartbeat("w", [job])
     assert await claim(queue, "w") == []
 
 
-async def test_a_heartbeat_with_no_job_in_flight_is_a_no_op(redis):
+async def test_a_heartbeat_with_no_job_in_flight_only_says_the_worker_is_alive(redis):
     # The worker extends leases after each step, and a step can end the last live slot.
-    await JobQueue(redis).heartbeat([])
-    assert await redis.zcard("chatbot:leases") == 0
+    await JobQueue(redis).heartbeat("w", [])
+    assert await redis.zcard("chatbot:leases") == 0 and await redis.exists("chatbot:worker:w")
 
 
-async def test_recover_requeues_a_dead_workers_jobs_at_once(redis):
+async def test_a_live_workers_jobs_are_never_taken_and_a_stopped_ones_are_taken_at_once(redis):
     queue = JobQueue(redis, visibility_timeout_s=600)
     await queue.submit(ALICE, "m1", "hello")
-    [job] = await claim(queue, "worker-1")
-    assert await queue.recover("worker-1") == [job.id]
-    [again] = await claim(queue, "worker-1")
+    [job] = await claim(queue, "host-1-aaaa")
+    assert await claim(queue, "host-1-bbbb") == []  # same host, another process: the job is not taken over
+    await queue.gone("host-1-aaaa")
+    [again] = await claim(queue, "host-1-bbbb")
+    assert again.id == job.id
+
+
+async def test_a_silent_workers_jobs_are_taken_once_its_liveness_expires(redis):
+    queue = JobQueue(redis, visibility_timeout_s=0.3)
+    await queue.submit(ALICE, "m1", "hello")
+    [job] = await claim(queue, "killed")
+    assert await claim(queue, "survivor") == []
+    await asyncio.sleep(0.4)
+    [again] = await claim(queue, "survivor")
     assert again.id == job.id
 
 
@@ -165,7 +179,7 @@ async def test_history_is_bounded_by_turns_and_ttl(redis):
     assert 0 < await redis.ttl(history.turns_key(ALICE.key)) <= 60
 
 
-@pytest.mark.parametrize("text", ["", "   \n\t "])
+@pytest.mark.parametrize("text", ["", "   \n\t ", "\u200b\u200b", "\u2060 \ufeff\u200d", "\u200e\x00"])
 async def test_empty_messages_are_refused_with_a_sentence(redis, text):
     with pytest.raises(RejectedMessage, match="empty"):
         await JobQueue(redis).submit(ALICE, "m", text)
@@ -177,3 +191,46 @@ async def test_lone_surrogates_are_replaced_not_fatal(redis):
     await queue.submit(ALICE, "m", "broken \ud800 text")
     [job] = await claim(queue, "w")
     assert job.text == "broken ? text"
+
+
+async def test_a_conversation_holds_at_most_its_limit_of_waiting_messages(redis):
+    queue = JobQueue(redis, limits=LimitSettings(max_queued_per_conversation=2))
+    await queue.submit(ALICE, "1", "one")
+    await queue.submit(ALICE, "2", "two")
+    with pytest.raises(RejectedMessage, match="This conversation already has 2 messages waiting"):
+        await queue.submit(ALICE, "3", "three")
+    assert await redis.llen("chatbot:conv:local:alice:jobs") == 2 and not await redis.exists("chatbot:job:local:3")
+    [job] = await claim(queue, "w")
+    await queue.complete(job, final(job), [], 10, 60)
+    await queue.submit(ALICE, "3", "three")  # room again once one is answered
+
+
+async def test_one_person_cannot_fill_the_queue_by_opening_many_conversations(redis):
+    queue = JobQueue(redis, limits=LimitSettings(max_queued_per_author=3))
+    for n in range(3):
+        await queue.submit(Conversation(platform="slack", channel="C1", thread=f"t{n}"), f"m{n}", "hi", author_id="U1")
+    with pytest.raises(RejectedMessage, match="You already have 3 messages waiting"):
+        await queue.submit(Conversation(platform="slack", channel="C1", thread="t9"), "m9", "hi", author_id="U1")
+    await queue.submit(Conversation(platform="slack", channel="C1", thread="t9"), "other", "hi", author_id="U2")
+    [job] = await claim(queue, "w")
+    await queue.complete(job, final(job), [], 10, 60)
+    await queue.complete(job, final(job), [], 10, 60)  # a redelivered answer does not free a second place
+    await queue.submit(Conversation(platform="slack", channel="C1", thread="t9"), "m9", "hi", author_id="U1")
+    with pytest.raises(RejectedMessage, match="You already have 3"):
+        await queue.submit(Conversation(platform="slack", channel="C1", thread="t10"), "m10", "hi", author_id="U1")
+
+
+async def test_a_person_sending_too_fast_is_told_to_wait(redis):
+    queue = JobQueue(redis, limits=LimitSettings(messages_per_minute_per_author=3, max_queued_per_author=100))
+    for n in range(3):
+        await queue.submit(Conversation(platform="discord", channel=f"c{n}"), f"m{n}", "hi", author_id="42")
+    with pytest.raises(RejectedMessage, match="faster than 3 a minute"):
+        await queue.submit(Conversation(platform="discord", channel="c9"), "m9", "hi", author_id="42")
+    assert 55 <= await redis.ttl("chatbot:author:discord:42:minute") <= 60
+
+
+async def test_a_message_over_the_size_limit_is_refused_before_redis(redis):
+    queue = JobQueue(redis, limits=LimitSettings(max_message_chars=1000))
+    with pytest.raises(RejectedMessage, match="Your message is 1,001 characters long; the limit is 1,000."):
+        await queue.submit(ALICE, "big", "x" * 1001)
+    assert await redis.dbsize() == 0

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import socket
 import time
 import uuid
@@ -24,7 +25,7 @@ from bot.slack.messages import from_slack
 from bot.slack.outbox import LIMIT
 from bot.slack_app import build_app, run_slack, serve, web_client
 from engine import history
-from engine.config import ConfigError, Secrets, Settings, SlackSettings
+from engine.config import ConfigError, LimitSettings, Secrets, Settings, SlackSettings
 from engine.jobs import EMPTY_MESSAGE, ReplyEvent
 from engine.queue import conv_jobs_key, replies_key
 from engine.tasks import cancel_until_done
@@ -135,6 +136,12 @@ async def post_to_app(
             return Answer(response.status, await response.text(), time.monotonic() - started)
 
 
+async def adapter_health(settings: Settings) -> int:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{settings.slack.http_port}/healthz") as response:
+            return response.status
+
+
 def event_callback(event: dict) -> dict:
     return {
         "token": "legacy-verification-token",
@@ -218,6 +225,37 @@ async def test_unsigned_forged_and_stale_requests_are_refused(redis, fake):
     assert (forged.status, stale.status, unsigned) == (401, 401, 401)
     assert await job_keys(redis) == []
     assert challenge.status == 200 and json.loads(challenge.body)["challenge"] == "c-42"
+
+
+async def test_malformed_requests_get_400_or_401_without_a_traceback_and_no_job(redis, fake, caplog):
+    settings = slack_settings()
+    async with adapter(fake, redis, settings):
+        answers = [
+            await post_to_app(settings, json.dumps(event_callback(dm("hi"))), headers={"X-Slack-Request-Timestamp": "soon"}),
+            await post_to_app(settings, '{"type": "event_callback", "event": '),  # signed, but not JSON
+            await post_to_app(settings, json.dumps([event_callback(dm("hi"))])),  # signed JSON array
+        ]
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{settings.slack.http_port}/slack/events"
+            binary = bytes(range(256)) * 4
+            async with session.post(url, data=binary, headers={"Content-Type": "application/octet-stream"}) as response:
+                answers.append(Answer(response.status, await response.text(), 0))
+        health = await adapter_health(settings)
+    assert [answer.status for answer in answers] == [400, 400, 400, 401]
+    assert await job_keys(redis) == []
+    assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
+    assert health == 200  # and the adapter is still up
+
+
+async def test_past_a_persons_limit_the_message_gets_one_sentence_and_nothing_is_queued(redis, fake):
+    settings = slack_settings().model_copy(update={"limits": LimitSettings(max_queued_per_author=2)})
+    async with adapter(fake, redis, settings):  # no worker: the messages wait
+        for text in ("one", "two", "three"):
+            assert (await post_to_app(settings, json.dumps(event_callback(dm(text))))).status == 200
+        await fake.wait_for(lambda: fake.calls_to("chat.postMessage"))
+    [told] = fake.calls_to("chat.postMessage")
+    assert told.body["text"] == "You already have 2 messages waiting for an answer: please wait for them before sending more."
+    assert len(await job_keys(redis)) == 2
 
 
 async def test_retried_delivery_gets_no_second_job_or_reply(redis, fake, tiny_engine):

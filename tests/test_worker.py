@@ -86,7 +86,7 @@ async def test_bad_input_gets_clear_answers_and_the_worker_keeps_serving(redis, 
     async with running_worker(redis, tiny_engine, settings):
         event = await final_event(redis, "local", submitted.job_id)
         assert event.kind == "error" and "empty" in event.text
-        huge = await ask(redis, "blah " * 20_000)  # 100 kB
+        huge = await ask(redis, "blah " * 6_000)  # 30 kB: within the size limit, far over the token budget
         assert huge.kind == "final" and huge.text.startswith("(Your message was too long")
         odd = await ask(redis, "lone \ud800 surrogate and \x00 nul")
         assert odd.kind == "final"
@@ -106,6 +106,9 @@ def worker_process(redis_url: str, run_dir: Path, **env) -> subprocess.Popen:
         "CHATBOT__MODEL__MAX_PROMPT_TOKENS": "256",
         "CHATBOT__GENERATION__MAX_NEW_TOKENS": "700",
         "CHATBOT__QUEUE__PARTIAL_INTERVAL_S": "0",
+        # A killed worker's jobs are delivered again once its liveness and leases expire.
+        "CHATBOT__QUEUE__VISIBILITY_TIMEOUT_S": "6",
+        "CHATBOT__QUEUE__STEP_TIMEOUT_S": "3",
         **env,
     }
     return subprocess.Popen(
@@ -300,3 +303,38 @@ def test_a_config_whose_prompt_and_answer_overflow_the_context_states_the_clamp_
         "a full prompt (480 tokens) leaves answers 32 tokens, not generation.max_new_tokens (256): "
         "prompt + answer never exceed sequence_length (512)"
     )
+
+
+async def test_three_workers_answer_every_job_once_and_a_killed_one_loses_nothing(redis, redis_server, tmp_path):
+    queue = JobQueue(redis)
+    conversations = [Conversation(platform="local", channel=f"c{n}") for n in range(6)]
+    for turn in range(3):
+        for conversation in conversations:
+            await queue.submit(conversation, f"{conversation.channel}-{turn}", f"message {turn} in {conversation.channel}")
+    # One worker name for all three, as replicas sharing one env file have: they must not take each other's jobs.
+    env = {"CHATBOT__WORKER_NAME": "replica", "CHATBOT__GENERATION__MAX_NEW_TOKENS": "300"}
+    workers = [worker_process(redis_server.url, tmp_path, **env) for _ in range(3)]
+    try:
+        victim = f"replica-{workers[0].pid}-"
+
+        async def victim_mid_answer() -> None:
+            while True:
+                owners = [await redis.hget(f"chatbot:job:{job_id}", "owner") for job_id in await redis.zrange("chatbot:leases", 0, -1)]
+                if any((owner or "").startswith(victim) for owner in owners) and await redis.xlen(replies_key("local")):
+                    return
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(victim_mid_answer(), 60)
+        workers[0].send_signal(signal.SIGKILL)
+        for conversation in conversations:
+            for turn in range(3):
+                assert (await final_event(redis, "local", f"local:{conversation.channel}-{turn}", timeout=120)).kind == "final"
+    finally:
+        for process in workers:
+            process.kill()
+            process.wait(10)
+    finals = [event.job_id for event in await reply_events(redis, "local") if event.kind == "final"]
+    assert sorted(finals) == sorted(f"local:{c.channel}-{turn}" for c in conversations for turn in range(3))  # each once
+    for conversation in conversations:
+        exchanges = await history.load_exchanges(redis, conversation.key)
+        assert [e.user.text for e in exchanges] == [f"message {turn} in {conversation.channel}" for turn in range(3)]

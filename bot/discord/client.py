@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import discord
+from redis.exceptions import RedisError
 
 from bot.discord.routing import conversation_of, reply_route
 from bot.discord.rules import Seen, message_text, refusal
@@ -70,13 +71,13 @@ class ChatClient(discord.Client):
         try:
             submitted = await self.queue.submit(
                 conversation_of(message.channel.id), message_id, text, author=author,
-                reply_to=reply_route(message.channel.id, message.id),
+                reply_to=reply_route(message.channel.id, message.id), author_id=str(message.author.id),
             )
         except RejectedMessage as rejected:
             self.typing.stop(message_id)
             await self.tell(message, str(rejected))
             return
-        except REDIS_DOWN as error:
+        except (*REDIS_DOWN, RedisError) as error:  # down, or refusing writes (full, read-only)
             self.typing.stop(message_id)
             log.error("could not queue a message", extra={"discord_message": message.id, "error": str(error)})
             await self.tell(message, UNAVAILABLE)

@@ -6,7 +6,6 @@ import asyncio
 import logging
 
 import aiohttp
-from redis.asyncio import Redis
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
 from slack_sdk.errors import SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
@@ -51,14 +50,14 @@ class DisplayNames:
         return self.known[user_id]
 
 
-def register(app: AsyncApp, settings: SlackSettings, redis: Redis, outbox: SlackOutbox) -> None:
-    queue = JobQueue(redis)
+def register(app: AsyncApp, settings: SlackSettings, queue: JobQueue, outbox: SlackOutbox) -> None:
+    redis = queue.redis
     names = DisplayNames(app.client)
 
     async def submit(incoming: Incoming, author: str | None) -> None:
         try:
             submitted = await queue.submit(
-                incoming.conversation, incoming.message_id, incoming.text, author, incoming.reply_to
+                incoming.conversation, incoming.message_id, incoming.text, author, incoming.reply_to, author_id=incoming.user
             )
         except RejectedMessage as rejected:
             log.info("message refused", extra={"slack_message": incoming.message_id, "reason": str(rejected)})
