@@ -4,6 +4,12 @@
 first), answers of mixed lengths, submitted all together and also arriving at random
 intervals. The worker serves them through real Redis; its per-job log line gives time to first
 token and time to final reply, both measured from submission.
+
+Besides the real models on the CPU, a Neuron-shaped engine: on Inferentia2 the compiled decode
+graph always runs the whole batch, so a step costs the same however many slots are live, and a
+prefill costs the same whatever the prompt (it is padded to the compiled length). On the CPU a
+step costs more with more rows, which hides part of what whole-batch admission wastes. Its
+timings are assumptions (see NEURON_SHAPED), not measurements on Inferentia.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from engine.jobs import Conversation
 from engine.queue import JobQueue
 from engine.redis_client import connect
 from engine.redis_server import RedisServer
-from engine.serving.engine import MODEL_THREAD
+from engine.serving.engine import MODEL_THREAD, Engine
 from engine.serving.transformers_engine import TransformersEngine
 from engine.worker import Worker
 
@@ -34,6 +40,7 @@ QUESTIONS = [
     "Describe your favourite season and why.", "Thanks!", "How do airplanes fly?", "Name a colour.",
     "Give me three tips for learning to cook.", "Who wrote Hamlet?", "Write a haiku about autumn.", "Good night!",
 ]
+NEURON_SHAPED = "neuron-shaped (simulated: 30 ms decode step, 120 ms prefill)"
 MODELS = {
     # The tiny random Llama rarely ends a turn on its own: a context just above the longest
     # prompts gives each message its own limit (from about 20 to 256 tokens).
@@ -42,8 +49,42 @@ MODELS = {
     # SmolLM2 as the embedded default serves it (bfloat16, repetition penalty 1.2, 256 new
     # tokens at most), greedy so that every policy writes the same answers.
     "embedded:smollm2": {"model": {"sequence_length": 2048, "max_prompt_tokens": 1024},
-                         "generation": {"max_new_tokens": 256, "do_sample": False, "repetition_penalty": 1.2}},
+                         "generation": {"max_new_tokens": 128, "do_sample": False, "repetition_penalty": 1.2}},
+    NEURON_SHAPED: {"model": {"id": "embedded:tiny-llama", "sequence_length": 4096, "max_prompt_tokens": 1024},
+                    "generation": {"max_new_tokens": 512}},
 }
+
+
+ANSWER_LENGTHS = (4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # tokens, one drawn per prompt
+
+
+class FixedCostEngine(Engine):
+    """Inferentia2's cost shape on a clock: fixed decode-step and prefill times, answers of set lengths."""
+
+    def __init__(self, tokenizer, batch_size: int, step_s: float = 0.030, prefill_s: float = 0.120):
+        self.tokenizer = tokenizer
+        self.sequence_length = 4096
+        self.batch_size = batch_size
+        self.end_ids = frozenset({tokenizer.eos_token_id})
+        [self.word] = tokenizer("ok", add_special_tokens=False).input_ids
+        self.step_s, self.prefill_s = step_s, prefill_s
+        self.remaining: dict[int, int] = {}
+
+    def prefill(self, slot: int, prompt: list[int]) -> int:
+        time.sleep(self.prefill_s)
+        self.remaining[slot] = random.Random(hash(tuple(prompt))).choice(ANSWER_LENGTHS)  # the same for every policy
+        return self._next(slot)
+
+    def decode(self, slots: list[int]) -> list[int]:
+        time.sleep(self.step_s)
+        return [self._next(slot) for slot in slots]
+
+    def release(self, slot: int) -> None:
+        self.remaining.pop(slot, None)
+
+    def _next(self, slot: int) -> int:
+        self.remaining[slot] -= 1
+        return self.word if self.remaining[slot] >= 0 else self.tokenizer.eos_token_id
 
 
 class Answers(logging.Handler):
@@ -113,6 +154,7 @@ def run(model_ids: list[str] | None = None) -> str:
                  "queue": {"partial_interval_s": 0.25}}
             )
             loaded = MODEL_THREAD.submit(TransformersEngine.load, base.model, base.generation).result()
+
             cases = [("batch 1", 1, "continuous")]
             for batch in (4, 8):
                 cases += [(f"batch {batch}, whole-batch admission", batch, "whole_batch"), (f"batch {batch}, continuous", batch, "continuous")]
@@ -120,11 +162,19 @@ def run(model_ids: list[str] | None = None) -> str:
                 results = {}
                 for label, batch, admission in cases:
                     settings = base.model_copy(update={"model": base.model.model_copy(update={"batch_size": batch, "admission": admission})})
-                    engine = TransformersEngine(loaded.model, loaded.tokenizer, settings.model.sequence_length, batch, settings.generation)
+                    engine = make_engine(model_id, loaded, settings)
                     results[label] = asyncio.run(serve_once(server.url, engine, settings, arrivals, model_id))
                     print(f"  {model_id} {arrivals} {label}: done", flush=True)
                 tables.append(render(model_id, arrivals, results))
     return "\n\n".join(tables)
+
+
+def make_engine(model_id: str, loaded: TransformersEngine, settings: Settings) -> Engine:
+    """A fresh engine with the settings' slots, around the model loaded once."""
+    if model_id == NEURON_SHAPED:
+        return FixedCostEngine(loaded.tokenizer, settings.model.batch_size)
+    model = settings.model
+    return TransformersEngine(loaded.model, loaded.tokenizer, model.sequence_length, model.batch_size, settings.generation)
 
 
 def render(model_id: str, arrivals: str, results: dict[str, dict]) -> str:
@@ -147,7 +197,8 @@ def render(model_id: str, arrivals: str, results: dict[str, dict]) -> str:
         ])
     how = "all submitted together" if arrivals == "together" else f"random arrivals, mean gap {MEAN_GAP_S} s"
     return table(
-        f"Concurrency ({model_id}, CPU, {MESSAGES} messages over {CONVERSATIONS} conversations, {how})",
+        f"Concurrency ({model_id}{'' if model_id == NEURON_SHAPED else ', CPU'}, {MESSAGES} messages over "
+        f"{CONVERSATIONS} conversations, {how})",
         ["serving", "time to first token p50 / p95", "time to final p50 / p95", "tokens/s (all)", "vs batch 1",
          "continuous vs whole-batch"],
         rows,
