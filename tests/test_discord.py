@@ -358,9 +358,12 @@ async def test_a_reply_read_but_not_delivered_is_delivered_once_after_a_restart(
         await shown_answer(fake, 4444, "The answer that was in flight.")
         await shown_answer(fake, 4545, "An answer published while no adapter ran.")
     async with adapter(redis, fake, settings):
-        await asyncio.sleep(0.3)
+        # Delivery keeps stream order: once this marker is shown, a second delivery of the
+        # earlier replies would have been shown too (no timed wait guards the negative).
+        await publish(redis, 4646, "final", "Marker.")
+        await shown_answer(fake, 4646, "Marker.")
 
-    assert len(fake.requests("POST", f"/channels/{GENERAL}/messages")) == 2
+    assert len(fake.requests("POST", f"/channels/{GENERAL}/messages")) == 3
     assert (await redis.xpending(replies_key("discord"), GROUP))["pending"] == 0
 
 
@@ -385,3 +388,14 @@ async def test_a_missing_token_fails_at_start_naming_it(redis):
 async def test_a_rejected_token_fails_at_start_naming_it(redis, fake):
     with pytest.raises(ConfigError, match="DISCORD_TOKEN"):
         await run_discord(discord_settings(), Secrets(values={"DISCORD_TOKEN": "wrong-token-000000"}), redis)
+
+
+async def test_the_adapter_reports_its_gateway_connection_in_the_process_health(redis, fake):
+    from engine.observability import HEALTH
+
+    async with adapter(redis, fake, discord_settings()):
+        deadline = time.monotonic() + 10
+        while await HEALTH.report() != {"discord": "ok"}:
+            assert time.monotonic() < deadline, await HEALTH.report()
+            await asyncio.sleep(0.02)
+    assert "discord" not in HEALTH.checks  # a stopped adapter takes its check away
