@@ -52,6 +52,12 @@ GAVE_UP = "Sorry, this message could not be answered: it failed several times."
 EMPTY_ANSWER = "The model returned an empty answer. Please rephrase your message."
 
 
+def readable_text(tokenizer, tokens: list[int]) -> str:
+    """The answer so far as text, without the half character a step can end in (byte-fallback
+    tokens of one emoji arrive over several steps and decode to U+FFFD until complete)."""
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip()
+
+
 def worker_identity(name: str) -> str:
     """Unique per process, `name` first: two workers on one host, or replicas sharing one env file,
     never take over each other's jobs."""
@@ -235,7 +241,7 @@ class Worker:
     async def _publish_partial(self, slot: Slot, now: float) -> None:
         task: Task = slot.payload
         task.published_at = now
-        text = self.engine.tokenizer.decode(slot.tokens, skip_special_tokens=True).strip()
+        text = readable_text(self.engine.tokenizer, slot.tokens)
         if not text:
             return
         try:
@@ -260,7 +266,7 @@ class Worker:
 
     async def _answer_slot(self, slot: Slot) -> None:
         task: Task = slot.payload
-        text = self.engine.tokenizer.decode(slot.tokens, skip_special_tokens=True).strip()
+        text = readable_text(self.engine.tokenizer, slot.tokens)
         if not text:
             await self._answer(task.job, "error", EMPTY_ANSWER)
             return

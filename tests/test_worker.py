@@ -338,3 +338,12 @@ async def test_three_workers_answer_every_job_once_and_a_killed_one_loses_nothin
     for conversation in conversations:
         exchanges = await history.load_exchanges(redis, conversation.key)
         assert [e.user.text for e in exchanges] == [f"message {turn} in {conversation.channel}" for turn in range(3)]
+
+
+def test_streamed_text_never_ends_in_half_a_character(llama_tokenizer):
+    from engine.worker import readable_text
+
+    tokens = llama_tokenizer("Sure 😀", add_special_tokens=False).input_ids
+    assert readable_text(llama_tokenizer, tokens) == "Sure 😀"
+    for cut in range(1, 4):  # the emoji's four byte tokens arrive one step at a time
+        assert readable_text(llama_tokenizer, tokens[:-cut]) == "Sure"
