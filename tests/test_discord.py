@@ -255,6 +255,18 @@ async def test_a_redelivered_gateway_event_is_queued_once(redis, fake):
     assert len(fake.bot_messages) == 1
 
 
+async def test_one_typing_indicator_per_channel_however_many_messages_wait(redis, fake, tiny_engine):
+    settings = discord_settings(queue_notice_threshold=10)
+    async with adapter(redis, fake, settings):
+        message_ids = [await say(fake, f"question {n}", author=ALICE if n % 2 else BOB) for n in range(5)]
+        await jobs_for(redis, *message_ids)  # all five wait: no worker yet
+        async with running_worker(redis, tiny_engine, settings):
+            for message_id in message_ids:
+                assert (await final_event(redis, message_id)).kind == "final"
+                await fake.wait_for(lambda message_id=message_id: fake.replies_to(message_id))
+    assert len(fake.requests("POST", f"/channels/{GENERAL}/typing")) == 1
+
+
 # --- /reset -----------------------------------------------------------------------------
 
 

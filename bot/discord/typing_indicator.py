@@ -1,4 +1,4 @@
-""""Bot is typing..." in a channel from a message's arrival until its reply starts."""
+""""Bot is typing..." in a channel while any of its messages waits for the start of its reply."""
 
 from __future__ import annotations
 
@@ -14,41 +14,58 @@ MAX_TYPING_S = 300.0
 
 
 class TypingIndicators:
-    """One indicator per waiting message, keyed by the message's id."""
+    """One indicator per channel, however many of its messages wait: a busy channel would
+    otherwise fire one typing call per message into Discord's rate limits."""
 
     def __init__(self) -> None:
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._waiting: dict[int, set[str]] = {}  # channel id -> message ids waiting for a reply
+        self._channel_of: dict[str, int] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
 
     def start(self, channel: discord.abc.Messageable, message_id: str) -> bool:
-        """Returns False if that message already has its indicator."""
-        if message_id in self._tasks:
+        """Returns False if that message was already waiting."""
+        if message_id in self._channel_of:
             return False
-        task = asyncio.create_task(self._type(channel, message_id))
-        self._tasks[message_id] = task
-        task.add_done_callback(lambda done: self._forget(message_id, done))
+        self._channel_of[message_id] = channel.id
+        self._waiting.setdefault(channel.id, set()).add(message_id)
+        if channel.id not in self._tasks:
+            task = asyncio.create_task(self._type(channel))
+            self._tasks[channel.id] = task
+            task.add_done_callback(lambda done: self._forget(channel.id, done))
         return True
 
     def stop(self, message_id: str) -> None:
-        task = self._tasks.pop(message_id, None)
-        if task:
-            task.cancel()
+        channel_id = self._channel_of.pop(message_id, None)
+        if channel_id is None:
+            return
+        waiting = self._waiting.get(channel_id, set())
+        waiting.discard(message_id)
+        if not waiting:
+            self._waiting.pop(channel_id, None)
+            task = self._tasks.pop(channel_id, None)
+            if task:
+                task.cancel()
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
+        self._waiting.clear()
+        self._channel_of.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _forget(self, message_id: str, task: asyncio.Task[None]) -> None:
-        if self._tasks.get(message_id) is task:
-            del self._tasks[message_id]
+    def _forget(self, channel_id: int, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(channel_id) is task:  # it ended by itself (time limit, or a failed call)
+            del self._tasks[channel_id]
+            for message_id in self._waiting.pop(channel_id, set()):
+                self._channel_of.pop(message_id, None)
 
     @staticmethod
-    async def _type(channel: discord.abc.Messageable, message_id: str) -> None:
+    async def _type(channel: discord.abc.Messageable) -> None:
         # discord.py's Typing re-sends the indicator every 5 s while the block runs.
         try:
             async with channel.typing():
                 await asyncio.sleep(MAX_TYPING_S)
         except discord.HTTPException as error:
-            log.warning("typing indicator failed", extra={"discord_message": message_id, "error": str(error)})
+            log.warning("typing indicator failed", extra={"channel": channel.id, "error": str(error)})
