@@ -118,6 +118,7 @@ class DiscordSettings(Strict):
     mention_only: bool = False
     edit_interval_s: float = Field(1.0, ge=1.0)
     queue_notice_threshold: int = Field(3, ge=1)
+    attachment_max_bytes: int = Field(100_000, ge=0, description="text attachments up to this size are read with the message")
 
 
 class SlackSettings(Strict):

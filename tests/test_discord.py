@@ -10,6 +10,7 @@ import discord
 import pytest
 import yarl
 
+from bot.discord.attachments import NOT_READABLE
 from bot.discord.client import QUEUE_NOTICE
 from bot.discord.commands import RESET_DONE, RESET_REFUSED
 from bot.discord.outbox import LIMIT
@@ -265,6 +266,36 @@ async def test_one_typing_indicator_per_channel_however_many_messages_wait(redis
                 assert (await final_event(redis, message_id)).kind == "final"
                 await fake.wait_for(lambda message_id=message_id: fake.replies_to(message_id))
     assert len(fake.requests("POST", f"/channels/{GENERAL}/typing")) == 1
+
+
+async def test_text_attachments_are_read_with_the_message_and_others_named(redis, fake):
+    async with adapter(redis, fake, discord_settings(attachment_max_bytes=1000)):
+        data = fake.message(
+            "What does this do?",
+            files=(("hello.py", "text/x-python", b"print('hello')\n"), ("notes.md", "", b"# Notes\nbuy milk"),
+                   ("big.txt", "text/plain", b"x" * 1001), ("cat.png", "image/png", b"\x89PNG")),
+        )
+        await fake.dispatch("MESSAGE_CREATE", data)
+        jobs = await jobs_for(redis, int(data["id"]))
+    assert jobs[f"discord:{data['id']}"].text == (
+        "What does this do?\n\n--- hello.py ---\nprint('hello')\n\n--- notes.md ---\n# Notes\nbuy milk\n\n"
+        "(attached, not read: big.txt, too large)\n\n(attached, not read: cat.png, not a text file)"
+    )
+
+
+async def test_a_message_of_only_an_image_or_a_sticker_is_ignored_unless_meant_for_the_bot(redis, fake):
+    async with adapter(redis, fake, discord_settings()):
+        picture = fake.message("", files=(("cat.png", "image/png", b"\x89PNG"),))
+        sticker = fake.message("", stickers=("wave",))
+        await fake.dispatch("MESSAGE_CREATE", picture)
+        await fake.dispatch("MESSAGE_CREATE", sticker)
+        asked = fake.message(f"<@{BOT.id}>", mentions=(BOT,), files=(("cat.png", "image/png", b"\x89PNG"),))
+        await fake.dispatch("MESSAGE_CREATE", asked)
+        [told] = await fake.wait_for(lambda: fake.replies_to(int(asked["id"])))
+    # Delivery of `asked` came after the two earlier events were handled: neither got an answer.
+    assert told.text == NOT_READABLE
+    assert fake.replies_to(int(picture["id"])) == [] and fake.replies_to(int(sticker["id"])) == []
+    assert await queued_jobs(redis) == {}
 
 
 # --- /reset -----------------------------------------------------------------------------

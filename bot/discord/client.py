@@ -7,6 +7,7 @@ import logging
 import discord
 from redis.exceptions import RedisError
 
+from bot.discord.attachments import NOT_READABLE, attachment_text
 from bot.discord.routing import conversation_of, reply_route
 from bot.discord.rules import Seen, message_text, refusal
 from bot.discord.typing_indicator import TypingIndicators
@@ -62,6 +63,14 @@ class ChatClient(discord.Client):
             return
         names = {user.id: user.display_name for user in message.mentions}
         text = message_text(message.content, self.user.id, names)
+        attached, read_any = await attachment_text(message.attachments, self.settings.attachment_max_bytes)
+        if not text and not read_any and (message.attachments or message.stickers):
+            if facts.guild_id is None or facts.mentions_me:
+                await self.tell(message, NOT_READABLE)
+            else:  # an image or a sticker in a channel the bot answers: not meant for it
+                log.debug("message without text ignored", extra={"discord_message": message.id})
+            return
+        text = "\n\n".join(part for part in (text, attached) if part)
         await self.submit(message, text, author=message.author.display_name if facts.guild_id else None)
 
     async def submit(self, message: discord.Message, text: str, author: str | None) -> None:

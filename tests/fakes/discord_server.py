@@ -141,6 +141,7 @@ class FakeDiscord:
         self.identified = 0  # gateway sessions that got READY
         self.hold_posts = False  # POST /messages waits (unrecorded) until the server stops
         self.forbidden: set[int] = set()  # channels where the bot lacks Send Messages
+        self.files: dict[str, bytes] = {}  # attachment id/file name -> content
         self.held = 0
         self._ids = itertools.count(500_000)
         self._sockets: set[web.WebSocketResponse] = set()
@@ -155,12 +156,17 @@ class FakeDiscord:
         app = web.Application()
         app.router.add_get(GATEWAY_PATH, self._gateway)
         app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._rest)
+        app.router.add_get("/attachments/{name:.*}", self._attachment)
         self._runner, self.port = await serve_locally(app)
         return self
 
     async def stop(self) -> None:
         self._stopping.set()
         await shut_down(self._runner, self._sockets)
+
+    @property
+    def cdn_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def rest_base(self) -> str:
@@ -188,8 +194,13 @@ class FakeDiscord:
         mentions: tuple[FakeUser, ...] = (),
         type: int = 0,
         message_id: int | None = None,
+        files: tuple[tuple[str, str, bytes], ...] = (),
+        stickers: tuple[str, ...] = (),
     ) -> dict[str, Any]:
-        """A MESSAGE_CREATE payload; DM_CHANNEL makes it a DM (no guild, no member)."""
+        """A MESSAGE_CREATE payload; DM_CHANNEL makes it a DM (no guild, no member).
+
+        `files` are (file name, content type, bytes): attachments served as Discord's CDN serves them.
+        """
         data: dict[str, Any] = {
             "id": str(message_id or self.next_id()), "channel_id": str(channel_id), "type": type,
             "content": content, "author": author.payload(), "timestamp": TIMESTAMP, "edited_timestamp": None,
@@ -197,6 +208,16 @@ class FakeDiscord:
             "pinned": False, "flags": 0,
             "mentions": [{**user.payload(), "member": user.member()} for user in mentions],
         }
+        for filename, content_type, content in files:
+            attachment_id = self.next_id()
+            self.files[f"{attachment_id}/{filename}"] = content
+            url = f"{self.cdn_base}/attachments/{attachment_id}/{filename}"
+            data["attachments"].append({
+                "id": str(attachment_id), "filename": filename, "size": len(content), "url": url, "proxy_url": url,
+                "content_type": content_type,
+            })
+        if stickers:
+            data["sticker_items"] = [{"id": str(self.next_id()), "name": name, "format_type": 1} for name in stickers]
         if channel_id != DM_CHANNEL:
             data["guild_id"] = str(GUILD_ID)
             data["member"] = author.member()
@@ -267,6 +288,11 @@ class FakeDiscord:
         self.identified += 1
 
     # --- REST ---------------------------------------------------------------------------
+
+    async def _attachment(self, request: web.Request) -> web.StreamResponse:
+        self.calls.append(Call("GET", request.path, None, time.monotonic()))
+        content = self.files.get(request.match_info["name"])
+        return web.Response(body=content) if content is not None else web.Response(status=404)
 
     async def _rest(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info["tail"]
