@@ -119,6 +119,8 @@ class DiscordSettings(Strict):
     edit_interval_s: float = Field(1.0, ge=1.0)
     queue_notice_threshold: int = Field(3, ge=1)
     attachment_max_bytes: int = Field(100_000, ge=0, description="text attachments up to this size are read with the message")
+    threads: bool = Field(False, description="answer channel messages in a thread opened on them, everywhere")
+    thread_channels: list[int] = Field(default_factory=list, description="channels where answers go in a new thread")
 
 
 class SlackSettings(Strict):

@@ -298,6 +298,29 @@ async def test_a_message_of_only_an_image_or_a_sticker_is_ignored_unless_meant_f
     assert await queued_jobs(redis) == {}
 
 
+async def test_in_thread_channels_the_answer_goes_in_a_thread_opened_on_the_message(redis, fake, tiny_engine):
+    settings = discord_settings(thread_channels=[GENERAL])
+    long_question = "Which fruits are blue, and why are so few of them? " * 4
+    async with adapter(redis, fake, settings), running_worker(redis, tiny_engine, settings):
+        message_id = await say(fake, long_question)
+        [opened] = await fake.wait_for(lambda: fake.requests("POST", f"/channels/{GENERAL}/messages/{message_id}/threads"))
+        first = await final_event(redis, message_id)
+        await fake.wait_for(lambda: fake.replies_to(message_id))
+        # Inside the thread, a message is that thread's conversation: no new thread.
+        follow_up = await say(fake, "And red ones?", channel_id=message_id)
+        await final_event(redis, follow_up)
+        await fake.wait_for(lambda: fake.replies_to(follow_up))
+    name = opened.body["name"]  # from the message, cut at a word within Discord's 100 characters
+    assert name.startswith("Which fruits are blue, and why are so few of them? Which") and name.endswith("…")
+    assert len(name) <= 81 and not name.removesuffix("…").endswith(" ")
+    assert len(fake.requests("POST", f"/channels/{message_id}/messages/{follow_up}/threads")) == 0
+    assert {m.channel_id for m in fake.replies_to(message_id) + fake.replies_to(follow_up)} == {message_id}
+    assert first.conversation == f"discord:{message_id}"
+    exchanges = await history.load_exchanges(redis, f"discord:{message_id}")
+    assert [e.user.text for e in exchanges] == [f"Alice: {long_question.strip()}", "Alice: And red ones?"]
+    assert await history.load_exchanges(redis, f"discord:{GENERAL}") == []
+
+
 # --- /reset -----------------------------------------------------------------------------
 
 

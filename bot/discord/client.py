@@ -9,7 +9,7 @@ from redis.exceptions import RedisError
 
 from bot.discord.attachments import NOT_READABLE, attachment_text
 from bot.discord.routing import conversation_of, reply_route
-from bot.discord.rules import Seen, message_text, refusal
+from bot.discord.rules import Seen, message_text, opens_thread, refusal, thread_name
 from bot.discord.typing_indicator import TypingIndicators
 from engine.config import DiscordSettings
 from engine.jobs import RejectedMessage
@@ -71,16 +71,23 @@ class ChatClient(discord.Client):
                 log.debug("message without text ignored", extra={"discord_message": message.id})
             return
         text = "\n\n".join(part for part in (text, attached) if part)
-        await self.submit(message, text, author=message.author.display_name if facts.guild_id else None)
+        channel = message.channel
+        if opens_thread(self.settings, facts):
+            try:
+                channel = await message.create_thread(name=thread_name(text))
+            except discord.HTTPException as error:  # no permission to create threads: answer in the channel
+                log.warning("could not open a thread", extra={"discord_message": message.id, "error": str(error)})
+        await self.submit(message, text, author=message.author.display_name if facts.guild_id else None, channel=channel)
 
-    async def submit(self, message: discord.Message, text: str, author: str | None) -> None:
+    async def submit(self, message: discord.Message, text: str, author: str | None, channel) -> None:
+        """Queue the message as a job of `channel`'s conversation (its own, or the thread opened on it)."""
         message_id = str(message.id)
         # Typing starts before the job exists: its reply can begin before submit returns.
-        started = self.typing.start(message.channel, message_id)
+        started = self.typing.start(channel, message_id)
         try:
             submitted = await self.queue.submit(
-                conversation_of(message.channel.id), message_id, text, author=author,
-                reply_to=reply_route(message.channel.id, message.id), author_id=str(message.author.id),
+                conversation_of(channel.id), message_id, text, author=author,
+                reply_to=reply_route(channel.id, message.id), author_id=str(message.author.id),
             )
         except RejectedMessage as rejected:
             self.typing.stop(message_id)
@@ -98,7 +105,7 @@ class ChatClient(discord.Client):
             return
         log.info(
             "message queued",
-            extra={"job": submitted.job_id, "conversation": conversation_of(message.channel.id).key, "ahead": submitted.ahead},
+            extra={"job": submitted.job_id, "conversation": conversation_of(channel.id).key, "ahead": submitted.ahead},
         )
         if submitted.ahead >= self.settings.queue_notice_threshold:
             await self.tell(message, QUEUE_NOTICE.format(position=submitted.ahead + 1))

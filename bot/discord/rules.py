@@ -62,3 +62,18 @@ def message_text(content: str, bot_id: int, names: dict[int, str]) -> str:
         return f"@{names[user_id]}" if user_id in names else match.group(0)
 
     return _SPACES.sub(" ", _USER_MENTION.sub(name, content)).strip()
+
+
+def opens_thread(settings: DiscordSettings, seen: Seen) -> bool:
+    """A channel message answered in a thread of its own (never in a DM or inside a thread)."""
+    if seen.guild_id is None or seen.parent_id is not None:
+        return False
+    return settings.threads or seen.channel_id in settings.thread_channels
+
+
+def thread_name(text: str, limit: int = 80) -> str:
+    """A thread title from the message: its first line, cut at a word (Discord allows 100 characters)."""
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "") or "Conversation"
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(" ,.;:") + "…"

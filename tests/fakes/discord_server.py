@@ -112,13 +112,17 @@ def _role(role_id: int, name: str, position: int) -> dict[str, Any]:
     }
 
 
-def guild_payload() -> dict[str, Any]:
-    thread = {
-        "id": str(THREAD), "type": 11, "name": "a thread", "guild_id": str(GUILD_ID), "parent_id": str(GENERAL),
-        "owner_id": str(ALICE.id), "last_message_id": None, "rate_limit_per_user": 0, "message_count": 0,
+def thread_payload(thread_id: int, name: str, parent_id: int = GENERAL, owner: FakeUser = ALICE) -> dict[str, Any]:
+    return {
+        "id": str(thread_id), "type": 11, "name": name, "guild_id": str(GUILD_ID), "parent_id": str(parent_id),
+        "owner_id": str(owner.id), "last_message_id": None, "rate_limit_per_user": 0, "message_count": 0,
         "member_count": 1, "flags": 0,
         "thread_metadata": {"archived": False, "auto_archive_duration": 1440, "archive_timestamp": TIMESTAMP, "locked": False},
     }
+
+
+def guild_payload() -> dict[str, Any]:
+    thread = thread_payload(THREAD, "a thread")
     return {
         "id": str(GUILD_ID), "name": "Test guild", "icon": None, "owner_id": str(OWNER_ID), "unavailable": False,
         "features": [], "emojis": [], "stickers": [], "large": False, "member_count": 4, "mfa_level": 0,
@@ -307,6 +311,11 @@ class FakeDiscord:
             await self._stopping.wait()
             return _json({"message": "shutting down"}, status=503)
         self.calls.append(Call(request.method, path, body, time.monotonic()))
+        if request.method == "POST" and parts[0] == "channels" and parts[2::2] == ["messages", "threads"]:
+            # A thread started from a message takes the message's id; the gateway announces it too.
+            thread = thread_payload(int(parts[3]), body["name"], parent_id=int(parts[1]), owner=BOT)
+            await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
+            return _json(thread)
         return self._answer(request.method, parts, body)
 
     def _answer(self, method: str, parts: list[str], body: Any) -> web.StreamResponse:
