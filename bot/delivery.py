@@ -26,11 +26,13 @@ from engine.jobs import ReplyEvent
 from engine.observability import DELIVERIES, PLATFORM_ERRORS
 from engine.redis_client import REDIS_DOWN, with_backoff
 from engine.replies import ReplyReader
+from engine.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 POSTED_TTL_S = 24 * 3600
 ABANDONED_AFTER_S = 3600  # a streamed reply silent this long will not be finished
 FAILED = "Sorry, I could not deliver the answer."
+LANE_IDLE_S = 30.0  # a conversation's lane ends after this long without replies
 
 
 class Outbox(Protocol):
@@ -63,21 +65,49 @@ class Delivery:
         self.outbox = outbox
         self.edit_interval_s = edit_interval_s
         self.shown: dict[str, Shown] = {}
+        # One lane per conversation with replies in flight: in order within a conversation, and a
+        # slow or rate-limited channel (a held edit, a 429 wait) never delays the others.
+        self.lanes: dict[str, tuple[asyncio.Queue[tuple[str, ReplyEvent]], asyncio.Task[None]]] = {}
 
     async def run(self) -> None:
         await with_backoff(self.reader.ensure_group, "create the reply group")
+        try:
+            while True:
+                for _, task in self.lanes.values():
+                    if task.done():
+                        task.result()  # a lane that failed stops the adapter, loudly
+                try:
+                    events = await self.reader.read(block_ms=1000)
+                except REDIS_DOWN as error:
+                    log.warning("redis unavailable", extra={"error": str(error)})
+                    await asyncio.sleep(1)
+                    continue
+                for entry in events:
+                    self._lane(entry[1].conversation).put_nowait(entry)
+                self._forget_abandoned()
+        finally:
+            await cancel_until_done([task for _, task in self.lanes.values()])
+
+    def _lane(self, conversation: str) -> asyncio.Queue[tuple[str, ReplyEvent]]:
+        if conversation not in self.lanes:
+            queue: asyncio.Queue[tuple[str, ReplyEvent]] = asyncio.Queue()
+            self.lanes[conversation] = (queue, asyncio.create_task(self._drain(conversation, queue)))
+        return self.lanes[conversation][0]
+
+    async def _drain(self, conversation: str, queue: asyncio.Queue[tuple[str, ReplyEvent]]) -> None:
         while True:
             try:
-                events = await self.reader.read(block_ms=1000)
-            except REDIS_DOWN as error:
-                log.warning("redis unavailable", extra={"error": str(error)})
-                await asyncio.sleep(1)
+                first = await asyncio.wait_for(queue.get(), LANE_IDLE_S)
+            except asyncio.TimeoutError:
+                if queue.empty():  # no await between this check and leaving: nothing can slip in
+                    del self.lanes[conversation]
+                    return
                 continue
-            for event in self._latest_per_job(events):
+            entries = [first] + [queue.get_nowait() for _ in range(queue.qsize())]
+            for event in self._latest_per_job(entries):
                 await self.deliver(event)
-            entry_ids = [entry_id for entry_id, _ in events]
+            entry_ids = [entry_id for entry_id, _ in entries]
             await with_backoff(functools.partial(self.reader.ack, *entry_ids), "acknowledge replies")
-            self._forget_abandoned()
 
     def _forget_abandoned(self) -> None:
         """Drop what we track of replies whose final event never came (their job was given up)."""
@@ -101,8 +131,8 @@ class Delivery:
         if wait > 0:
             if not final:
                 return
-            # The final text must show, but no sooner than the edit rate allows. This holds
-            # the loop for less than one interval, and jobs finishing together share it.
+            # The final text must show, but no sooner than the edit rate allows: this holds
+            # this conversation's lane only, for less than one interval.
             await asyncio.sleep(wait)
         try:
             await self._show(event, shown, split_message(event.text, self.outbox.limit))

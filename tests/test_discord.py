@@ -383,6 +383,17 @@ async def publish(redis, message_id: int, kind: str, text: str, channel_id: int 
     await redis.xadd(replies_key("discord"), {"event": event.model_dump_json()})
 
 
+async def test_a_slow_channel_never_delays_the_replies_of_another(redis, fake):
+    fake.slow_channels.add(QUIET)  # Discord takes its time there (a rate-limit wait, a slow region)
+    async with adapter(redis, fake, discord_settings()):
+        await publish(redis, 7001, "final", "For the slow channel.", channel_id=QUIET)
+        await publish(redis, 7002, "final", "For the general channel.")
+        await shown_answer(fake, 7002, "For the general channel.")
+        assert fake.replies_to(7001) == []  # still waiting on Discord
+        fake.slow_channels.clear()
+        await shown_answer(fake, 7001, "For the slow channel.")
+
+
 async def test_a_long_reply_is_split_into_messages_of_at_most_2000_characters(redis, fake):
     text = "\n\n".join(f"Paragraph {n}: " + "word " * 120 for n in range(8))
     assert len(text) > 2 * LIMIT

@@ -146,6 +146,7 @@ class FakeDiscord:
         self.hold_posts = False  # POST /messages waits (unrecorded) until the server stops
         self.forbidden: set[int] = set()  # channels where the bot lacks Send Messages
         self.files: dict[str, bytes] = {}  # attachment id/file name -> content
+        self.slow_channels: set[int] = set()  # posts and edits there are answered once the channel leaves the set
         self.held = 0
         self._ids = itertools.count(500_000)
         self._sockets: set[web.WebSocketResponse] = set()
@@ -310,6 +311,9 @@ class FakeDiscord:
             self.held += 1
             await self._stopping.wait()
             return _json({"message": "shutting down"}, status=503)
+        if parts[0] == "channels" and int(parts[1]) in self.slow_channels and parts[2:3] == ["messages"]:
+            while int(parts[1]) in self.slow_channels and not self._stopping.is_set():
+                await asyncio.sleep(0.01)
         self.calls.append(Call(request.method, path, body, time.monotonic()))
         if request.method == "POST" and parts[0] == "channels" and parts[2::2] == ["messages", "threads"]:
             # A thread started from a message takes the message's id; the gateway announces it too.
