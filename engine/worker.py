@@ -146,7 +146,7 @@ class Worker:
         finally:
             for slot in self.scheduler.live:
                 self.scheduler.free(slot)
-            with contextlib.suppress(RedisError, asyncio.CancelledError):
+            with contextlib.suppress(RedisError, OSError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.queue.gone(self.owner), RELEASE_PATIENCE_S)  # what it still holds is due now
             log.info("worker stopped", extra={"owner": self.owner})
 

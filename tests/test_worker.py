@@ -246,7 +246,12 @@ async def test_redis_refusing_one_answer_fails_only_that_job(redis, tiny_model, 
 async def test_the_answer_log_line_times_the_job_from_submission(redis, worker, caplog):
     caplog.set_level("INFO", logger="engine.worker")
     assert (await ask(redis, "How long did this take?")).kind == "final"
-    [record] = [r for r in caplog.records if r.getMessage() == "job answered"]
+    # The worker logs right after writing the reply, which the test may read first.
+    for _ in range(500):
+        if answered := [r for r in caplog.records if r.getMessage() == "job answered"]:
+            break
+        await asyncio.sleep(0.01)
+    [record] = answered
     assert 0 <= record.queue_s <= record.ttft_s <= record.total_s < 30
     assert record.new_tokens > 0
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]  # e.g. no empty lease update
