@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 
 import pytest
@@ -62,6 +63,12 @@ def engine_for(loaded, settings: Settings):
 @pytest.fixture
 def tiny_engine(tiny_model, settings):
     return engine_for(tiny_model, settings)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def tiny_settings(**overrides) -> Settings:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,9 @@ from engine.jobs import Conversation
 from engine.observability import HEALTH, Health, redis_check, serving
 from engine.queue import JobQueue
 from engine.redis_client import connect
-from tests.conftest import final_event, running_worker
+from tests.conftest import final_event, free_port, running_worker
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def get(port: int, path: str) -> tuple[int, str]:

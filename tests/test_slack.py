@@ -8,7 +8,6 @@ import contextlib
 import itertools
 import json
 import logging
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from engine.config import ConfigError, LimitSettings, Secrets, Settings, SlackSe
 from engine.jobs import EMPTY_MESSAGE, ReplyEvent
 from engine.queue import conv_jobs_key, replies_key
 from engine.tasks import cancel_until_done
-from tests.conftest import final_event, reply_events, running_worker, tiny_settings
+from tests.conftest import final_event, free_port, reply_events, running_worker, tiny_settings
 from tests.fakes.slack_server import APP_ID, BOT_ID, BOT_USER_ID, TEAM_ID, FakeSlack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,12 +46,6 @@ COLOUR_CONVERSATION = [
     "What is the colour of my favorite fruit ?",
 ]
 _ts = itertools.count(1)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def slack_settings(**slack) -> Settings:
