@@ -164,7 +164,8 @@ class Worker:
 
     async def _start(self, claim: Claim) -> None:
         job = claim.job
-        TIME_IN_QUEUE.observe(max(0.0, time.time() - job.submitted_at))
+        claimed_at = time.time()
+        TIME_IN_QUEUE.observe(max(0.0, claimed_at - job.submitted_at))
         if job.attempts > 1:
             JOBS.labels("redelivered").inc()
         if job.attempts > MAX_ATTEMPTS:
@@ -176,7 +177,7 @@ class Worker:
             return
         try:
             prompt = self.builder.build(claim.history, job.text, job.author)
-            task = Task(job, prompt, claimed_at=time.time(), published_at=time.monotonic())
+            task = Task(job, prompt, claimed_at=claimed_at, published_at=time.monotonic())
             slot = await self._model_call(self.scheduler.admit, prompt.ids, task)
         except StepTimedOut:
             raise

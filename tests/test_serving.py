@@ -98,17 +98,13 @@ def test_repetition_penalty_and_sampling_come_from_transformers_processors(tiny_
     assert len(picks) > 1  # and it samples
 
 
-def test_decode_must_advance_every_live_slot(tiny_engine):
-    prompts = prompts_for(tiny_engine, QUESTIONS[:2])
-    engine = engine_for_batch(tiny_engine, 2)
+def test_decode_must_advance_every_live_slot(tiny_model):
+    engine = engine_for(tiny_model, tiny_settings(model={"batch_size": 2}))
+    prompts = prompts_for(engine, QUESTIONS[:2])
     engine.prefill(0, prompts[0])
     engine.prefill(1, prompts[1])
     with pytest.raises(ValueError, match="every live slot"):
         engine.decode([0])
-
-
-def engine_for_batch(engine: TransformersEngine, batch_size: int) -> TransformersEngine:
-    return TransformersEngine(engine.model, engine.tokenizer, engine.sequence_length, batch_size, GenerationSettings())
 
 
 # --- the worker -------------------------------------------------------------------------------------
