@@ -20,6 +20,7 @@ from engine.serving.transformers_engine import TransformersEngine
 NEW_TOKENS = 96
 ROUNDS = 3
 PROMPT = "Write a long story about the sea, with many details."
+default_threads = torch.get_num_threads()
 
 
 def generate_fp32(engine: TransformersEngine, ids: list[int]) -> float:
@@ -47,8 +48,6 @@ def serving(engine: TransformersEngine, ids: list[int], threads: int) -> float:
     finally:
         torch.set_num_threads(default_threads)
 
-
-default_threads = torch.get_num_threads()
 
 
 def run(model_id: str = "embedded:smollm2") -> str:
