@@ -35,13 +35,29 @@ FAILED = "Sorry, I could not deliver the answer."
 LANE_IDLE_S = 30.0  # a conversation's lane ends after this long without replies
 
 
+@dataclass(frozen=True)
+class Part:
+    """One platform message of a reply, as it should show now."""
+
+    job_id: str
+    reply_to: dict[str, str]
+    text: str
+    settled: bool = True  # its text will not change again (the reply ended, or it is full)
+    answer: str | None = None  # on the last message of a finished answer: the whole answer (for feedback)
+
+
+class Deferred(Exception):
+    """The platform's rate budget is short: this partial text was not shown; a newer one will be."""
+
+
 class Outbox(Protocol):
     limit: int  # most characters in one platform message
 
-    async def post(self, reply_to: dict[str, str], text: str) -> str:
-        """Post a new message; returns its platform id."""
+    async def post(self, part: Part) -> str:
+        """Post a new message; returns its platform id. May raise Deferred for an unsettled part."""
 
-    async def edit(self, reply_to: dict[str, str], message_id: str, text: str) -> None: ...
+    async def edit(self, message_id: str, part: Part) -> None:
+        """Show the part's text in the message. May raise Deferred for an unsettled part."""
 
 
 def posted_key(job_id: str) -> str:
@@ -54,6 +70,7 @@ class Shown:
 
     message_ids: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    settled: int = 0  # how many of the first messages were shown settled
     edited_at: float = 0.0
 
 
@@ -137,6 +154,8 @@ class Delivery:
         try:
             await self._show(event, shown, split_message(event.text, self.outbox.limit))
             DELIVERIES.labels(self.platform, event.kind).inc()
+        except Deferred:
+            pass  # a partial the rate budget had no room for: the next one carries its text
         except Exception as error:
             PLATFORM_ERRORS.labels(self.platform, type(error).__name__).inc()
             log.exception("delivery failed", extra={"job": event.job_id, "kind": event.kind})
@@ -152,21 +171,28 @@ class Delivery:
         # fails this too; it must not stop delivery, or the restarted adapter meets the
         # same unacknowledged event and stops again.
         try:
-            await self.outbox.post(event.reply_to, FAILED)
+            await self.outbox.post(Part(event.job_id, event.reply_to, FAILED))
         except Exception:
             log.exception("could not tell the user that delivery failed", extra={"job": event.job_id})
 
     async def _show(self, event: ReplyEvent, shown: Shown, chunks: list[str]) -> None:
+        final = event.kind != "partial"
         for index, chunk in enumerate(chunks):
+            last = index == len(chunks) - 1
+            answer = event.text if last and event.kind == "final" else None
+            part = Part(event.job_id, event.reply_to, chunk, settled=final or not last, answer=answer)
             if index < len(shown.message_ids):
-                if index >= len(shown.texts) or shown.texts[index] != chunk:
-                    await self.outbox.edit(event.reply_to, shown.message_ids[index], chunk)
+                changed = index >= len(shown.texts) or shown.texts[index] != chunk
+                if changed or (part.settled and index >= shown.settled):
+                    await self.outbox.edit(shown.message_ids[index], part)
             else:
-                shown.message_ids.append(await self.outbox.post(event.reply_to, chunk))
+                shown.message_ids.append(await self.outbox.post(part))
                 record = functools.partial(self.redis.set, posted_key(event.job_id), json.dumps(shown.message_ids), ex=POSTED_TTL_S)
                 await with_backoff(record, "record posted ids")
-        shown.texts = chunks
-        shown.edited_at = time.monotonic()
+            shown.texts[index:index + 1] = [chunk]
+            if part.settled:
+                shown.settled = index + 1
+            shown.edited_at = time.monotonic()
 
     async def _recall(self, job_id: str) -> Shown:
         raw = await with_backoff(lambda: self.redis.get(posted_key(job_id)), "read posted ids")

@@ -14,15 +14,16 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
-from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.delivery import Delivery
+from bot.slack.budget import PacedSlack, SlackBudget
 from bot.slack.handlers import register
 from bot.slack.http import http_server
 from bot.slack.messages import PLATFORM
 from bot.slack.outbox import SlackOutbox
 from engine.config import Secrets, Settings
+from engine.feedback import FeedbackStore
 from engine.observability import HEALTH
 from engine.queue import JobQueue
 
@@ -50,13 +51,18 @@ def slack_tokens(settings: Settings, secrets: Secrets) -> SlackTokens:
 
 
 def web_client(token: str, base_url: str = AsyncWebClient.BASE_URL) -> AsyncWebClient:
-    client = AsyncWebClient(token=token, base_url=base_url)
-    # Streaming edits can meet Slack's per-method rate limits: wait as told rather than lose the edit.
-    client.retry_handlers.append(AsyncRateLimitErrorRetryHandler(max_retry_count=2))
-    return client
+    # No retry handler: a 429 is handled by the rate budget (bot/slack/budget.py), which
+    # pauses that workspace and method for every process instead of sleeping inside one call.
+    return AsyncWebClient(token=token, base_url=base_url)
 
 
-def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncWebClient | None = None) -> AsyncApp:
+@dataclass(frozen=True)
+class SlackBot:
+    app: AsyncApp  # bolt, with our listeners
+    outbox: SlackOutbox  # shared by the listeners and reply delivery: it knows the open streams
+
+
+def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncWebClient | None = None) -> SlackBot:
     """The bolt app with our listeners; `client` replaces the Web API client (tests point one at a fake)."""
     tokens = slack_tokens(settings, secrets)
     app = AsyncApp(
@@ -67,8 +73,11 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
         # delivers the event again (and the job id makes a second success a no-op).
         process_before_response=True,
     )
-    register(app, settings.slack, JobQueue(redis, limits=settings.limits), SlackOutbox(app.client))
-    return app
+    slack = PacedSlack(app.client, SlackBudget(redis, settings.slack.rate_limits))
+    feedback = FeedbackStore(redis)
+    outbox = SlackOutbox(slack, settings.slack, feedback)
+    register(app, settings.slack, JobQueue(redis, limits=settings.limits), outbox, slack, feedback)
+    return SlackBot(app, outbox)
 
 
 @asynccontextmanager
@@ -91,11 +100,11 @@ async def receiving(app: AsyncApp, settings: Settings, tokens: SlackTokens) -> A
         await handler.close_async()
 
 
-async def serve(app: AsyncApp, settings: Settings, secrets: Secrets, redis: Redis) -> None:
+async def serve(bot: SlackBot, settings: Settings, secrets: Secrets, redis: Redis) -> None:
     """Receive messages and deliver replies until cancelled."""
     tokens = slack_tokens(settings, secrets)
-    delivery = Delivery(redis, PLATFORM, CONSUMER, SlackOutbox(app.client), settings.slack.edit_interval_s)
-    async with receiving(app, settings, tokens):
+    delivery = Delivery(redis, PLATFORM, CONSUMER, bot.outbox, settings.slack.edit_interval_s)
+    async with receiving(bot.app, settings, tokens):
         await delivery.run()
 
 

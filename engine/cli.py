@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 import uuid
 
 from engine import history
+from engine.feedback import FeedbackStore
 from engine.jobs import Conversation, RejectedMessage
 from engine.queue import JobQueue
 from engine.redis_client import connect
@@ -47,6 +49,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     prompt.add_argument("conversation", type=conversation_id, help="conversation id, e.g. cli:default")
     prompt.add_argument("text", nargs="?", default="(next message)", help="the next message (default: a placeholder)")
     prompt.set_defaults(handler=prompt_command)
+
+    feedback = commands.add_parser("feedback", help="print users' recent ratings of answers, with question and answer")
+    feedback.add_argument("--limit", type=int, default=20, help="how many ratings, newest first (default 20)")
+    feedback.set_defaults(handler=feedback_command)
 
 
 def worker_command(args: argparse.Namespace) -> int:
@@ -133,3 +139,30 @@ def prompt_command(args: argparse.Namespace) -> int:
 
     return asyncio.run(main())
 
+
+
+def feedback_command(args: argparse.Namespace) -> int:
+    _, redis = _client(args)
+
+    async def main() -> int:
+        store = FeedbackStore(redis)
+        try:
+            votes, counts = await store.recent(args.limit), await store.counts()
+        finally:
+            await redis.aclose()
+        print(f"{counts['good']} good, {counts['bad']} bad in all; the newest {len(votes)}:")
+        for vote in votes:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(vote.at))
+            print(f"\n{when} UTC  {vote.rating.upper()}  by {vote.user}  in {vote.conversation or '?'}  (job {vote.job_id})")
+            print(f"  asked:    {_one_line(vote.question)}")
+            print(f"  answered: {_one_line(vote.answer)}")
+        return 0
+
+    return asyncio.run(main())
+
+
+def _one_line(text: str | None, limit: int = 200) -> str:
+    if text is None:
+        return "(no longer stored)"
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

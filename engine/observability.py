@@ -32,6 +32,7 @@ WAITING_CONVERSATIONS = Gauge("chatbot_waiting_conversations", "Conversations wh
 # adapters
 DELIVERIES = Counter("chatbot_deliveries_total", "Reply events shown on a platform", ["platform", "kind"])
 PLATFORM_ERRORS = Counter("chatbot_platform_errors_total", "Failed platform calls by kind", ["platform", "kind"])
+FEEDBACK = Counter("chatbot_feedback_total", "Users' ratings of answers", ["platform", "rating"])
 
 Check = Callable[[], Awaitable[str | None]]  # None when healthy, else what is wrong
 

@@ -16,10 +16,10 @@ from engine.tasks import cancel_until_done
 class Nowhere:
     limit = 2000
 
-    async def post(self, reply_to, text):
+    async def post(self, part):
         raise AssertionError("nothing should be posted")
 
-    async def edit(self, reply_to, message_id, text):
+    async def edit(self, message_id, part):
         raise AssertionError("nothing should be edited")
 
 
@@ -40,12 +40,12 @@ class Recording:
     def __init__(self):
         self.posted: list[str] = []
 
-    async def post(self, reply_to, text):
-        self.posted.append(text)
+    async def post(self, part):
+        self.posted.append(part.text)
         return str(len(self.posted))
 
-    async def edit(self, reply_to, message_id, text):
-        self.posted[int(message_id) - 1] = text
+    async def edit(self, message_id, part):
+        self.posted[int(message_id) - 1] = part.text
 
 
 async def test_delivery_rides_out_a_redis_restart(tmp_path):

@@ -39,7 +39,8 @@ SECRETS = Secrets(
 DM = "D0DM"
 CHANNEL = "C0GENERAL"
 ALICE = "U1ALICE"
-DM_CONVERSATION = f"slack:{DM}"
+# Replies the tests publish themselves, as a worker would, into a DM thread's conversation.
+DM_CONVERSATION = f"slack:{DM}:1690000000.000000"
 COLOUR_CONVERSATION = [
     "My favorite color is blue. My favorite fruit is strawberry.",
     "Name a fruit that is on my favorite colour.",
@@ -71,9 +72,9 @@ async def fake():
 async def adapter(fake: FakeSlack, redis, settings: Settings):
     """The real adapter (`serve`), its Web API client pointed at the fake, until the block ends."""
     client = web_client(SECRETS.get("SLACK_BOT_TOKEN"), base_url=fake.api_url)
-    app = build_app(settings, SECRETS, redis, client=client)
+    bot = build_app(settings, SECRETS, redis, client=client)
     connections = fake.connections
-    task = asyncio.create_task(serve(app, settings, SECRETS, redis))
+    task = asyncio.create_task(serve(bot, settings, SECRETS, redis))
 
     async def ready() -> bool:
         if task.done():
@@ -91,7 +92,7 @@ async def adapter(fake: FakeSlack, redis, settings: Settings):
         while not await ready():
             assert time.monotonic() < deadline, "the adapter did not start"
             await asyncio.sleep(0.02)
-        yield app
+        yield bot
     finally:
         await cancel(task)
 
@@ -161,12 +162,23 @@ def slash_command(channel: str = DM, channel_name: str = "directmessage") -> str
     })
 
 
-async def send_dm(settings: Settings, text: str, **fields) -> str:
-    """Deliver a DM over HTTP; returns the id of the job it should create."""
+@dataclass(frozen=True)
+class Sent:
+    job_id: str
+    ts: str  # the message's own ts
+    thread: str  # the thread it starts or is in
+
+    @property
+    def conversation(self) -> str:
+        return f"slack:{DM}:{self.thread}"
+
+
+async def send_dm(settings: Settings, text: str, **fields) -> Sent:
+    """Deliver a DM over HTTP; says which job it should create, in which thread."""
     event = dm(text, **fields)
     answer = await post_to_app(settings, json.dumps(event_callback(event)))
     assert answer.status == 200, answer.body
-    return f"slack:{DM}-{event['ts']}"
+    return Sent(f"slack:{DM}-{event['ts']}", event["ts"], event.get("thread_ts") or event["ts"])
 
 
 async def publish(redis, event: ReplyEvent) -> None:
@@ -188,19 +200,26 @@ async def job_keys(redis) -> list[str]:
 # --- tests ------------------------------------------------------------------------------------
 
 
-async def test_dm_over_http_is_streamed_into_one_message(redis, fake, tiny_engine):
+async def test_dm_gets_status_title_and_a_native_stream_with_feedback_in_its_thread(redis, fake, tiny_engine):
     settings = slack_settings()
     async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings):
-        job_id = await send_dm(settings, "Hello there, who are you?")
-        final = await answer_shown(fake, redis, job_id, before=0)
-    assert final.kind == "final" and final.conversation == DM_CONVERSATION
-    [post] = fake.calls_to("chat.postMessage")
-    assert post.body["channel"] == DM and "thread_ts" not in post.body
+        sent = await send_dm(settings, "Hello there, who are you?")
+        final = await answer_shown(fake, redis, sent.job_id, before=0)
+        assert fake.status_now[(DM, sent.ts)] == ""  # cleared by the answer
+    assert final.kind == "final" and final.conversation == sent.conversation == f"slack:{DM}:{sent.ts}"
+    [status] = fake.calls_to("assistant.threads.setStatus")
+    assert (status.body["thread_ts"], status.body["status"]) == (sent.ts, SlackSettings().status)
+    assert status.body["loading_messages"] == SlackSettings().loading_messages
+    assert fake.titles == {(DM, sent.ts): "Hello there, who are you?"}
+    [start] = fake.calls_to("chat.startStream")
+    assert (start.body["channel"], start.body["thread_ts"]) == (DM, sent.ts) and start.at > status.at
+    [stop] = fake.calls_to("chat.stopStream")
     [message] = fake.messages_in(DM)
-    assert all(call.body["ts"] == message.ts for call in fake.calls_to("chat.update"))
-    assert message.text == final.text
+    assert message.thread_ts == sent.ts and message.text == final.text and not message.streaming
+    assert [button["positive_button"]["value"] for button in message.feedback_buttons] == [f"good {sent.job_id}"]
+    assert fake.calls_to("chat.postMessage") == fake.calls_to("chat.update") == []
     assert {call.token for call in fake.calls} == {"xoxb-test-token"}
-    [exchange] = await history.load_exchanges(redis, DM_CONVERSATION)
+    [exchange] = await history.load_exchanges(redis, sent.conversation)
     assert exchange.user.text == "Hello there, who are you?" and exchange.user.name is None
 
 
@@ -247,7 +266,7 @@ async def test_past_a_persons_limit_the_message_gets_one_sentence_and_nothing_is
             assert (await post_to_app(settings, json.dumps(event_callback(dm(text))))).status == 200
         await fake.wait_for(lambda: fake.calls_to("chat.postMessage"))
     [told] = fake.calls_to("chat.postMessage")
-    assert told.body["text"] == "You already have 2 messages waiting for an answer: please wait for them before sending more."
+    assert told.body["markdown_text"] == "You already have 2 messages waiting for an answer: please wait for them before sending more."
     assert len(await job_keys(redis)) == 2
 
 
@@ -261,7 +280,7 @@ async def test_retried_delivery_gets_no_second_job_or_reply(redis, fake, tiny_en
         assert (await post_to_app(settings, body)).status == 200
         assert (await post_to_app(settings, body, headers=retry)).status == 200
         assert await job_keys(redis) == [f"chatbot:job:{job_id}"]
-        assert await redis.llen(conv_jobs_key(DM_CONVERSATION)) == 1
+        assert await redis.llen(conv_jobs_key(f"slack:{DM}:{event['ts']}")) == 1
         async with running_worker(redis, tiny_engine, settings):
             await answer_shown(fake, redis, job_id, before=0)
             # A retry after the answer is a no-op too: the job id is remembered as done.
@@ -269,7 +288,7 @@ async def test_retried_delivery_gets_no_second_job_or_reply(redis, fake, tiny_en
             assert (await post_to_app(settings, body, headers=retry)).status == 200
             assert await job_keys(redis) == []
     assert [e.kind for e in await reply_events(redis, "slack", job_id) if e.kind != "partial"] == ["final"]
-    assert len(fake.calls_to("chat.postMessage")) == 1
+    assert len(fake.messages_in(DM)) == 1 and len(fake.calls_to("assistant.threads.setStatus")) == 1
 
 
 async def test_bot_edited_deleted_and_channel_messages_are_ignored(redis, fake):
@@ -303,41 +322,52 @@ async def test_empty_message_is_answered_with_one_sentence_where_it_was_asked(re
     assert await job_keys(redis) == []
 
 
-async def test_reset_command_forgets_the_dm_and_later_messages_start_fresh(redis, fake, tiny_engine):
+async def test_two_threads_in_one_dm_are_two_conversations_and_reset_forgets_both(redis, fake, tiny_engine):
     settings = slack_settings()
     async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings) as worker:
-        await answer_shown(fake, redis, await send_dm(settings, COLOUR_CONVERSATION[0]), before=0)
-        assert len(await history.load_exchanges(redis, DM_CONVERSATION)) == 1
+        first = await send_dm(settings, COLOUR_CONVERSATION[0])
+        await answer_shown(fake, redis, first.job_id, before=0)
+        second = await send_dm(settings, "Tell me about strawberries.")  # a new top-level message: a new thread
+        await answer_shown(fake, redis, second.job_id, before=1)
+        assert [m.thread_ts for m in fake.messages_in(DM)] == [first.ts, second.ts]
+        assert [e.user.text for e in await history.load_exchanges(redis, first.conversation)] == [COLOUR_CONVERSATION[0]]
+        assert [e.user.text for e in await history.load_exchanges(redis, second.conversation)] == ["Tell me about strawberries."]
 
         reset = await post_to_app(settings, slash_command(), "application/x-www-form-urlencoded")
         assert reset.status == 200 and reset.seconds < 3
         assert json.loads(reset.body) == {"response_type": "ephemeral", "text": RESET_DONE}
-        assert await history.load_exchanges(redis, DM_CONVERSATION) == []
+        assert await history.load_exchanges(redis, first.conversation) == []
+        assert await history.load_exchanges(redis, second.conversation) == []
 
         question = "What is my favorite color?"
-        prompt = worker.builder.build(await history.load_exchanges(redis, DM_CONVERSATION), question)
+        prompt = worker.builder.build(await history.load_exchanges(redis, first.conversation), question)
         assert prompt.kept_exchanges == 0 and "strawberry" not in prompt.text
-        await answer_shown(fake, redis, await send_dm(settings, question), before=1)
-        assert [e.user.text for e in await history.load_exchanges(redis, DM_CONVERSATION)] == [question]
+        later = await send_dm(settings, question, thread_ts=first.ts)  # the old thread, after the reset
+        await answer_shown(fake, redis, later.job_id, before=2)
+        assert [e.user.text for e in await history.load_exchanges(redis, first.conversation)] == [question]
 
         in_channel = await post_to_app(settings, slash_command(CHANNEL, "general"), "application/x-www-form-urlencoded")
         assert json.loads(in_channel.body) == {"response_type": "ephemeral", "text": RESET_IN_CHANNEL}
     assert fake.calls_to("chat.postEphemeral") == []  # the answer rode on the acknowledgement
 
 
-async def test_colour_conversation_keeps_its_history(redis, fake, tiny_engine):
+async def test_colour_conversation_keeps_its_history_in_its_thread(redis, fake, tiny_engine):
     settings = slack_settings()
     async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings) as worker:
-        for index, text in enumerate(COLOUR_CONVERSATION[:2]):
-            await answer_shown(fake, redis, await send_dm(settings, text), before=index)
-        exchanges = await history.load_exchanges(redis, DM_CONVERSATION)
+        first = await send_dm(settings, COLOUR_CONVERSATION[0])
+        await answer_shown(fake, redis, first.job_id, before=0)
+        second = await send_dm(settings, COLOUR_CONVERSATION[1], thread_ts=first.ts)
+        await answer_shown(fake, redis, second.job_id, before=1)
+        exchanges = await history.load_exchanges(redis, first.conversation)
         assert [e.user.text for e in exchanges] == COLOUR_CONVERSATION[:2]
         third = worker.builder.build(exchanges, COLOUR_CONVERSATION[2])
         assert third.kept_exchanges == 2 and third.dropped_exchanges == 0
         for exchange in exchanges:
             assert exchange.user.text in third.text and exchange.assistant.text in third.text
-        await answer_shown(fake, redis, await send_dm(settings, COLOUR_CONVERSATION[2]), before=2)
-    assert len(await history.load_exchanges(redis, DM_CONVERSATION)) == 3
+        await answer_shown(fake, redis, (await send_dm(settings, COLOUR_CONVERSATION[2], thread_ts=first.ts)).job_id, before=2)
+    assert len(await history.load_exchanges(redis, first.conversation)) == 3
+    assert {m.thread_ts for m in fake.messages_in(DM)} == {first.ts}
+    assert list(fake.titles) == [(DM, first.ts)]  # titled once, when the thread started
 
 
 async def test_mentions_are_answered_in_their_thread_with_the_author_named(redis, fake, tiny_engine):
@@ -410,8 +440,9 @@ async def test_model_text_never_pings_and_errors_read_as_a_sentence(redis, fake)
         await publish(redis, ReplyEvent(job_id="slack:error", conversation=DM_CONVERSATION, kind="error", text="Sorry, it failed.", reply_to=reply_to))
         await fake.wait_for(lambda: len(fake.messages_in(DM)) == 2)
     risky_message, error_message = fake.messages_in(DM)
-    assert risky_message.raw == "Hi &lt;!channel&gt; &amp; &lt;@U2BOB&gt;, see &lt;https://x.test|this&gt;"
-    assert risky_message.text == risky and error_message.text == "Sorry, it failed."
+    # Slack's markdown would read <!channel> and <@U2BOB> as pings: a zero-width space keeps them text.
+    assert risky_message.text == "Hi <\u200b!channel> & <\u200b@U2BOB>, see <https://x.test|this>"
+    assert error_message.text == "Sorry, it failed." and not error_message.feedback_buttons
 
 
 async def test_socket_mode_receives_events_and_commands(redis, fake, tiny_engine):
@@ -421,10 +452,11 @@ async def test_socket_mode_receives_events_and_commands(redis, fake, tiny_engine
         envelope = await fake.send_envelope("events_api", event_callback(event))
         await fake.wait_for(lambda: fake.ack_of(envelope))
         await answer_shown(fake, redis, f"slack:{DM}-{event['ts']}", before=0)
+        assert await history.load_exchanges(redis, f"slack:{DM}:{event['ts']}")
         command = await fake.send_envelope("slash_commands", dict(parse_qsl(slash_command())))
         ack = await fake.wait_for(lambda: fake.ack_of(command))
     assert ack["payload"] == {"response_type": "ephemeral", "text": RESET_DONE}
-    assert await history.load_exchanges(redis, DM_CONVERSATION) == []
+    assert await history.load_exchanges(redis, f"slack:{DM}:{event['ts']}") == []
     [connect] = fake.calls_to("apps.connections.open")
     assert connect.token == "xapp-test-token"
 
@@ -456,11 +488,20 @@ async def test_reply_published_while_down_is_delivered_once_after_restart(redis,
 
 def test_manifest_matches_the_adapter():
     manifest = yaml.safe_load((ROOT / "slack_manifest.yaml").read_text())
-    assert [c["command"] for c in manifest["features"]["slash_commands"]] == [SlackSettings().reset_command]
-    assert set(manifest["settings"]["event_subscriptions"]["bot_events"]) == {"message.im", "app_mention"}
-    assert {"chat:write", "im:history", "commands", "users:read"} <= set(manifest["oauth_config"]["scopes"]["bot"])
+    features = manifest["features"]
+    assert [c["command"] for c in features["slash_commands"]] == [SlackSettings().reset_command]
+    assert set(manifest["settings"]["event_subscriptions"]["bot_events"]) == {
+        "message.im", "app_mention", "app_home_opened", "assistant_thread_started"
+    }
+    assert {"assistant:write", "chat:write", "im:history", "commands", "users:read"} <= set(manifest["oauth_config"]["scopes"]["bot"])
     assert manifest["settings"]["socket_mode_enabled"] and SlackSettings().mode == "socket"
-    assert manifest["features"]["app_home"]["messages_tab_enabled"]
+    assert manifest["settings"]["interactivity"]["is_enabled"]  # the feedback buttons
+    assert features["app_home"]["messages_tab_enabled"]
+    # The current agent surface, not the legacy assistant_view; its prompts are the configured ones.
+    assert "assistant_view" not in features and features["agent_view"]["agent_description"]
+    configured = yaml.safe_load((ROOT / "config.yaml").read_text())["slack"]["suggested_prompts"]
+    defaults = [prompt.model_dump() for prompt in SlackSettings().suggested_prompts]
+    assert features["agent_view"]["suggested_prompts"] == configured == defaults
 
 
 async def test_missing_tokens_fail_at_start_by_name(redis):

@@ -9,8 +9,9 @@ from redis.exceptions import RedisError
 
 from bot.discord.attachments import NOT_READABLE, attachment_text
 from bot.discord.routing import conversation_of, reply_route
-from bot.discord.rules import Seen, message_text, opens_thread, refusal, thread_name
+from bot.discord.rules import Seen, message_text, opens_thread, refusal
 from bot.discord.typing_indicator import TypingIndicators
+from bot.titles import thread_title
 from engine.config import DiscordSettings
 from engine.jobs import RejectedMessage
 from engine.queue import JobQueue
@@ -74,7 +75,7 @@ class ChatClient(discord.Client):
         channel = message.channel
         if opens_thread(self.settings, facts):
             try:
-                channel = await message.create_thread(name=thread_name(text))
+                channel = await message.create_thread(name=thread_title(text))
             except discord.HTTPException as error:  # no permission to create threads: answer in the channel
                 log.warning("could not open a thread", extra={"discord_message": message.id, "error": str(error)})
         await self.submit(message, text, author=message.author.display_name if facts.guild_id else None, channel=channel)

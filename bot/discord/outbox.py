@@ -5,7 +5,7 @@ from __future__ import annotations
 import discord
 from redis.asyncio import Redis
 
-from bot.delivery import posted_key
+from bot.delivery import Part, posted_key
 from bot.discord.routing import job_id_of
 from bot.discord.typing_indicator import TypingIndicators
 
@@ -22,7 +22,8 @@ class DiscordOutbox:
         self.redis = redis
         self.typing = typing
 
-    async def post(self, reply_to: dict[str, str], text: str) -> str:
+    async def post(self, part: Part) -> str:
+        reply_to = part.reply_to
         self.typing.stop(reply_to["message"])
         channel = self.client.get_partial_messageable(int(reply_to["channel"]))
         reference = None
@@ -30,12 +31,12 @@ class DiscordOutbox:
             reference = discord.MessageReference(
                 message_id=int(reply_to["message"]), channel_id=channel.id, fail_if_not_exists=False
             )
-        message = await channel.send(text, reference=reference, allowed_mentions=REPLY_MENTIONS)
+        message = await channel.send(part.text, reference=reference, allowed_mentions=REPLY_MENTIONS)
         return str(message.id)
 
-    async def edit(self, reply_to: dict[str, str], message_id: str, text: str) -> None:
-        channel = self.client.get_partial_messageable(int(reply_to["channel"]))
-        await channel.get_partial_message(int(message_id)).edit(content=text)
+    async def edit(self, message_id: str, part: Part) -> None:
+        channel = self.client.get_partial_messageable(int(part.reply_to["channel"]))
+        await channel.get_partial_message(int(message_id)).edit(content=part.text)
 
     async def _started(self, user_message_id: str) -> bool:
         # Delivery records each posted message before posting the next, so a recorded one

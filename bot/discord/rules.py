@@ -69,11 +69,3 @@ def opens_thread(settings: DiscordSettings, seen: Seen) -> bool:
     if seen.guild_id is None or seen.parent_id is not None:
         return False
     return settings.threads or seen.channel_id in settings.thread_channels
-
-
-def thread_name(text: str, limit: int = 80) -> str:
-    """A thread title from the message: its first line, cut at a word (Discord allows 100 characters)."""
-    line = next((line.strip() for line in text.splitlines() if line.strip()), "") or "Conversation"
-    if len(line) <= limit:
-        return line
-    return line[:limit].rsplit(" ", 1)[0].rstrip(" ,.;:") + "…"

@@ -1,4 +1,4 @@
-"""What the bot does with the requests bolt hands it: queue messages, reset conversations."""
+"""What the bot does with the requests bolt hands it: queue messages, show the agent surface, reset, feedback."""
 
 from __future__ import annotations
 
@@ -10,22 +10,36 @@ from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
 from slack_sdk.errors import SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.delivery import Deferred, Part
+from bot.slack.budget import PacedSlack
 from bot.slack.messages import PLATFORM, Incoming, direct_message, mention
-from bot.slack.outbox import SlackOutbox
+from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox
+from bot.titles import thread_title
 from engine import history
 from engine.config import SlackSettings
-from engine.jobs import Conversation, RejectedMessage
+from engine.feedback import RATINGS, FeedbackStore
+from engine.history import PREFIX
+from engine.jobs import RejectedMessage
+from engine.observability import FEEDBACK
 from engine.queue import JobQueue
 from engine.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
-RESET_DONE = "Done: I have forgotten our conversation."
+RESET_DONE = "Done: I have forgotten our conversations."
 RESET_IN_CHANNEL = "In channels every thread is its own conversation: mention me in a new thread to start afresh."
-RESET_FAILED = "Sorry, the conversation could not be reset right now. Please try again later."
+RESET_FAILED = "Sorry, the conversations could not be reset right now. Please try again later."
 # Slack shows an error unless a slash command is acknowledged within 3 s, and the
 # acknowledgement carries the answer: the reset gets what is left after network time.
 RESET_TIMEOUT_S = 2.0
+DM_THREADS_TTL_S = 90 * 24 * 3600  # longer than any history is kept
+# Best-effort calls (status, title, prompts): a failure is logged and the answer goes on.
+SLACK_FAILED = (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError, Deferred)
+
+
+def dm_threads_key(channel: str) -> str:
+    """The conversations (threads) of one DM with the bot, for /reset."""
+    return f"{PREFIX}slack:dm:{channel}:threads"
 
 
 class DisplayNames:
@@ -41,7 +55,7 @@ class DisplayNames:
         if user_id not in self.known:
             try:
                 response = await self.client.users_info(user=user_id)
-            except (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError) as error:
+            except SLACK_FAILED as error:
                 log.warning("user name lookup failed", extra={"user": user_id, "error": str(error)})
                 return None
             user = response["user"]
@@ -50,39 +64,99 @@ class DisplayNames:
         return self.known[user_id]
 
 
-def register(app: AsyncApp, settings: SlackSettings, queue: JobQueue, outbox: SlackOutbox) -> None:
+def register(
+    app: AsyncApp, settings: SlackSettings, queue: JobQueue, outbox: SlackOutbox, slack: PacedSlack, feedback: FeedbackStore
+) -> None:
     redis = queue.redis
     names = DisplayNames(app.client)
+    prompts = [prompt.model_dump() for prompt in settings.suggested_prompts]
+
+    async def best_effort(what: str, call) -> None:
+        try:
+            await call
+        except SLACK_FAILED as error:
+            log.info("slack call skipped", extra={"what": what, "error": str(error)})
 
     async def submit(incoming: Incoming, author: str | None) -> None:
+        reply_to = incoming.reply_to
         try:
             submitted = await queue.submit(
-                incoming.conversation, incoming.message_id, incoming.text, author, incoming.reply_to, author_id=incoming.user
+                incoming.conversation, incoming.message_id, incoming.text, author, reply_to, author_id=incoming.user
             )
         except RejectedMessage as rejected:
             log.info("message refused", extra={"slack_message": incoming.message_id, "reason": str(rejected)})
-            await outbox.post(incoming.reply_to, str(rejected))
+            await outbox.post(Part(f"{PLATFORM}:{incoming.message_id}", reply_to, str(rejected)))
             return
         log.info(
             "retried delivery ignored" if submitted.duplicate else "message queued",
             extra={"job": submitted.job_id, "conversation": incoming.conversation.key, "ahead": submitted.ahead},
         )
+        if submitted.duplicate:
+            return
+        if settings.feedback:
+            await feedback.remember_question(submitted.job_id, incoming.conversation.key, incoming.text)
+        channel, thread = reply_to["channel"], reply_to["thread_ts"]
+        status = settings.status + (f" ({submitted.ahead} ahead of you)" if submitted.ahead else "")
+        await best_effort("status", slack.call(
+            "assistant.threads.setStatus", reply_to, wait=False,
+            channel_id=channel, thread_ts=thread, status=status, loading_messages=settings.loading_messages or None,
+        ))
+        if incoming.starts_thread and channel.startswith("D"):
+            await best_effort("title", app.client.assistant_threads_setTitle(
+                channel_id=channel, thread_ts=thread, title=thread_title(incoming.text)
+            ))
 
     @app.event("message")
-    async def on_message(event: dict) -> None:
-        incoming = direct_message(event)
+    async def on_message(event: dict, context: AsyncBoltContext) -> None:
+        incoming = direct_message(event, context.team_id)
         if incoming is None:
             log.debug("message event ignored", extra={"subtype": event.get("subtype"), "channel_type": event.get("channel_type")})
             return
+        # Remembered before queueing: a /reset racing this message must find its thread.
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(dm_threads_key(incoming.conversation.channel), incoming.conversation.key)
+            pipe.expire(dm_threads_key(incoming.conversation.channel), DM_THREADS_TTL_S)
+            await pipe.execute()
         await submit(incoming, author=None)
 
     @app.event("app_mention")
     async def on_mention(event: dict, context: AsyncBoltContext) -> None:
         # Registered even when mentions are off: an unhandled event would get a 404 and be retried.
-        incoming = mention(event, context.bot_user_id) if settings.answer_mentions else None
+        incoming = mention(event, context.team_id, context.bot_user_id) if settings.answer_mentions else None
         if incoming is None:
             return
         await submit(incoming, await names.of(incoming.user))
+
+    async def suggest(channel: str, thread: str | None) -> None:
+        if prompts:
+            await best_effort("suggested prompts", app.client.assistant_threads_setSuggestedPrompts(
+                channel_id=channel, thread_ts=thread, title=settings.prompts_title or None, prompts=prompts
+            ))
+
+    @app.event("app_home_opened")
+    async def on_home_opened(event: dict) -> None:
+        if event.get("tab") == "messages":
+            await suggest(event["channel"], None)
+
+    @app.event("assistant_thread_started")
+    async def on_thread_started(event: dict) -> None:
+        thread = event["assistant_thread"]
+        await suggest(thread["channel_id"], thread["thread_ts"])
+
+    @app.action(FEEDBACK_ACTION)
+    async def on_feedback(ack: AsyncAck, body: dict, action: dict) -> None:
+        await ack()
+        rating, _, job_id = action.get("value", "").partition(" ")
+        user = body.get("user", {}).get("id", "")
+        if rating not in RATINGS or not job_id:
+            log.warning("feedback click not understood", extra={"value": action.get("value")})
+            return
+        # Slack retries an action it thinks was lost with the same action_ts: stored once.
+        if not await feedback.record(job_id, user, rating, click_id=f"{user}:{action.get('action_ts')}"):
+            log.info("retried feedback click ignored", extra={"job": job_id, "user": user})
+            return
+        FEEDBACK.labels(PLATFORM, rating).inc()
+        log.info("feedback recorded", extra={"job": job_id, "user": user, "rating": rating, **await feedback.counts()})
 
     @app.command(settings.reset_command)
     async def on_reset(ack: AsyncAck, command: dict) -> None:
@@ -90,12 +164,19 @@ def register(app: AsyncApp, settings: SlackSettings, queue: JobQueue, outbox: Sl
         if command.get("channel_name") != "directmessage":
             await ack(response_type="ephemeral", text=RESET_IN_CHANNEL)
             return
-        conversation = Conversation(platform=PLATFORM, channel=command["channel_id"])
         try:
-            epoch = await asyncio.wait_for(history.reset(redis, conversation.key), RESET_TIMEOUT_S)
+            forgotten = await asyncio.wait_for(reset_dm(command["channel_id"]), RESET_TIMEOUT_S)
         except (asyncio.TimeoutError, *REDIS_DOWN) as error:
             log.error("reset failed", extra={**who, "error": str(error) or type(error).__name__})
             await ack(response_type="ephemeral", text=RESET_FAILED)
             return
-        log.info("conversation reset", extra={**who, "conversation": conversation.key, "epoch": epoch})
+        log.info("conversations reset", extra={**who, "conversations": forgotten})
         await ack(response_type="ephemeral", text=RESET_DONE)
+
+    async def reset_dm(channel: str) -> int:
+        """Forget every thread of the DM (slash commands cannot be sent inside a thread)."""
+        conversations = await redis.smembers(dm_threads_key(channel))
+        for conversation in conversations:
+            await history.reset(redis, conversation)
+            await redis.srem(dm_threads_key(channel), conversation)
+        return len(conversations)

@@ -23,7 +23,8 @@ class Incoming:
     message_id: str  # the event's ts scoped by channel: Slack's retried deliveries carry the same one
     text: str
     user: str | None
-    reply_to: dict[str, str]
+    reply_to: dict[str, str]  # channel and thread_ts; team and user, for streaming and rate budgets
+    starts_thread: bool  # a top-level DM message: it opens a new thread, and a new conversation
 
 
 def _answerable(event: dict) -> bool:
@@ -31,34 +32,35 @@ def _answerable(event: dict) -> bool:
     return not event.get("subtype") and not event.get("bot_id") and "ts" in event and "channel" in event
 
 
-def direct_message(event: dict) -> Incoming | None:
-    """A `message` event worth answering: a person writing in a DM with the bot."""
-    if event.get("channel_type") != "im" or not _answerable(event):
-        return None
-    channel = event["channel"]
-    # The whole DM is one conversation, but an answer goes where the question was asked.
-    reply_to = {"channel": channel, **({"thread_ts": event["thread_ts"]} if event.get("thread_ts") else {})}
-    return Incoming(
-        conversation=Conversation(platform=PLATFORM, channel=channel),
-        message_id=f"{channel}-{event['ts']}",
-        text=from_slack(event.get("text", "")),
-        user=event.get("user"),
-        reply_to=reply_to,
-    )
-
-
-def mention(event: dict, bot_user_id: str | None) -> Incoming | None:
-    """An `app_mention` worth answering: answered in its thread, which is its own conversation."""
-    if not _answerable(event):
-        return None
+def _incoming(event: dict, team: str | None, text: str) -> Incoming:
     channel, thread = event["channel"], event.get("thread_ts") or event["ts"]
+    user = event.get("user")
     return Incoming(
         conversation=Conversation(platform=PLATFORM, channel=channel, thread=thread),
         message_id=f"{channel}-{event['ts']}",
-        text=from_slack(event.get("text", ""), drop_user=bot_user_id),
-        user=event.get("user"),
-        reply_to={"channel": channel, "thread_ts": thread},
+        text=text,
+        user=user,
+        reply_to={"channel": channel, "thread_ts": thread, **({"team": team} if team else {}), **({"user": user} if user else {})},
+        starts_thread="thread_ts" not in event,
     )
+
+
+def direct_message(event: dict, team: str | None) -> Incoming | None:
+    """A `message` event worth answering: a person writing in a DM with the bot.
+
+    As in Slack's agent apps, each thread is a conversation: a top-level message starts a
+    new one, answered in the thread it opens.
+    """
+    if event.get("channel_type") != "im" or not _answerable(event):
+        return None
+    return _incoming(event, team, from_slack(event.get("text", "")))
+
+
+def mention(event: dict, team: str | None, bot_user_id: str | None) -> Incoming | None:
+    """An `app_mention` worth answering: answered in its thread, which is its own conversation."""
+    if not _answerable(event):
+        return None
+    return _incoming(event, team, from_slack(event.get("text", ""), drop_user=bot_user_id))
 
 
 def from_slack(text: str, drop_user: str | None = None) -> str:
@@ -81,6 +83,9 @@ def from_slack(text: str, drop_user: str | None = None) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def to_slack(text: str) -> str:
-    """Model text as literal Slack text: escaping <, > and & means it can never ping @channel or a user."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+_PINGS = re.compile(r"<(?=[@!#])|@(?=(?:here|channel|everyone)\b)")
+
+
+def to_markdown(text: str) -> str:
+    """Model text as Slack markdown that can never ping: `<@U1>`, `<!channel>`, `@here` get a zero-width space."""
+    return _PINGS.sub(lambda match: match.group(0) + "\u200b", text)

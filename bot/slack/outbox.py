@@ -1,27 +1,139 @@
-"""The Slack side of reply delivery: chat.postMessage, then chat.update of the same message."""
+"""The Slack side of reply delivery: answers stream natively into their thread, within the rate budget.
+
+A reply's first message starts a stream (chat.startStream), new text is appended
+(chat.appendStream) once `stream_buffer_chars` of it gathered, and the stream is stopped
+(chat.stopStream) when the message is settled, with the feedback buttons on an answer's
+last message. Where streaming fails (an expired stream, a workspace without the feature, a
+method error) that message falls back to chat.update of its whole text, and the log says so;
+a workspace that has no streaming is not asked again for STREAMING_RETRY_S. Text that is
+settled when first shown (a short answer, a refusal) is one chat.postMessage.
+"""
 
 from __future__ import annotations
 
-from slack_sdk.web.async_client import AsyncWebClient
+import contextlib
+import logging
+import time
 
-from bot.slack.messages import to_slack
+from slack_sdk.errors import SlackApiError
 
-# Slack accepts far longer text but advises staying under 4,000 characters; escaping (&amp; ...)
-# grows what is sent, never what is shown, so the limit counts shown characters.
+from bot.delivery import Deferred, Part
+from bot.slack.budget import PacedSlack
+from bot.slack.messages import to_markdown
+from engine.config import SlackSettings
+from engine.feedback import FeedbackStore
+
+log = logging.getLogger(__name__)
+
+# Slack accepts longer text, but a message reads best under 4,000 characters (and
+# chat.appendStream takes at most 12,000 at once).
 LIMIT = 3900
+FEEDBACK_ACTION = "answer_feedback"
+STREAMING_RETRY_S = 600.0
+# startStream errors that mean the workspace or app cannot stream at all, not just this message.
+NO_STREAMING = {"feature_not_enabled", "not_allowed", "unknown_method", "missing_scope", "method_deprecated"}
+
+
+def feedback_block(job_id: str) -> dict:
+    def button(text: str, rating: str) -> dict:
+        return {"text": {"type": "plain_text", "text": text}, "accessibility_label": f"{text} answer", "value": f"{rating} {job_id}"}
+
+    buttons = {"positive_button": button("Good", "good"), "negative_button": button("Bad", "bad")}
+    return {"type": "context_actions", "elements": [{"type": "feedback_buttons", "action_id": FEEDBACK_ACTION, **buttons}]}
 
 
 class SlackOutbox:
     limit = LIMIT
 
-    def __init__(self, client: AsyncWebClient):
-        self.client = client
+    def __init__(self, slack: PacedSlack, settings: SlackSettings, feedback: FeedbackStore):
+        self.slack = slack
+        self.settings = settings
+        self.feedback = feedback
+        self.streams: dict[str, str] = {}  # ts -> markdown Slack has, for messages still streaming
+        self.no_streaming_until: dict[str, float] = {}  # team -> time.monotonic()
 
-    async def post(self, reply_to: dict[str, str], text: str) -> str:
-        response = await self.client.chat_postMessage(
-            channel=reply_to["channel"], thread_ts=reply_to.get("thread_ts"), text=to_slack(text)
+    async def post(self, part: Part) -> str:
+        reply_to = part.reply_to
+        if not part.settled and self._may_stream(reply_to):
+            markdown = to_markdown(part.text)
+            recipient = {"recipient_team_id": reply_to.get("team"), "recipient_user_id": reply_to.get("user")}
+            try:
+                response = await self.slack.call(
+                    "chat.startStream", reply_to, wait=False,
+                    channel=reply_to["channel"], thread_ts=reply_to["thread_ts"], markdown_text=markdown, **recipient,
+                )
+                self.streams[response["ts"]] = markdown
+                return response["ts"]
+            except SlackApiError as error:
+                self._stream_failed(part, "chat.startStream", error)
+        response = await self.slack.call(
+            "chat.postMessage", reply_to, wait=part.settled,
+            channel=reply_to["channel"], thread_ts=reply_to.get("thread_ts"), **await self._content(part),
         )
         return response["ts"]
 
-    async def edit(self, reply_to: dict[str, str], message_id: str, text: str) -> None:
-        await self.client.chat_update(channel=reply_to["channel"], ts=message_id, text=to_slack(text))
+    async def edit(self, message_id: str, part: Part) -> None:
+        sent = self.streams.get(message_id)
+        if sent is not None:
+            markdown = to_markdown(part.text)
+            if markdown.startswith(sent):
+                try:
+                    await self._stream_on(message_id, part, markdown[len(sent):])
+                    return
+                except SlackApiError as error:
+                    self._stream_failed(part, "chat.appendStream/stopStream", error)
+            else:  # the text was re-split across messages: it is rewritten, not appended to
+                log.info("streamed message rewritten with chat.update", extra={"job": part.job_id})
+                with contextlib.suppress(SlackApiError):
+                    await self.slack.call("chat.stopStream", part.reply_to, wait=True, channel=part.reply_to["channel"], ts=message_id)
+            self.streams.pop(message_id, None)
+        await self.slack.call(
+            "chat.update", part.reply_to, wait=part.settled, channel=part.reply_to["channel"], ts=message_id, **await self._content(part)
+        )
+
+    async def _stream_on(self, message_id: str, part: Part, new_text: str) -> None:
+        channel = part.reply_to["channel"]
+        if part.settled:
+            blocks = [feedback_block(part.job_id)] if await self._asks_feedback(part) else None
+            await self.slack.call(
+                "chat.stopStream", part.reply_to, wait=True, channel=channel, ts=message_id, markdown_text=new_text or None, blocks=blocks
+            )
+            del self.streams[message_id]
+            return
+        if len(new_text) < self.settings.stream_buffer_chars:
+            raise Deferred("buffering")
+        await self.slack.call("chat.appendStream", part.reply_to, wait=False, channel=channel, ts=message_id, markdown_text=new_text)
+        self.streams[message_id] += new_text
+
+    def _may_stream(self, reply_to: dict[str, str]) -> bool:
+        # Slack streams only into threads, and outside DMs only to a named recipient.
+        in_dm = reply_to["channel"].startswith("D")
+        return (
+            self.settings.streaming
+            and "thread_ts" in reply_to
+            and (in_dm or ("team" in reply_to and "user" in reply_to))
+            and time.monotonic() >= self.no_streaming_until.get(reply_to.get("team", ""), 0.0)
+        )
+
+    def _stream_failed(self, part: Part, method: str, error: SlackApiError) -> None:
+        reason = error.response.get("error", "unknown")
+        team = part.reply_to.get("team", "")
+        if method == "chat.startStream" and reason in NO_STREAMING:
+            self.no_streaming_until[team] = time.monotonic() + STREAMING_RETRY_S
+        log.warning(
+            "slack streaming failed: falling back to post and chat.update",
+            extra={"job": part.job_id, "method": method, "error": reason, "team": team},
+        )
+
+    async def _content(self, part: Part) -> dict:
+        markdown = to_markdown(part.text)
+        if not await self._asks_feedback(part):
+            return {"markdown_text": markdown}
+        # With blocks, `text` is only the notification; markdown_text cannot go with blocks.
+        return {"text": markdown, "blocks": [{"type": "markdown", "text": markdown}, feedback_block(part.job_id)]}
+
+    async def _asks_feedback(self, part: Part) -> bool:
+        if part.answer is None or not self.settings.feedback:
+            return False
+        await self.feedback.remember_answer(part.job_id, part.answer)
+        return True

@@ -3,8 +3,13 @@
 One aiohttp server on 127.0.0.1 serves both. Web API calls are recorded (method, body, the
 token used, arrival time) and answered the way Slack answers them; each method checks the
 kind of token Slack would want (xoxb- bot token, xapp- app-level token), and a test can make
-the next call of a method meet Slack's rate limit (429 with Retry-After). Posted messages are
-kept as Slack would show them: text entities decoded, edits applied. `apps.connections.open`
+the next call of a method, or a workspace's calls for a while, meet Slack's rate limit (429 with
+Retry-After). Posted messages are kept as Slack would show them: mrkdwn entities decoded,
+markdown as written, edits applied. Streams follow the chat.startStream / appendStream /
+stopStream references: only in threads, with a recipient outside DMs, 12,000 characters a
+call, `message_not_in_streaming_state` once stopped or expired (a test sets after how many
+appends). The agent methods (assistant.threads.setStatus / setTitle / setSuggestedPrompts)
+are recorded, and a reply in a thread clears its status, as Slack does. `apps.connections.open`
 hands out this server's websocket URL; the socket greets with `hello`, a test pushes
 envelopes with `send_envelope`, and the client's acknowledgements are recorded.
 """
@@ -48,12 +53,39 @@ class Message:
     channel: str
     ts: str
     thread_ts: str | None
-    raw: str  # the text as sent, escaped
-    writes: list[float] = field(default_factory=list)  # post and edit times (monotonic)
+    raw: str  # the text as sent: mrkdwn `text` (escaped), or markdown
+    writes: list[float] = field(default_factory=list)  # post, edit and stream times (monotonic)
+    markdown: bool = False  # raw is markdown (markdown_text, streams): shown as written
+    blocks: list[dict] = field(default_factory=list)
+    streaming: bool = False  # between chat.startStream and chat.stopStream
 
     @property
     def text(self) -> str:
-        return shown(self.raw)
+        """What a person reads: a markdown block's text if there is one, else the message text."""
+        shown_blocks = [block["text"] for block in self.blocks if block.get("type") == "markdown"]
+        if shown_blocks:
+            return "".join(shown_blocks)
+        return self.raw if self.markdown else shown(self.raw)
+
+    @property
+    def feedback_buttons(self) -> list[dict]:
+        return [
+            element
+            for block in self.blocks if block.get("type") == "context_actions"
+            for element in block.get("elements", []) if element.get("type") == "feedback_buttons"
+        ]
+
+
+def _content(body: dict) -> tuple[str, bool] | None:
+    """The text a post, update or stream call carries, and whether it is markdown."""
+    if body.get("markdown_text") is not None:
+        return body["markdown_text"], True
+    chunks = body.get("chunks") or []
+    if chunks:
+        return "".join(chunk.get("text", "") for chunk in chunks if chunk.get("type") == "markdown_text"), True
+    if body.get("text") is not None:
+        return body["text"], False
+    return None
 
 
 class FakeSlack:
@@ -66,6 +98,15 @@ class FakeSlack:
         self._ts = itertools.count(1)
         self._sockets: set[web.WebSocketResponse] = set()
         self._limited: dict[str, int] = {}
+        self._throttled: dict[str, float] = {}  # team -> time.monotonic() until which its calls get 429
+        self.channel_teams: dict[str, str] = {}  # channels of other workspaces (an org-wide install); others are TEAM_ID's
+        self.statuses: list[tuple[str, str, str]] = []  # (channel, thread_ts, status) as set, in order
+        self.status_now: dict[tuple[str, str], str] = {}  # what each thread shows now
+        self.titles: dict[tuple[str, str], str] = {}
+        self.suggested: list[dict] = []  # setSuggestedPrompts bodies
+        self.expire_after_appends: int | None = None  # a stream given this many appends then expires
+        self._appends: dict[str, int] = {}
+        self._refused: dict[str, str] = {}
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)  # a few methods (users.info) are GETs
@@ -86,6 +127,14 @@ class FakeSlack:
     def rate_limit_next(self, method: str, retry_after_s: int = 1) -> None:
         """Answer the next call of `method` with 429 Too Many Requests, as Slack does."""
         self._limited[method] = retry_after_s
+
+    def refuse_method(self, method: str, error: str) -> None:
+        """Answer every call of `method` with this error (a workspace without a feature, say)."""
+        self._refused[method] = error
+
+    def throttle_team(self, team: str, seconds: float) -> None:
+        """Answer 429 to every chat and assistant call in the workspace's channels for `seconds`."""
+        self._throttled[team] = time.monotonic() + seconds
 
     # --- what tests read ------------------------------------------------------------------
 
@@ -114,6 +163,12 @@ class FakeSlack:
         if method in self._limited:
             retry_after = self._limited.pop(method)
             return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(retry_after)})
+        if method in self._refused:
+            return web.json_response({"ok": False, "error": self._refused[method]})
+        throttled_until = self._throttled.get(self._team_of(body), 0.0)
+        if method.startswith(("chat.", "assistant.")) and time.monotonic() < throttled_until:
+            retry_after = max(1, round(throttled_until - time.monotonic()))
+            return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(retry_after)})
         answer = getattr(self, "_" + method.replace(".", "_"), None)
         if answer is None:
             return web.json_response({"ok": False, "error": "unknown_method"})
@@ -133,26 +188,110 @@ class FakeSlack:
         name = USERS[user]
         return {"ok": True, "user": {"id": user, "name": name.lower(), "profile": {"display_name": name, "real_name": name}}}
 
-    def _chat_postMessage(self, body: dict) -> dict:
-        if not body.get("channel") or not body.get("text"):
-            return {"ok": False, "error": "channel_not_found" if not body.get("channel") else "no_text"}
-        if len(body["text"]) > 40_000:
-            return {"ok": False, "error": "msg_too_long"}
+    def _team_of(self, body: dict) -> str:
+        channel = body.get("channel") or body.get("channel_id") or ""
+        return self.channel_teams.get(channel, TEAM_ID)
+
+    def _new_message(self, channel: str, thread_ts: str | None, raw: str, markdown: bool, blocks: list[dict]) -> Message:
         number = next(self._ts)
         ts = f"{1_700_000_000 + number}.{number:06d}"
-        message = Message(body["channel"], ts, body.get("thread_ts"), body["text"], [time.monotonic()])
+        message = Message(channel, ts, thread_ts, raw, [time.monotonic()], markdown, blocks)
         self.messages.append(message)
-        return {"ok": True, "channel": message.channel, "ts": ts, "message": {"type": "message", "text": message.raw, "ts": ts}}
+        if thread_ts:
+            self.status_now[(channel, thread_ts)] = ""  # Slack clears a thread's status when the app replies in it
+        return message
+
+    def _find(self, body: dict) -> Message | None:
+        return next((m for m in self.messages if m.channel == body.get("channel") and m.ts == body.get("ts")), None)
+
+    def _chat_postMessage(self, body: dict) -> dict:
+        content = _content(body)
+        if not body.get("channel"):
+            return {"ok": False, "error": "channel_not_found"}
+        if content is None and not body.get("blocks"):
+            return {"ok": False, "error": "no_text"}
+        raw, markdown = content or ("", False)
+        if len(raw) > 40_000:
+            return {"ok": False, "error": "msg_too_long"}
+        if markdown and body.get("blocks"):
+            return {"ok": False, "error": "invalid_arguments"}  # markdown_text cannot go with blocks
+        message = self._new_message(body["channel"], body.get("thread_ts"), raw, markdown, body.get("blocks") or [])
+        return {"ok": True, "channel": message.channel, "ts": message.ts, "message": {"type": "message", "text": raw, "ts": message.ts}}
 
     def _chat_update(self, body: dict) -> dict:
-        for message in self.messages:
-            if message.channel == body.get("channel") and message.ts == body.get("ts"):
-                if len(body.get("text", "")) > 40_000:
-                    return {"ok": False, "error": "msg_too_long"}
-                message.raw = body["text"]
-                message.writes.append(time.monotonic())
-                return {"ok": True, "channel": message.channel, "ts": message.ts, "text": message.raw}
-        return {"ok": False, "error": "message_not_found"}
+        message = self._find(body)
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        raw, markdown = _content(body) or ("", False)
+        if len(raw) > 40_000:
+            return {"ok": False, "error": "msg_too_long"}
+        message.raw, message.markdown, message.blocks = raw, markdown, body.get("blocks") or []
+        message.streaming = False
+        message.writes.append(time.monotonic())
+        return {"ok": True, "channel": message.channel, "ts": message.ts, "text": message.raw}
+
+    def _chat_startStream(self, body: dict) -> dict:
+        channel = body.get("channel")
+        if not channel or not body.get("thread_ts"):
+            return {"ok": False, "error": "invalid_arguments"}  # streams live in threads
+        if not channel.startswith("D") and not (body.get("recipient_team_id") and body.get("recipient_user_id")):
+            return {"ok": False, "error": "invalid_arguments"}  # outside DMs a stream names its recipient
+        raw, _ = _content(body) or ("", True)
+        if len(raw) > 12_000:
+            return {"ok": False, "error": "msg_too_long"}
+        message = self._new_message(channel, body["thread_ts"], raw, True, [])
+        message.streaming = True
+        self._appends[message.ts] = 0
+        return {"ok": True, "channel": channel, "ts": message.ts}
+
+    def _chat_appendStream(self, body: dict) -> dict:
+        message = self._find(body)
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        if self.expire_after_appends is not None and self._appends.get(message.ts, 0) >= self.expire_after_appends:
+            message.streaming = False
+        if not message.streaming:
+            return {"ok": False, "error": "message_not_in_streaming_state"}
+        raw, _ = _content(body) or ("", True)
+        if not raw or len(raw) > 12_000:
+            return {"ok": False, "error": "invalid_arguments" if not raw else "msg_too_long"}
+        self._appends[message.ts] += 1
+        message.raw += raw
+        message.writes.append(time.monotonic())
+        return {"ok": True, "channel": message.channel, "ts": message.ts}
+
+    def _chat_stopStream(self, body: dict) -> dict:
+        message = self._find(body)
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        if not message.streaming:
+            return {"ok": False, "error": "message_not_in_streaming_state"}
+        raw, _ = _content(body) or ("", True)
+        message.raw += raw
+        message.blocks = body.get("blocks") or []
+        message.streaming = False
+        message.writes.append(time.monotonic())
+        return {"ok": True, "channel": message.channel, "ts": message.ts, "message": {"text": message.raw}}
+
+    def _assistant_threads_setStatus(self, body: dict) -> dict:
+        if not body.get("channel_id") or not body.get("thread_ts") or "status" not in body:
+            return {"ok": False, "error": "invalid_arguments"}
+        self.statuses.append((body["channel_id"], body["thread_ts"], body["status"]))
+        self.status_now[(body["channel_id"], body["thread_ts"])] = body["status"]
+        return {"ok": True}
+
+    def _assistant_threads_setTitle(self, body: dict) -> dict:
+        if not body.get("channel_id") or not body.get("thread_ts") or not body.get("title"):
+            return {"ok": False, "error": "invalid_arguments"}
+        self.titles[(body["channel_id"], body["thread_ts"])] = body["title"]
+        return {"ok": True}
+
+    def _assistant_threads_setSuggestedPrompts(self, body: dict) -> dict:
+        prompts = body.get("prompts")
+        if not body.get("channel_id") or not prompts or len(prompts) > 4 or not all({"title", "message"} <= set(p) for p in prompts):
+            return {"ok": False, "error": "invalid_arguments"}
+        self.suggested.append(body)
+        return {"ok": True}
 
     def _chat_postEphemeral(self, body: dict) -> dict:
         return {"ok": True, "message_ts": f"{time.time():.6f}"}

@@ -1,0 +1,119 @@
+"""Slack's rate limits as token buckets in Redis, shared by every adapter process.
+
+Slack limits each Web API method per workspace (chat.postMessage per channel) and answers
+429 with Retry-After past it. A bucket per (scope, method) holds up to a quarter of a
+minute's calls and refills at the method's rate; a 429 empties it until Retry-After has
+passed, so every process and conversation of that workspace waits, and no other workspace
+does. The clock is Redis's, so processes on several machines agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
+
+from bot.delivery import Deferred
+from engine.history import PREFIX
+from engine.redis_client import REDIS_DOWN
+
+log = logging.getLogger(__name__)
+BURST_MINUTES = 0.25  # a bucket holds this much of a minute's calls
+
+# Returns 0 when a call was taken, else the milliseconds until one will be there.
+_TAKE = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local rate, capacity = tonumber(ARGV[1]), tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at', 'paused_until')
+local paused_until = tonumber(state[3] or 0)
+if now < paused_until then return paused_until - now end
+local tokens = tonumber(state[1] or capacity)
+local at = tonumber(state[2] or now)
+tokens = math.min(capacity, tokens + (now - at) * rate)
+local taken = 0
+if tokens >= 1 then tokens = tokens - 1 else taken = math.ceil((1 - tokens) / rate) end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate) + 60000)
+return taken
+"""
+
+_PAUSE = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('HSET', KEYS[1], 'tokens', '0', 'at', now, 'paused_until', now + tonumber(ARGV[1]))
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) + 60000)
+"""
+
+
+def budget_key(scope: str, method: str) -> str:
+    return f"{PREFIX}slack:budget:{scope}:{method}"
+
+
+class SlackBudget:
+    def __init__(self, redis: Redis, per_minute: dict[str, float]):
+        self.redis = redis
+        self.per_minute = per_minute
+        self._take = redis.register_script(_TAKE)
+        self._pause = redis.register_script(_PAUSE)
+
+    async def take(self, scope: str, method: str, wait: bool) -> bool:
+        """One call of `method` for `scope`; `wait` sleeps until there is one, else False when short."""
+        rate = self.per_minute[method]
+        capacity = max(1.0, rate * BURST_MINUTES)
+        while True:
+            try:
+                wait_ms = int(await self._take(keys=[budget_key(scope, method)], args=[rate / 60_000, capacity]))
+            except REDIS_DOWN as error:
+                # The budget only paces calls: without Redis, Slack's own 429s still do.
+                log.warning("rate budget unavailable", extra={"method": method, "error": str(error)})
+                return True
+            if wait_ms == 0:
+                return True
+            if not wait:
+                return False
+            await asyncio.sleep(wait_ms / 1000)
+
+    async def pause(self, scope: str, method: str, retry_after_s: float) -> None:
+        """Slack answered 429: no call of `method` for `scope` until Retry-After has passed."""
+        log.warning("slack rate limited", extra={"scope": scope, "method": method, "retry_after_s": retry_after_s})
+        try:
+            await self._pause(keys=[budget_key(scope, method)], args=[int(retry_after_s * 1000)])
+        except REDIS_DOWN as error:
+            log.warning("rate budget unavailable", extra={"method": method, "error": str(error)})
+
+
+def retry_after_s(error: SlackApiError) -> float:
+    headers = {name.lower(): value for name, value in (error.response.headers or {}).items()}
+    try:
+        return float(headers.get("retry-after", 1))
+    except ValueError:
+        return 1.0
+
+
+class PacedSlack:
+    """Web API calls within the workspace's budget; a 429 pauses that workspace and method only."""
+
+    def __init__(self, client: AsyncWebClient, budget: SlackBudget):
+        self.client = client
+        self.budget = budget
+
+    async def call(self, method: str, reply_to: dict[str, str], wait: bool, **arguments: Any) -> AsyncSlackResponse:
+        """Call `method`; without `wait`, Deferred when the budget is short or Slack says 429."""
+        scope = reply_to["channel"] if method == "chat.postMessage" else reply_to.get("team", "workspace")
+        while True:
+            if not await self.budget.take(scope, method, wait):
+                raise Deferred(method)
+            try:
+                return await getattr(self.client, method.replace(".", "_"))(**arguments)
+            except SlackApiError as error:
+                if error.response.status_code != 429:
+                    raise
+                await self.budget.pause(scope, method, retry_after_s(error))
+                if not wait:
+                    raise Deferred(method) from error

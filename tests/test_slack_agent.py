@@ -1,0 +1,191 @@
+"""Slack's AI-app surface end to end, offline: native streams and their fallback, suggested prompts,
+feedback, and the rate budgets, through the real adapter against the fake Slack and real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from urllib.parse import urlencode
+
+from bot.slack.outbox import FEEDBACK_ACTION
+from engine.config import SLACK_RATE_LIMITS, SlackSettings
+from engine.feedback import FeedbackStore
+from engine.jobs import ReplyEvent
+from tests.conftest import running_worker
+from tests.fakes.slack_server import APP_ID, TEAM_ID
+from tests.test_cli import chatbot
+from tests.test_slack import (
+    ALICE,
+    DM,
+    adapter,
+    answer_shown,
+    event_callback,
+    fake,
+    new_ts,
+    post_to_app,
+    publish,
+    send_dm,
+    slack_settings,
+)
+
+__all__ = ["fake"]  # the fixture, shared with test_slack
+
+
+def thread_reply(thread: str, channel: str = DM, team: str = TEAM_ID) -> dict[str, str]:
+    return {"channel": channel, "thread_ts": thread, "team": team, "user": ALICE}
+
+
+def reply(job: str, kind: str, text: str, reply_to: dict[str, str]) -> ReplyEvent:
+    conversation = f"slack:{reply_to['channel']}:{reply_to['thread_ts']}"
+    return ReplyEvent(job_id=f"slack:{job}", conversation=conversation, kind=kind, text=text, reply_to=reply_to)
+
+
+async def stream_words(redis, job: str, reply_to: dict[str, str], words: int, every_s: float) -> str:
+    """Publish a reply as the worker streams it: growing partials, then the final text."""
+    text = ""
+    for index in range(words):
+        text += f" word{index}"
+        await publish(redis, reply(job, "partial", text.strip(), reply_to))
+        await asyncio.sleep(every_s)
+    text = text.strip() + " The end."
+    await publish(redis, reply(job, "final", text, reply_to))
+    return text
+
+
+async def test_an_answer_streams_natively_start_appends_stop_with_feedback(redis, fake):
+    settings = slack_settings(stream_buffer_chars=1, edit_interval_s=0.5)
+    thread = new_ts()
+    async with adapter(fake, redis, settings):
+        text = await stream_words(redis, "streamed", thread_reply(thread), words=30, every_s=0.06)
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == [text])
+    [message] = fake.messages_in(DM)
+    [start], appends, [stop] = (fake.calls_to(method) for method in ("chat.startStream", "chat.appendStream", "chat.stopStream"))
+    assert start.body["thread_ts"] == thread and len(appends) >= 2
+    assert all(call.body["ts"] == message.ts for call in appends + [stop])
+    assert stop.body["blocks"][0]["elements"][0]["type"] == "feedback_buttons" and not message.streaming
+    assert fake.calls_to("chat.update") == fake.calls_to("chat.postMessage") == []
+    gaps = [later - earlier for earlier, later in itertools.pairwise(message.writes)]
+    assert all(gap >= 0.5 - 0.02 for gap in gaps)  # streamed text too: at most one call per message per interval
+
+
+async def test_a_stream_that_expires_mid_answer_falls_back_to_chat_update(redis, fake, caplog):
+    settings = slack_settings(stream_buffer_chars=1, edit_interval_s=0.5)
+    fake.expire_after_appends = 1
+    thread = new_ts()
+    async with adapter(fake, redis, settings):
+        text = await stream_words(redis, "expiring", thread_reply(thread), words=30, every_s=0.06)
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == [text])
+    [message] = fake.messages_in(DM)  # the whole answer, once, in the message the stream began
+    assert message.thread_ts == thread and message.feedback_buttons
+    assert [call.body["ts"] for call in fake.calls_to("chat.update")][-1] == message.ts
+    [refused] = [call for call in fake.calls_to("chat.appendStream") if call.at > fake.calls_to("chat.appendStream")[0].at]
+    assert refused.at < fake.calls_to("chat.update")[0].at
+    assert [r.error for r in caplog.records if r.getMessage().startswith("slack streaming failed")] == ["message_not_in_streaming_state"]
+
+
+async def test_a_workspace_without_streaming_gets_post_and_update_and_is_not_asked_again(redis, fake):
+    settings = slack_settings(stream_buffer_chars=1)
+    fake.refuse_method("chat.startStream", "feature_not_enabled")
+    first, second = new_ts(), new_ts()
+    async with adapter(fake, redis, settings):
+        for job, thread in (("first", first), ("second", second)):
+            text = await stream_words(redis, job, thread_reply(thread), words=5, every_s=0.05)
+            await fake.wait_for(lambda text=text: text in [m.text for m in fake.messages_in(DM)])
+    assert len(fake.calls_to("chat.startStream")) == 1
+    assert [m.thread_ts for m in fake.messages_in(DM)] == [first, second]
+
+
+async def test_suggested_prompts_when_the_messages_tab_opens_or_a_thread_starts(redis, fake):
+    settings = slack_settings()
+    opened = {"type": "app_home_opened", "user": ALICE, "channel": DM, "tab": "messages", "event_ts": new_ts()}
+    home = {**opened, "tab": "home", "event_ts": new_ts()}
+    thread = new_ts()
+    started = {
+        "type": "assistant_thread_started", "event_ts": new_ts(),
+        "assistant_thread": {"user_id": ALICE, "channel_id": DM, "thread_ts": thread, "context": {}},
+    }
+    async with adapter(fake, redis, settings):
+        for event in (opened, home, started):
+            assert (await post_to_app(settings, json.dumps(event_callback(event)))).status == 200
+        await fake.wait_for(lambda: len(fake.suggested) == 2)
+    expected = [prompt.model_dump() for prompt in SlackSettings().suggested_prompts]
+    assert [(body["channel_id"], body.get("thread_ts"), body["prompts"]) for body in fake.suggested] == [
+        (DM, None, expected), (DM, thread, expected)
+    ]
+    assert all(body["title"] == SlackSettings().prompts_title for body in fake.suggested)
+
+
+def feedback_click(job_id: str, rating: str, action_ts: str) -> str:
+    payload = {
+        "type": "block_actions", "api_app_id": APP_ID, "token": "legacy-verification-token",
+        "team": {"id": TEAM_ID, "domain": "fake"}, "user": {"id": ALICE, "username": "alice", "team_id": TEAM_ID},
+        "channel": {"id": DM, "name": "directmessage"}, "trigger_id": "1.2.3",
+        "container": {"type": "message", "message_ts": "1700000001.000001", "channel_id": DM, "is_ephemeral": False},
+        "actions": [{
+            "type": "feedback_buttons", "action_id": FEEDBACK_ACTION, "block_id": "feedback",
+            "value": f"{rating} {job_id}", "action_ts": action_ts,
+        }],
+    }
+    return urlencode({"payload": json.dumps(payload)})
+
+
+async def test_a_feedback_click_is_stored_once_and_listed_with_question_and_answer(redis, redis_server, fake, tiny_engine, tmp_path):
+    settings = slack_settings()
+    async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings):
+        sent = await send_dm(settings, "What is the capital of France?")
+        final = await answer_shown(fake, redis, sent.job_id, before=0)
+        click = feedback_click(sent.job_id, "good", action_ts="1700000100.000001")
+        answers = [await post_to_app(settings, click, "application/x-www-form-urlencoded") for _ in range(2)]  # Slack retried it
+    assert [answer.status for answer in answers] == [200, 200] and all(answer.seconds < 3 for answer in answers)
+    [vote] = await FeedbackStore(redis).recent(10)
+    assert (vote.job_id, vote.user, vote.rating) == (sent.job_id, ALICE, "good")
+    assert (vote.question, vote.answer, vote.conversation) == ("What is the capital of France?", final.text, sent.conversation)
+    assert await FeedbackStore(redis).counts() == {"good": 1, "bad": 0}
+
+    code, out, err = await chatbot(redis_server.url, tmp_path, "feedback", "--limit", "5")
+    assert code == 0, err
+    assert "1 good, 0 bad" in out and "GOOD" in out and "What is the capital of France?" in out
+    assert " ".join(final.text.split())[:50] in out
+
+
+async def test_ten_answers_at_once_keep_within_the_workspace_budget(redis, fake):
+    rates = {"chat.startStream": 24, "chat.appendStream": 48, "chat.stopStream": 24}  # per minute, scaled down
+    settings = slack_settings(stream_buffer_chars=1, edit_interval_s=0.5, rate_limits=rates)
+    threads = [new_ts() for _ in range(10)]
+    async with adapter(fake, redis, settings):
+        texts = await asyncio.gather(*(
+            stream_words(redis, f"busy{index}", thread_reply(thread), words=25, every_s=0.1) for index, thread in enumerate(threads)
+        ))
+        await fake.wait_for(lambda: sorted(m.text for m in fake.messages_in(DM)) == sorted(texts), timeout=60)
+    for method, per_minute in rates.items():
+        times = [call.at for call in fake.calls_to(method)]
+        capacity, per_second = per_minute / 4, per_minute / 60
+        for index, at in enumerate(times):  # calls so far never exceed a full bucket plus its refill
+            assert index + 1 <= capacity + per_second * (at - times[0]) + 1, (method, index, at - times[0])
+
+
+async def test_a_throttled_workspace_does_not_delay_another(redis, fake):
+    settings = slack_settings()
+    other_dm, other_team = "D0OTHER", "T0OTHER"
+    fake.channel_teams[other_dm] = other_team
+    fake.throttle_team(TEAM_ID, seconds=4)
+    slow, quick = thread_reply(new_ts()), thread_reply(new_ts(), channel=other_dm, team=other_team)
+    async with adapter(fake, redis, settings):
+        started = time.monotonic()
+        await publish(redis, reply("slow", "final", "Held back by Slack.", slow))
+        await publish(redis, reply("quick", "final", "Not held back.", quick))
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in(other_dm)] == ["Not held back."])
+        quick_s = time.monotonic() - started
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == ["Held back by Slack."])
+        slow_s = time.monotonic() - started
+    assert quick_s < 2 and slow_s >= 3
+    refused = [call for call in fake.calls if call.body.get("channel") == DM]
+    assert len(refused) <= 3  # the 429 paused the workspace's calls instead of retrying them in a loop
+
+
+def test_rate_limits_default_to_slacks_tiers_and_take_overrides():
+    assert SlackSettings().rate_limits == SLACK_RATE_LIMITS
+    assert SlackSettings(rate_limits={"chat.update": 100}).rate_limits["chat.update"] == 100
+    assert SlackSettings(rate_limits={"chat.update": 100}).rate_limits["chat.stopStream"] == 20
