@@ -22,10 +22,12 @@ from bot.slack.handlers import register
 from bot.slack.http import http_server
 from bot.slack.messages import PLATFORM
 from bot.slack.outbox import SlackOutbox
+from bot.slack.status import ThreadStatus
 from engine.config import Secrets, Settings
 from engine.feedback import FeedbackStore
 from engine.observability import HEALTH
 from engine.queue import JobQueue
+from engine.tasks import until_first_ends
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ def web_client(token: str, base_url: str = AsyncWebClient.BASE_URL) -> AsyncWebC
 class SlackBot:
     app: AsyncApp  # bolt, with our listeners
     outbox: SlackOutbox  # shared by the listeners and reply delivery: it knows the open streams
+    status: ThreadStatus
 
 
 def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncWebClient | None = None) -> SlackBot:
@@ -75,9 +78,10 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
     )
     slack = PacedSlack(app.client, SlackBudget(redis, settings.slack.rate_limits))
     feedback = FeedbackStore(redis)
-    outbox = SlackOutbox(slack, settings.slack, feedback)
-    register(app, settings.slack, JobQueue(redis, limits=settings.limits), outbox, slack, feedback)
-    return SlackBot(app, outbox)
+    status = ThreadStatus(redis, slack, settings.slack)
+    outbox = SlackOutbox(slack, settings.slack, feedback, status)
+    register(app, settings.slack, JobQueue(redis, limits=settings.limits), outbox, status, feedback)
+    return SlackBot(app, outbox, status)
 
 
 @asynccontextmanager
@@ -105,7 +109,7 @@ async def serve(bot: SlackBot, settings: Settings, secrets: Secrets, redis: Redi
     tokens = slack_tokens(settings, secrets)
     delivery = Delivery(redis, PLATFORM, CONSUMER, bot.outbox, settings.slack.edit_interval_s)
     async with receiving(bot.app, settings, tokens):
-        await delivery.run()
+        await until_first_ends(delivery.run(), bot.status.keep_fresh())
 
 
 async def run_slack(settings: Settings, secrets: Secrets, redis: Redis) -> None:

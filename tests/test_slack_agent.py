@@ -189,3 +189,24 @@ def test_rate_limits_default_to_slacks_tiers_and_take_overrides():
     assert SlackSettings().rate_limits == SLACK_RATE_LIMITS
     assert SlackSettings(rate_limits={"chat.update": 100}).rate_limits["chat.update"] == 100
     assert SlackSettings(rate_limits={"chat.update": 100}).rate_limits["chat.stopStream"] == 20
+
+
+async def test_status_shows_the_queue_position_and_is_kept_until_the_answer_begins(redis, fake):
+    settings = slack_settings(status_refresh_s=1)  # Slack drops a status after 2 minutes; 1 s here
+    async with adapter(fake, redis, settings):  # no worker: the messages wait
+        first = await send_dm(settings, "First question")
+        second = await send_dm(settings, "Second question")
+
+        def statuses(sent) -> list[tuple[float, str]]:
+            return [(call.at, call.body["status"]) for call in fake.calls_to("assistant.threads.setStatus") if call.body["thread_ts"] == sent.ts]
+
+        await fake.wait_for(lambda: len(statuses(first)) >= 3)
+        assert statuses(second)[0][1] == f"{SlackSettings().status} (1 ahead of you)"
+        assert {status for _, status in statuses(first)} == {SlackSettings().status}
+        await publish(redis, reply(first.job_id.removeprefix("slack:"), "final", "The first answer.", thread_reply(first.ts)))
+        await fake.wait_for(lambda: fake.status_now[(DM, first.ts)] == "")
+        answered_at = time.monotonic()
+        # Refresh rounds go on for the second message; once two more came, one would have met the first.
+        await fake.wait_for(lambda: len([at for at, _ in statuses(second) if at > answered_at]) >= 2)
+    assert [at for at, _ in statuses(first) if at > answered_at] == []
+    assert fake.status_now[(DM, second.ts)] == SlackSettings().status

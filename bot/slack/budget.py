@@ -13,8 +13,9 @@ import asyncio
 import logging
 from typing import Any
 
+import aiohttp
 from redis.asyncio import Redis
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
@@ -23,6 +24,8 @@ from engine.history import PREFIX
 from engine.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
+# What a best-effort call (a status, a title, a name lookup) may meet; the caller logs it and goes on.
+SLACK_FAILED = (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError, Deferred)
 BURST_MINUTES = 0.25  # a bucket holds this much of a minute's calls
 
 # Returns 0 when a call was taken, else the milliseconds until one will be there.

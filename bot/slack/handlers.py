@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aiohttp
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
-from slack_sdk.errors import SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.delivery import Deferred, Part
-from bot.slack.budget import PacedSlack
+from bot.delivery import Part
+from bot.slack.budget import SLACK_FAILED
 from bot.slack.messages import PLATFORM, Incoming, direct_message, mention
 from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox
+from bot.slack.status import ThreadStatus
 from bot.titles import thread_title
 from engine import history
 from engine.config import SlackSettings
@@ -33,8 +32,6 @@ RESET_FAILED = "Sorry, the conversations could not be reset right now. Please tr
 # acknowledgement carries the answer: the reset gets what is left after network time.
 RESET_TIMEOUT_S = 2.0
 DM_THREADS_TTL_S = 90 * 24 * 3600  # longer than any history is kept
-# Best-effort calls (status, title, prompts): a failure is logged and the answer goes on.
-SLACK_FAILED = (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError, Deferred)
 
 
 def dm_threads_key(channel: str) -> str:
@@ -65,7 +62,7 @@ class DisplayNames:
 
 
 def register(
-    app: AsyncApp, settings: SlackSettings, queue: JobQueue, outbox: SlackOutbox, slack: PacedSlack, feedback: FeedbackStore
+    app: AsyncApp, settings: SlackSettings, queue: JobQueue, outbox: SlackOutbox, status: ThreadStatus, feedback: FeedbackStore
 ) -> None:
     redis = queue.redis
     names = DisplayNames(app.client)
@@ -95,12 +92,8 @@ def register(
             return
         if settings.feedback:
             await feedback.remember_question(submitted.job_id, incoming.conversation.key, incoming.text)
+        await status.show(submitted.job_id, reply_to, submitted.ahead)
         channel, thread = reply_to["channel"], reply_to["thread_ts"]
-        status = settings.status + (f" ({submitted.ahead} ahead of you)" if submitted.ahead else "")
-        await best_effort("status", slack.call(
-            "assistant.threads.setStatus", reply_to, wait=False,
-            channel_id=channel, thread_ts=thread, status=status, loading_messages=settings.loading_messages or None,
-        ))
         if incoming.starts_thread and channel.startswith("D"):
             await best_effort("title", app.client.assistant_threads_setTitle(
                 channel_id=channel, thread_ts=thread, title=thread_title(incoming.text)

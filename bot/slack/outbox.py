@@ -20,6 +20,7 @@ from slack_sdk.errors import SlackApiError
 from bot.delivery import Deferred, Part
 from bot.slack.budget import PacedSlack
 from bot.slack.messages import to_markdown
+from bot.slack.status import ThreadStatus
 from engine.config import SlackSettings
 from engine.feedback import FeedbackStore
 
@@ -45,14 +46,20 @@ def feedback_block(job_id: str) -> dict:
 class SlackOutbox:
     limit = LIMIT
 
-    def __init__(self, slack: PacedSlack, settings: SlackSettings, feedback: FeedbackStore):
+    def __init__(self, slack: PacedSlack, settings: SlackSettings, feedback: FeedbackStore, status: ThreadStatus):
         self.slack = slack
+        self.status = status
         self.settings = settings
         self.feedback = feedback
         self.streams: dict[str, str] = {}  # ts -> markdown Slack has, for messages still streaming
         self.no_streaming_until: dict[str, float] = {}  # team -> time.monotonic()
 
     async def post(self, part: Part) -> str:
+        ts = await self._post(part)
+        await self.status.answered(part.job_id)
+        return ts
+
+    async def _post(self, part: Part) -> str:
         reply_to = part.reply_to
         if not part.settled and self._may_stream(reply_to):
             markdown = to_markdown(part.text)

@@ -1,0 +1,79 @@
+"""The thread's status ("is thinking…") while a message waits for its answer.
+
+Slack removes a status after two minutes without a message in the thread, and a busy queue
+can hold a message longer. Waiting messages are kept in Redis and their status set again
+every `slack.status_refresh_s` until the first text of the answer is shown (the outbox says
+so). Every adapter process shares the list; one of them refreshes per round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from redis.asyncio import Redis
+
+from bot.slack.budget import SLACK_FAILED, PacedSlack
+from engine.config import SlackSettings
+from engine.history import PREFIX
+from engine.redis_client import REDIS_DOWN
+
+log = logging.getLogger(__name__)
+WAITING = PREFIX + "slack:waiting"  # hash: job id -> {"reply_to": ..., "shown_at": unix time}
+ROUND_LOCK = PREFIX + "slack:waiting:round"
+GIVE_UP_S = 3600.0
+_UPDATE_IF_WAITING = "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"  # a message unanswered this long is not the queue's any more: stop showing its status
+
+
+class ThreadStatus:
+    def __init__(self, redis: Redis, slack: PacedSlack, settings: SlackSettings):
+        self.redis = redis
+        self.slack = slack
+        self.settings = settings
+        self._update = redis.register_script(_UPDATE_IF_WAITING)
+
+    async def show(self, job_id: str, reply_to: dict[str, str], ahead: int) -> None:
+        """Show the status under the thread; `ahead`: messages queued before this one."""
+        await self.redis.hset(WAITING, job_id, json.dumps({"reply_to": reply_to, "since": time.time(), "shown_at": time.time()}))
+        await self._set(reply_to, self.settings.status + (f" ({ahead} ahead of you)" if ahead else ""))
+
+    async def answered(self, job_id: str) -> None:
+        """The answer's first text is in the thread, which clears the status: stop refreshing it."""
+        try:
+            await self.redis.hdel(WAITING, job_id)
+        except REDIS_DOWN as error:  # the answer matters more; an entry left is dropped after GIVE_UP_S
+            log.warning("redis unavailable", extra={"error": str(error)})
+
+    async def keep_fresh(self) -> None:
+        """Set the status again for messages still waiting, until cancelled."""
+        every = self.settings.status_refresh_s
+        while True:
+            await asyncio.sleep(min(every / 4, 15.0))
+            try:
+                if await self.redis.set(ROUND_LOCK, 1, nx=True, ex=max(1, int(every / 4))):
+                    await self._refresh(every)
+            except REDIS_DOWN as error:
+                log.warning("redis unavailable", extra={"error": str(error)})
+
+    async def _refresh(self, every: float) -> None:
+        now = time.time()
+        for job_id, raw in (await self.redis.hgetall(WAITING)).items():
+            waiting = json.loads(raw)
+            if now - waiting["since"] > GIVE_UP_S:
+                await self.redis.hdel(WAITING, job_id)
+            elif now - waiting["shown_at"] >= every:
+                await self._set(waiting["reply_to"], self.settings.status)
+                waiting["shown_at"] = now
+                # Only if still waiting: the answer may have begun while this round ran.
+                await self._update(keys=[WAITING], args=[job_id, json.dumps(waiting)])
+
+    async def _set(self, reply_to: dict[str, str], status: str) -> None:
+        try:
+            await self.slack.call(
+                "assistant.threads.setStatus", reply_to, wait=False, channel_id=reply_to["channel"],
+                thread_ts=reply_to["thread_ts"], status=status, loading_messages=self.settings.loading_messages or None,
+            )
+        except SLACK_FAILED as error:  # a status is a courtesy: the answer goes on without it
+            log.info("thread status not set", extra={"channel": reply_to["channel"], "error": str(error) or type(error).__name__})
