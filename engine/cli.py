@@ -41,7 +41,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     reset = commands.add_parser("reset", help="forget a conversation's history")
     reset.add_argument(
-        "conversation", type=conversation_id, help="conversation id as the logs show it, e.g. discord:1234 or slack:D0123"
+        "conversation", type=conversation_id, help="conversation id as the logs show it, e.g. discord:1234 or slack:D0123:1700000000.000100"
     )
     reset.set_defaults(handler=reset_command)
 
