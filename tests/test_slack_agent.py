@@ -210,3 +210,16 @@ async def test_status_shows_the_queue_position_and_is_kept_until_the_answer_begi
         await fake.wait_for(lambda: len([at for at, _ in statuses(second) if at > answered_at]) >= 2)
     assert [at for at, _ in statuses(first) if at > answered_at] == []
     assert fake.status_now[(DM, second.ts)] == SlackSettings().status
+
+
+async def test_a_status_that_lands_after_the_answer_began_is_cleared(redis, fake):
+    settings = slack_settings()
+    fake.delay("assistant.threads.setStatus", 1.0)  # the status is still on its way when the answer starts
+    async with adapter(fake, redis, settings):
+        sent = await send_dm(settings, "Quick question")
+        await fake.wait_for(lambda: fake.calls_to("assistant.threads.setStatus"))
+        await publish(redis, reply(sent.job_id.removeprefix("slack:"), "final", "Quick answer.", thread_reply(sent.ts)))
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == ["Quick answer."])
+        await fake.wait_for(lambda: len(fake.statuses) == 2, timeout=10)
+    assert [status for _, _, status in fake.statuses] == [SlackSettings().status, ""]
+    assert fake.status_now[(DM, sent.ts)] == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
 from slack_sdk.web.async_client import AsyncWebClient
@@ -68,11 +69,18 @@ def register(
     names = DisplayNames(app.client)
     prompts = [prompt.model_dump() for prompt in settings.suggested_prompts]
 
-    async def best_effort(what: str, call) -> None:
+    background: set[asyncio.Task] = set()
+
+    async def best_effort(what: str, call: Awaitable) -> None:
         try:
             await call
-        except SLACK_FAILED as error:
-            log.info("slack call skipped", extra={"what": what, "error": str(error)})
+        except (*SLACK_FAILED, *REDIS_DOWN) as error:
+            log.info("slack call skipped", extra={"what": what, "error": str(error) or type(error).__name__})
+
+    def in_background(what: str, call: Awaitable) -> None:
+        task = asyncio.create_task(best_effort(what, call))
+        background.add(task)
+        task.add_done_callback(background.discard)
 
     async def submit(incoming: Incoming, author: str | None) -> None:
         reply_to = incoming.reply_to
@@ -92,10 +100,11 @@ def register(
             return
         if settings.feedback:
             await feedback.remember_question(submitted.job_id, incoming.conversation.key, incoming.text)
-        await status.show(submitted.job_id, reply_to, submitted.ahead)
+        # Slack wants the event acknowledged within 3 s: its status and title go on after.
+        in_background("status", status.show(submitted.job_id, reply_to, submitted.ahead))
         channel, thread = reply_to["channel"], reply_to["thread_ts"]
         if incoming.starts_thread and channel.startswith("D"):
-            await best_effort("title", app.client.assistant_threads_setTitle(
+            in_background("title", app.client.assistant_threads_setTitle(
                 channel_id=channel, thread_ts=thread, title=thread_title(incoming.text)
             ))
 
@@ -120,21 +129,21 @@ def register(
             return
         await submit(incoming, await names.of(incoming.user))
 
-    async def suggest(channel: str, thread: str | None) -> None:
+    def suggest(channel: str, thread: str | None) -> None:
         if prompts:
-            await best_effort("suggested prompts", app.client.assistant_threads_setSuggestedPrompts(
+            in_background("suggested prompts", app.client.assistant_threads_setSuggestedPrompts(
                 channel_id=channel, thread_ts=thread, title=settings.prompts_title or None, prompts=prompts
             ))
 
     @app.event("app_home_opened")
     async def on_home_opened(event: dict) -> None:
         if event.get("tab") == "messages":
-            await suggest(event["channel"], None)
+            suggest(event["channel"], None)
 
     @app.event("assistant_thread_started")
     async def on_thread_started(event: dict) -> None:
         thread = event["assistant_thread"]
-        await suggest(thread["channel_id"], thread["thread_ts"])
+        suggest(thread["channel_id"], thread["thread_ts"])
 
     @app.action(FEEDBACK_ACTION)
     async def on_feedback(ack: AsyncAck, body: dict, action: dict) -> None:

@@ -24,7 +24,17 @@ log = logging.getLogger(__name__)
 WAITING = PREFIX + "slack:waiting"  # hash: job id -> {"reply_to": ..., "shown_at": unix time}
 ROUND_LOCK = PREFIX + "slack:waiting:round"
 GIVE_UP_S = 3600.0
-_UPDATE_IF_WAITING = "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"  # a message unanswered this long is not the queue's any more: stop showing its status
+_UPDATE_IF_WAITING = "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
+_WAIT_UNLESS_BEGUN = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+def begun_key(job_id: str) -> str:
+    """Set once the answer's first text is shown: a status arriving later must not stay."""
+    return f"{PREFIX}slack:begun:{job_id}"  # a message unanswered this long is not the queue's any more: stop showing its status
 
 
 class ThreadStatus:
@@ -33,16 +43,24 @@ class ThreadStatus:
         self.slack = slack
         self.settings = settings
         self._update = redis.register_script(_UPDATE_IF_WAITING)
+        self._wait = redis.register_script(_WAIT_UNLESS_BEGUN)
 
     async def show(self, job_id: str, reply_to: dict[str, str], ahead: int) -> None:
         """Show the status under the thread; `ahead`: messages queued before this one."""
-        await self.redis.hset(WAITING, job_id, json.dumps({"reply_to": reply_to, "since": time.time(), "shown_at": time.time()}))
+        entry = json.dumps({"reply_to": reply_to, "since": time.time(), "shown_at": time.time()})
+        if not await self._wait(keys=[WAITING, begun_key(job_id)], args=[job_id, entry]):
+            return  # the answer is already in the thread
         await self._set(reply_to, self.settings.status + (f" ({ahead} ahead of you)" if ahead else ""))
+        if await self.redis.exists(begun_key(job_id)):  # the answer began while the status was on its way
+            await self._set(reply_to, "")
 
     async def answered(self, job_id: str) -> None:
-        """The answer's first text is in the thread, which clears the status: stop refreshing it."""
+        """The answer's first text is in the thread, which clears the status: stop showing it."""
         try:
-            await self.redis.hdel(WAITING, job_id)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.set(begun_key(job_id), 1, ex=int(GIVE_UP_S))
+                pipe.hdel(WAITING, job_id)
+                await pipe.execute()
         except REDIS_DOWN as error:  # the answer matters more; an entry left is dropped after GIVE_UP_S
             log.warning("redis unavailable", extra={"error": str(error)})
 

@@ -16,6 +16,7 @@ envelopes with `send_envelope`, and the client's acknowledgements are recorded.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 import uuid
@@ -107,6 +108,7 @@ class FakeSlack:
         self.expire_after_appends: int | None = None  # a stream given this many appends then expires
         self._appends: dict[str, int] = {}
         self._refused: dict[str, str] = {}
+        self._delays: dict[str, float] = {}
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)  # a few methods (users.info) are GETs
@@ -127,6 +129,10 @@ class FakeSlack:
     def rate_limit_next(self, method: str, retry_after_s: int = 1) -> None:
         """Answer the next call of `method` with 429 Too Many Requests, as Slack does."""
         self._limited[method] = retry_after_s
+
+    def delay(self, method: str, seconds: float) -> None:
+        """Hold every call of `method` this long before handling it (a slow network or Slack)."""
+        self._delays[method] = seconds
 
     def refuse_method(self, method: str, error: str) -> None:
         """Answer every call of `method` with this error (a workspace without a feature, say)."""
@@ -157,6 +163,7 @@ class FakeSlack:
             body = {**request.query, **await request.post()}
         token = request.headers.get("Authorization", "").removeprefix("Bearer ") or body.get("token")
         self.calls.append(Call(method, body, token, time.monotonic()))
+        await asyncio.sleep(self._delays.get(method, 0.0))
         wanted = "xapp-" if method == "apps.connections.open" else "xoxb-"
         if not token or not token.startswith(wanted):
             return web.json_response({"ok": False, "error": "not_allowed_token_type" if token else "not_authed"})
