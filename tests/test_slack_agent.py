@@ -170,7 +170,7 @@ async def test_a_throttled_workspace_does_not_delay_another(redis, fake):
     settings = slack_settings()
     other_dm, other_team = "D0OTHER", "T0OTHER"
     fake.channel_teams[other_dm] = other_team
-    fake.throttle_team(TEAM_ID, seconds=4)
+    fake.throttle(4, team=TEAM_ID)
     slow, quick = thread_reply(new_ts()), thread_reply(new_ts(), channel=other_dm, team=other_team)
     async with adapter(fake, redis, settings):
         started = time.monotonic()
@@ -223,3 +223,18 @@ async def test_a_status_that_lands_after_the_answer_began_is_cleared(redis, fake
         await fake.wait_for(lambda: len(fake.statuses) == 2, timeout=10)
     assert [status for _, _, status in fake.statuses] == [SlackSettings().status, ""]
     assert fake.status_now[(DM, sent.ts)] == ""
+
+
+async def test_a_channel_over_its_post_limit_does_not_delay_another_channel(redis, fake):
+    settings = slack_settings(streaming=False)
+    busy, calm = thread_reply(new_ts()), thread_reply(new_ts(), channel="D0CALM")
+    fake.throttle(4, channel=DM, method="chat.postMessage")  # chat.postMessage is limited per channel
+    async with adapter(fake, redis, settings):
+        started = time.monotonic()
+        await publish(redis, reply("busy", "final", "Posted when the channel may.", busy))
+        await publish(redis, reply("calm", "final", "Posted at once.", calm))
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in("D0CALM")] == ["Posted at once."])
+        calm_s = time.monotonic() - started
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == ["Posted when the channel may."])
+        busy_s = time.monotonic() - started
+    assert calm_s < 2 and busy_s >= 3

@@ -3,7 +3,7 @@
 One aiohttp server on 127.0.0.1 serves both. Web API calls are recorded (method, body, the
 token used, arrival time) and answered the way Slack answers them; each method checks the
 kind of token Slack would want (xoxb- bot token, xapp- app-level token), and a test can make
-the next call of a method, or a workspace's calls for a while, meet Slack's rate limit (429 with
+the next call of a method, or a workspace's or channel's calls for a while, meet Slack's rate limit (429 with
 Retry-After). Posted messages are kept as Slack would show them: mrkdwn entities decoded,
 markdown as written, edits applied. Streams follow the chat.startStream / appendStream /
 stopStream references: only in threads, with a recipient outside DMs, 12,000 characters a
@@ -77,6 +77,21 @@ class Message:
         ]
 
 
+@dataclass(frozen=True)
+class Throttle:
+    until: float  # time.monotonic()
+    team: str | None
+    channel: str | None
+    method: str | None
+
+    def matches(self, method: str, channel: str | None, team: str) -> bool:
+        return (
+            (self.team is None or self.team == team)
+            and (self.channel is None or self.channel == channel)
+            and (self.method is None or self.method == method)
+        )
+
+
 def _content(body: dict) -> tuple[str, bool] | None:
     """The text a post, update or stream call carries, and whether it is markdown."""
     if body.get("markdown_text") is not None:
@@ -99,7 +114,7 @@ class FakeSlack:
         self._ts = itertools.count(1)
         self._sockets: set[web.WebSocketResponse] = set()
         self._limited: dict[str, int] = {}
-        self._throttled: dict[str, float] = {}  # team -> time.monotonic() until which its calls get 429
+        self._throttles: list[Throttle] = []
         self.channel_teams: dict[str, str] = {}  # channels of other workspaces (an org-wide install); others are TEAM_ID's
         self.statuses: list[tuple[str, str, str]] = []  # (channel, thread_ts, status) as set, in order
         self.status_now: dict[tuple[str, str], str] = {}  # what each thread shows now
@@ -138,9 +153,9 @@ class FakeSlack:
         """Answer every call of `method` with this error (a workspace without a feature, say)."""
         self._refused[method] = error
 
-    def throttle_team(self, team: str, seconds: float) -> None:
-        """Answer 429 to every chat and assistant call in the workspace's channels for `seconds`."""
-        self._throttled[team] = time.monotonic() + seconds
+    def throttle(self, seconds: float, *, team: str | None = None, channel: str | None = None, method: str | None = None) -> None:
+        """Answer 429 for `seconds` to the chat and assistant calls of a workspace, or of one channel and method."""
+        self._throttles.append(Throttle(time.monotonic() + seconds, team, channel, method))
 
     # --- what tests read ------------------------------------------------------------------
 
@@ -172,10 +187,11 @@ class FakeSlack:
             return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(retry_after)})
         if method in self._refused:
             return web.json_response({"ok": False, "error": self._refused[method]})
-        throttled_until = self._throttled.get(self._team_of(body), 0.0)
-        if method.startswith(("chat.", "assistant.")) and time.monotonic() < throttled_until:
-            retry_after = max(1, round(throttled_until - time.monotonic()))
-            return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(retry_after)})
+        now, channel = time.monotonic(), body.get("channel") or body.get("channel_id")
+        for throttle in self._throttles:
+            if now < throttle.until and method.startswith(("chat.", "assistant.")) and throttle.matches(method, channel, self._team_of(body)):
+                retry_after = str(max(1, round(throttle.until - now)))
+                return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": retry_after})
         answer = getattr(self, "_" + method.replace(".", "_"), None)
         if answer is None:
             return web.json_response({"ok": False, "error": "unknown_method"})
