@@ -52,6 +52,7 @@ class Deferred(Exception):
 
 class Outbox(Protocol):
     limit: int  # most characters in one platform message
+    settles: bool  # True: a message whose text stops changing gets one more edit, marked settled
 
     async def post(self, part: Part) -> str:
         """Post a new message; returns its platform id. May raise Deferred for an unsettled part."""
@@ -183,7 +184,7 @@ class Delivery:
             part = Part(event.job_id, event.reply_to, chunk, settled=final or not last, answer=answer)
             if index < len(shown.message_ids):
                 changed = index >= len(shown.texts) or shown.texts[index] != chunk
-                if changed or (part.settled and index >= shown.settled):
+                if changed or (self.outbox.settles and part.settled and index >= shown.settled):
                     await self.outbox.edit(shown.message_ids[index], part)
             else:
                 shown.message_ids.append(await self.outbox.post(part))

@@ -148,7 +148,8 @@ class SlackSettings(Strict):
     streaming: bool = Field(True, description="native streaming (chat.startStream); false: post, then chat.update")
     stream_buffer_chars: int = Field(128, ge=1, description="new text gathered before one chat.appendStream")
     status: str = Field("is thinking…", min_length=1, max_length=50)
-    status_refresh_s: float = Field(90.0, ge=1, le=110, description="Slack drops a status after 2 minutes: set again this often")
+    # A round runs every quarter of this, so a status is set again within 1.25x: under Slack's 2 minutes.
+    status_refresh_s: float = Field(90.0, ge=1, le=95, description="Slack drops a status after 2 minutes: set again this often")
     loading_messages: list[str] = Field(default_factory=lambda: ["Reading your message…", "Thinking it over…"], max_length=10)
     prompts_title: str = "Try one of these:"
     suggested_prompts: list[SuggestedPrompt] = Field(

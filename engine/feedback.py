@@ -3,8 +3,9 @@
 Layout (under `chatbot:`):
   feedback                 stream of votes: job, user, rating, at (newest 10,000 kept)
   feedback:exchange:<job>  hash: conversation, question, answer (kept EXCHANGE_TTL_S)
-  feedback:click:<id>      a click already recorded: a platform's retried delivery is not counted twice
-  feedback:counts          hash: rating -> votes so far
+  feedback:vote:<job>:<user>  that user's current rating of that answer: a retried click is not
+                           counted twice, a changed mind moves the count
+  feedback:counts          hash: rating -> current votes
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from engine.history import PREFIX
 FEEDBACK = PREFIX + "feedback"
 COUNTS = PREFIX + "feedback:counts"
 EXCHANGE_TTL_S = 30 * 24 * 3600
-CLICK_TTL_S = 24 * 3600
 KEPT_VOTES = 10_000
 Rating = Literal["good", "bad"]
 RATINGS: tuple[Rating, ...] = ("good", "bad")
 
 _RECORD = """
-if redis.call('SET', KEYS[1], 1, 'NX', 'EX', ARGV[5]) == false then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'job', ARGV[1], 'user', ARGV[2], 'rating', ARGV[3], 'at', ARGV[4])
+local previous = redis.call('GET', KEYS[1])
+if previous == ARGV[3] then return 0 end
+redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[5])
+if previous then redis.call('HINCRBY', KEYS[3], previous, -1) end
 redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'job', ARGV[1], 'user', ARGV[2], 'rating', ARGV[3], 'at', ARGV[4])
 return 1
 """
 
@@ -37,8 +40,8 @@ def exchange_key(job_id: str) -> str:
     return f"{PREFIX}feedback:exchange:{job_id}"
 
 
-def click_key(click_id: str) -> str:
-    return f"{PREFIX}feedback:click:{click_id}"
+def vote_key(job_id: str, user: str) -> str:
+    return f"{PREFIX}feedback:vote:{job_id}:{user}"
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,10 @@ class FeedbackStore:
             pipe.expire(exchange_key(job_id), EXCHANGE_TTL_S)
             await pipe.execute()
 
-    async def record(self, job_id: str, user: str, rating: Rating, click_id: str) -> bool:
-        """Store one click; False when this click was stored already (a retried delivery)."""
-        keys = [click_key(click_id), FEEDBACK, COUNTS]
-        args = [job_id, user, rating, f"{time.time():.3f}", CLICK_TTL_S, KEPT_VOTES]
+    async def record(self, job_id: str, user: str, rating: Rating) -> bool:
+        """Store a user's rating of an answer; False when it is the rating they gave already (a retried click)."""
+        keys = [vote_key(job_id, user), FEEDBACK, COUNTS]
+        args = [job_id, user, rating, f"{time.time():.3f}", EXCHANGE_TTL_S, KEPT_VOTES]
         return bool(await self._record(keys=keys, args=args))
 
     async def counts(self) -> dict[str, int]:

@@ -15,6 +15,7 @@ from engine.tasks import cancel_until_done
 
 class Nowhere:
     limit = 2000
+    settles = False
 
     async def post(self, part):
         raise AssertionError("nothing should be posted")
@@ -36,6 +37,7 @@ def test_replies_whose_final_never_comes_are_forgotten(redis):
 
 class Recording:
     limit = 2000
+    settles = False
 
     def __init__(self):
         self.posted: list[str] = []

@@ -97,24 +97,18 @@ async def test_a_workspace_without_streaming_gets_post_and_update_and_is_not_ask
     assert [m.thread_ts for m in fake.messages_in(DM)] == [first, second]
 
 
-async def test_suggested_prompts_when_the_messages_tab_opens_or_a_thread_starts(redis, fake):
+async def test_suggested_prompts_when_the_messages_tab_opens(redis, fake):
     settings = slack_settings()
     opened = {"type": "app_home_opened", "user": ALICE, "channel": DM, "tab": "messages", "event_ts": new_ts()}
     home = {**opened, "tab": "home", "event_ts": new_ts()}
-    thread = new_ts()
-    started = {
-        "type": "assistant_thread_started", "event_ts": new_ts(),
-        "assistant_thread": {"user_id": ALICE, "channel_id": DM, "thread_ts": thread, "context": {}},
-    }
     async with adapter(fake, redis, settings):
-        for event in (opened, home, started):
+        for event in (home, opened):
             assert (await post_to_app(settings, json.dumps(event_callback(event)))).status == 200
-        await fake.wait_for(lambda: len(fake.suggested) == 2)
-    expected = [prompt.model_dump() for prompt in SlackSettings().suggested_prompts]
-    assert [(body["channel_id"], body.get("thread_ts"), body["prompts"]) for body in fake.suggested] == [
-        (DM, None, expected), (DM, thread, expected)
-    ]
-    assert all(body["title"] == SlackSettings().prompts_title for body in fake.suggested)
+        await fake.wait_for(lambda: fake.suggested)
+    [suggested] = fake.suggested
+    assert suggested["channel_id"] == DM and suggested["title"] == SlackSettings().prompts_title
+    assert suggested["prompts"] == [prompt.model_dump() for prompt in SlackSettings().suggested_prompts]
+    assert len(fake.calls_to("assistant.threads.setSuggestedPrompts")) == 1  # not for the Home tab
 
 
 def feedback_click(job_id: str, rating: str, action_ts: str) -> str:
@@ -138,15 +132,20 @@ async def test_a_feedback_click_is_stored_once_and_listed_with_question_and_answ
         final = await answer_shown(fake, redis, sent.job_id, before=0)
         click = feedback_click(sent.job_id, "good", action_ts="1700000100.000001")
         answers = [await post_to_app(settings, click, "application/x-www-form-urlencoded") for _ in range(2)]  # Slack retried it
-    assert [answer.status for answer in answers] == [200, 200] and all(answer.seconds < 3 for answer in answers)
-    [vote] = await FeedbackStore(redis).recent(10)
-    assert (vote.job_id, vote.user, vote.rating) == (sent.job_id, ALICE, "good")
-    assert (vote.question, vote.answer, vote.conversation) == ("What is the capital of France?", final.text, sent.conversation)
-    assert await FeedbackStore(redis).counts() == {"good": 1, "bad": 0}
+        assert [answer.status for answer in answers] == [200, 200] and all(answer.seconds < 3 for answer in answers)
+        [vote] = await FeedbackStore(redis).recent(10)
+        assert (vote.job_id, vote.user, vote.rating) == (sent.job_id, ALICE, "good")
+        assert (vote.question, vote.answer, vote.conversation) == ("What is the capital of France?", final.text, sent.conversation)
+        assert await FeedbackStore(redis).counts() == {"good": 1, "bad": 0}
+        # A changed mind replaces the rating rather than adding one.
+        changed = feedback_click(sent.job_id, "bad", action_ts="1700000200.000001")
+        assert (await post_to_app(settings, changed, "application/x-www-form-urlencoded")).status == 200
+    assert await FeedbackStore(redis).counts() == {"good": 0, "bad": 1}
+    assert [vote.rating for vote in await FeedbackStore(redis).recent(10)] == ["bad", "good"]
 
     code, out, err = await chatbot(redis_server.url, tmp_path, "feedback", "--limit", "5")
     assert code == 0, err
-    assert "1 good, 0 bad" in out and "GOOD" in out and "What is the capital of France?" in out
+    assert "0 good, 1 bad" in out and "BAD" in out and "GOOD" in out and "What is the capital of France?" in out
     assert " ".join(final.text.split())[:50] in out
 
 
@@ -214,7 +213,7 @@ async def test_status_shows_the_queue_position_and_is_kept_until_the_answer_begi
 
 async def test_a_status_that_lands_after_the_answer_began_is_cleared(redis, fake):
     settings = slack_settings()
-    fake.delay("assistant.threads.setStatus", 1.0)  # the status is still on its way when the answer starts
+    fake.delay("assistant.threads.setStatus", 2.0)  # the status is still on its way when the answer starts
     async with adapter(fake, redis, settings):
         sent = await send_dm(settings, "Quick question")
         await fake.wait_for(lambda: fake.calls_to("assistant.threads.setStatus"))

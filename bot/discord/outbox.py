@@ -16,6 +16,7 @@ REPLY_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=Fals
 
 class DiscordOutbox:
     limit = LIMIT
+    settles = False  # an edit with the same text would only spend the channel's rate limit
 
     def __init__(self, client: discord.Client, redis: Redis, typing: TypingIndicators):
         self.client = client

@@ -21,6 +21,7 @@ from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bot.delivery import Deferred
 from engine.history import PREFIX
+from engine.observability import PLATFORM_ERRORS
 from engine.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class SlackBudget:
     async def pause(self, scope: str, method: str, retry_after_s: float) -> None:
         """Slack answered 429: no call of `method` for `scope` until Retry-After has passed."""
         log.warning("slack rate limited", extra={"scope": scope, "method": method, "retry_after_s": retry_after_s})
+        PLATFORM_ERRORS.labels("slack", f"ratelimited:{method}").inc()
         try:
             await self._pause(keys=[budget_key(scope, method)], args=[int(retry_after_s * 1000)])
         except REDIS_DOWN as error:

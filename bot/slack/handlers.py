@@ -90,7 +90,8 @@ def register(
             )
         except RejectedMessage as rejected:
             log.info("message refused", extra={"slack_message": incoming.message_id, "reason": str(rejected)})
-            await outbox.post(Part(f"{PLATFORM}:{incoming.message_id}", reply_to, str(rejected)))
+            # After the acknowledgement: a post held by Slack's rate limit must not make Slack redeliver the event.
+            in_background("refusal", outbox.post(Part(f"{PLATFORM}:{incoming.message_id}", reply_to, str(rejected))))
             return
         log.info(
             "retried delivery ignored" if submitted.duplicate else "message queued",
@@ -129,21 +130,14 @@ def register(
             return
         await submit(incoming, await names.of(incoming.user))
 
-    def suggest(channel: str, thread: str | None) -> None:
-        if prompts:
-            in_background("suggested prompts", app.client.assistant_threads_setSuggestedPrompts(
-                channel_id=channel, thread_ts=thread, title=settings.prompts_title or None, prompts=prompts
-            ))
-
     @app.event("app_home_opened")
     async def on_home_opened(event: dict) -> None:
-        if event.get("tab") == "messages":
-            suggest(event["channel"], None)
-
-    @app.event("assistant_thread_started")
-    async def on_thread_started(event: dict) -> None:
-        thread = event["assistant_thread"]
-        suggest(thread["channel_id"], thread["thread_ts"])
+        # An agent app sets its prompts for the chat, never for a thread (with thread_ts the call
+        # silently fails): each time the user opens it, they are there for the next new thread.
+        if event.get("tab") == "messages" and prompts:
+            in_background("suggested prompts", app.client.assistant_threads_setSuggestedPrompts(
+                channel_id=event["channel"], title=settings.prompts_title or None, prompts=prompts
+            ))
 
     @app.action(FEEDBACK_ACTION)
     async def on_feedback(ack: AsyncAck, body: dict, action: dict) -> None:
@@ -153,9 +147,9 @@ def register(
         if rating not in RATINGS or not job_id:
             log.warning("feedback click not understood", extra={"value": action.get("value")})
             return
-        # Slack retries an action it thinks was lost with the same action_ts: stored once.
-        if not await feedback.record(job_id, user, rating, click_id=f"{user}:{action.get('action_ts')}"):
-            log.info("retried feedback click ignored", extra={"job": job_id, "user": user})
+        # A click Slack delivers again carries the same rating: stored once. Another rating replaces it.
+        if not await feedback.record(job_id, user, rating):
+            log.info("repeated feedback click ignored", extra={"job": job_id, "user": user})
             return
         FEEDBACK.labels(PLATFORM, rating).inc()
         log.info("feedback recorded", extra={"job": job_id, "user": user, "rating": rating, **await feedback.counts()})

@@ -11,11 +11,13 @@ settled when first shown (a short answer, a refusal) is one chat.postMessage.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 
-from slack_sdk.errors import SlackApiError
+import aiohttp
+from slack_sdk.errors import SlackApiError, SlackClientError
 
 from bot.delivery import Deferred, Part
 from bot.slack.budget import PacedSlack
@@ -23,6 +25,8 @@ from bot.slack.messages import to_markdown
 from bot.slack.status import ThreadStatus
 from engine.config import SlackSettings
 from engine.feedback import FeedbackStore
+from engine.observability import PLATFORM_ERRORS
+from engine.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ LIMIT = 3900
 FEEDBACK_ACTION = "answer_feedback"
 STREAMING_RETRY_S = 600.0
 # startStream errors that mean the workspace or app cannot stream at all, not just this message.
+STREAM_FAILED = (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError)
 NO_STREAMING = {"feature_not_enabled", "not_allowed", "unknown_method", "missing_scope", "method_deprecated"}
 
 
@@ -45,6 +50,7 @@ def feedback_block(job_id: str) -> dict:
 
 class SlackOutbox:
     limit = LIMIT
+    settles = True  # a message whose text is complete is told so: its stream is stopped
 
     def __init__(self, slack: PacedSlack, settings: SlackSettings, feedback: FeedbackStore, status: ThreadStatus):
         self.slack = slack
@@ -71,7 +77,7 @@ class SlackOutbox:
                 )
                 self.streams[response["ts"]] = markdown
                 return response["ts"]
-            except SlackApiError as error:
+            except STREAM_FAILED as error:
                 self._stream_failed(part, "chat.startStream", error)
         response = await self.slack.call(
             "chat.postMessage", reply_to, wait=part.settled,
@@ -87,11 +93,11 @@ class SlackOutbox:
                 try:
                     await self._stream_on(message_id, part, markdown[len(sent):])
                     return
-                except SlackApiError as error:
+                except STREAM_FAILED as error:  # Slack may or may not have the text: rewrite it whole
                     self._stream_failed(part, "chat.appendStream/stopStream", error)
             else:  # the text was re-split across messages: it is rewritten, not appended to
                 log.info("streamed message rewritten with chat.update", extra={"job": part.job_id})
-                with contextlib.suppress(SlackApiError):
+                with contextlib.suppress(*STREAM_FAILED):
                     await self.slack.call("chat.stopStream", part.reply_to, wait=True, channel=part.reply_to["channel"], ts=message_id)
             self.streams.pop(message_id, None)
         await self.slack.call(
@@ -122,11 +128,12 @@ class SlackOutbox:
             and time.monotonic() >= self.no_streaming_until.get(reply_to.get("team", ""), 0.0)
         )
 
-    def _stream_failed(self, part: Part, method: str, error: SlackApiError) -> None:
-        reason = error.response.get("error", "unknown")
+    def _stream_failed(self, part: Part, method: str, error: Exception) -> None:
+        reason = error.response.get("error", "unknown") if isinstance(error, SlackApiError) else type(error).__name__
         team = part.reply_to.get("team", "")
         if method == "chat.startStream" and reason in NO_STREAMING:
             self.no_streaming_until[team] = time.monotonic() + STREAMING_RETRY_S
+        PLATFORM_ERRORS.labels("slack", f"stream_fallback:{reason}").inc()
         log.warning(
             "slack streaming failed: falling back to post and chat.update",
             extra={"job": part.job_id, "method": method, "error": reason, "team": team},
@@ -142,5 +149,8 @@ class SlackOutbox:
     async def _asks_feedback(self, part: Part) -> bool:
         if part.answer is None or not self.settings.feedback:
             return False
-        await self.feedback.remember_answer(part.job_id, part.answer)
+        try:
+            await self.feedback.remember_answer(part.job_id, part.answer)
+        except REDIS_DOWN as error:  # the answer shows all the same; its rating will lack the text
+            log.warning("answer not kept for feedback", extra={"job": part.job_id, "error": str(error)})
         return True

@@ -47,12 +47,12 @@ class ThreadStatus:
 
     async def show(self, job_id: str, reply_to: dict[str, str], ahead: int) -> None:
         """Show the status under the thread; `ahead`: messages queued before this one."""
-        entry = json.dumps({"reply_to": reply_to, "since": time.time(), "shown_at": time.time()})
-        if not await self._wait(keys=[WAITING, begun_key(job_id)], args=[job_id, entry]):
+        entry = {"reply_to": reply_to, "since": time.time(), "shown_at": time.time()}
+        if not await self._wait(keys=[WAITING, begun_key(job_id)], args=[job_id, json.dumps(entry)]):
             return  # the answer is already in the thread
-        await self._set(reply_to, self.settings.status + (f" ({ahead} ahead of you)" if ahead else ""))
-        if await self.redis.exists(begun_key(job_id)):  # the answer began while the status was on its way
-            await self._set(reply_to, "")
+        if not await self._show_unless_begun(job_id, reply_to, self.settings.status + (f" ({ahead} ahead of you)" if ahead else "")):
+            entry["shown_at"] = 0.0  # the next round tries again
+            await self._update(keys=[WAITING], args=[job_id, json.dumps(entry)])
 
     async def answered(self, job_id: str) -> None:
         """The answer's first text is in the thread, which clears the status: stop showing it."""
@@ -66,32 +66,41 @@ class ThreadStatus:
 
     async def keep_fresh(self) -> None:
         """Set the status again for messages still waiting, until cancelled."""
-        every = self.settings.status_refresh_s
+        period = self.settings.status_refresh_s / 4
         while True:
-            await asyncio.sleep(min(every / 4, 15.0))
+            await asyncio.sleep(period)
             try:
-                if await self.redis.set(ROUND_LOCK, 1, nx=True, ex=max(1, int(every / 4))):
-                    await self._refresh(every)
+                # One process per round; the lock lapses before the next round is due.
+                if await self.redis.set(ROUND_LOCK, 1, nx=True, px=int(period * 500)):
+                    await self._refresh()
             except REDIS_DOWN as error:
                 log.warning("redis unavailable", extra={"error": str(error)})
 
-    async def _refresh(self, every: float) -> None:
+    async def _refresh(self) -> None:
         now = time.time()
         for job_id, raw in (await self.redis.hgetall(WAITING)).items():
             waiting = json.loads(raw)
             if now - waiting["since"] > GIVE_UP_S:
                 await self.redis.hdel(WAITING, job_id)
-            elif now - waiting["shown_at"] >= every:
-                await self._set(waiting["reply_to"], self.settings.status)
-                waiting["shown_at"] = now
-                # Only if still waiting: the answer may have begun while this round ran.
-                await self._update(keys=[WAITING], args=[job_id, json.dumps(waiting)])
+            elif now - waiting["shown_at"] >= self.settings.status_refresh_s:
+                if await self._show_unless_begun(job_id, waiting["reply_to"], self.settings.status):
+                    waiting["shown_at"] = now
+                    await self._update(keys=[WAITING], args=[job_id, json.dumps(waiting)])
 
-    async def _set(self, reply_to: dict[str, str], status: str) -> None:
+    async def _show_unless_begun(self, job_id: str, reply_to: dict[str, str], status: str) -> bool:
+        """Set the status; False when Slack did not take it (the caller tries again later)."""
+        shown = await self._set(reply_to, status, wait=False)
+        if await self.redis.exists(begun_key(job_id)):  # the answer began while the status was on its way
+            await self._set(reply_to, "", wait=True)
+        return shown
+
+    async def _set(self, reply_to: dict[str, str], status: str, wait: bool) -> bool:
         try:
             await self.slack.call(
-                "assistant.threads.setStatus", reply_to, wait=False, channel_id=reply_to["channel"],
-                thread_ts=reply_to["thread_ts"], status=status, loading_messages=self.settings.loading_messages or None,
+                "assistant.threads.setStatus", reply_to, wait=wait, channel_id=reply_to["channel"],
+                thread_ts=reply_to["thread_ts"], status=status, loading_messages=(self.settings.loading_messages or None) if status else None,
             )
+            return True
         except SLACK_FAILED as error:  # a status is a courtesy: the answer goes on without it
             log.info("thread status not set", extra={"channel": reply_to["channel"], "error": str(error) or type(error).__name__})
+            return False

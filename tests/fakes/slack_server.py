@@ -313,6 +313,8 @@ class FakeSlack:
         prompts = body.get("prompts")
         if not body.get("channel_id") or not prompts or len(prompts) > 4 or not all({"title", "message"} <= set(p) for p in prompts):
             return {"ok": False, "error": "invalid_arguments"}
+        if body.get("thread_ts"):
+            return {"ok": True}  # an agent app's prompts are the chat's: with thread_ts Slack silently drops them
         self.suggested.append(body)
         return {"ok": True}
 
