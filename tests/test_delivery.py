@@ -82,3 +82,25 @@ async def test_delivery_rides_out_a_redis_restart(tmp_path):
         await cancel_until_done([task])
         await redis.aclose()
         server.stop()
+
+
+class Counting(Recording):
+    """Records texts and counts edits; `settles` as a platform that stops streams would have it."""
+
+    def __init__(self, settles: bool):
+        super().__init__()
+        self.settles = settles
+        self.edits = 0
+
+    async def edit(self, message_id, part):
+        self.edits += 1
+        await super().edit(message_id, part)
+
+
+async def test_a_final_equal_to_the_last_partial_is_one_more_edit_only_where_messages_settle(redis):
+    for settles, edits in ((False, 0), (True, 1)):
+        outbox = Counting(settles)
+        delivery = Delivery(redis, "slack", "adapter", outbox, edit_interval_s=0.0)
+        for kind in ("partial", "final"):
+            await delivery.deliver(ReplyEvent(job_id=f"slack:same-{settles}", conversation="slack:c", kind=kind, text="Hello.", reply_to={}))
+        assert (outbox.posted, outbox.edits) == (["Hello."], edits)

@@ -9,16 +9,22 @@ import json
 import time
 from urllib.parse import urlencode
 
-from bot.slack.outbox import FEEDBACK_ACTION
+from bot.delivery import Part
+from bot.slack.budget import PacedSlack, SlackBudget
+from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox
+from bot.slack.status import ThreadStatus
+from bot.slack_app import web_client
 from engine.config import SLACK_RATE_LIMITS, SlackSettings
 from engine.feedback import FeedbackStore
 from engine.jobs import ReplyEvent
-from tests.conftest import running_worker
+from engine.redis_client import connect
+from tests.conftest import free_port, running_worker
 from tests.fakes.slack_server import APP_ID, TEAM_ID
 from tests.test_cli import chatbot
 from tests.test_slack import (
     ALICE,
     DM,
+    SECRETS,
     adapter,
     answer_shown,
     event_callback,
@@ -237,3 +243,18 @@ async def test_a_channel_over_its_post_limit_does_not_delay_another_channel(redi
         await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == ["Posted when the channel may."])
         busy_s = time.monotonic() - started
     assert calm_s < 2 and busy_s >= 3
+
+
+async def test_redis_down_while_the_answer_is_kept_for_feedback_still_shows_the_answer(fake):
+    settings = slack_settings()
+    dead = connect(f"redis://127.0.0.1:{free_port()}")  # nothing listens there
+    client = web_client(SECRETS.get("SLACK_BOT_TOKEN"), base_url=fake.api_url)
+    slack = PacedSlack(client, SlackBudget(dead, settings.slack.rate_limits))
+    outbox = SlackOutbox(slack, settings.slack, FeedbackStore(dead), ThreadStatus(dead, slack, settings.slack))
+    thread = new_ts()
+    try:
+        ts = await outbox.post(Part("slack:kept", thread_reply(thread), "The answer.", settled=True, answer="The answer."))
+    finally:
+        await dead.aclose()
+    [message] = fake.messages_in(DM)
+    assert (message.ts, message.text, message.thread_ts) == (ts, "The answer.", thread) and message.feedback_buttons
