@@ -60,7 +60,7 @@ class ReplyEvent(BaseModel):
 
 class Submitted(BaseModel):
     job_id: str
-    ahead: int  # jobs queued before this one, across conversations
+    ahead: int  # jobs queued before this one, across conversations, that no worker has started
     duplicate: bool = False
 
 

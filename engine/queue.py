@@ -82,7 +82,8 @@ redis.call('RPUSH', KEYS[3], ARGV[2])
 if redis.call('SADD', KEYS[5], ARGV[3]) == 1 then redis.call('RPUSH', KEYS[4], ARGV[3]) end
 redis.call('DEL', KEYS[7])
 redis.call('RPUSH', KEYS[7], 1)
-return redis.call('INCR', KEYS[8]) - 1
+-- ahead: queued before this one and not being answered yet (a leased job is in a worker's slot)
+return math.max(0, redis.call('INCR', KEYS[8]) - 1 - redis.call('ZCARD', KEYS[11]))
 """
 
 _CLAIM = """
@@ -250,7 +251,7 @@ class JobQueue:
         person = f"{PREFIX}author:{conversation.platform}:{author_id or '-'}"
         keys = [
             job_key(job.id), done_key(job.id), conv_jobs_key(job.conversation), READY, ACTIVE,
-            epoch_key(job.conversation), WAKE, QUEUED, f"{person}:queued", f"{person}:minute",
+            epoch_key(job.conversation), WAKE, QUEUED, f"{person}:queued", f"{person}:minute", LEASES,
         ]
         args = [
             job.model_dump_json(), job.id, job.conversation, limits.max_queued_per_conversation,

@@ -14,6 +14,7 @@ from engine.queue import JobQueue, replies_key
 
 ALICE = Conversation(platform="local", channel="alice")
 BOB = Conversation(platform="local", channel="bob")
+CAROL = Conversation(platform="local", channel="carol")
 
 
 async def claim(queue: JobQueue, owner: str, max_jobs: int = 1):
@@ -73,11 +74,13 @@ async def test_same_platform_message_is_queued_once(redis):
     assert (await queue.submit(ALICE, "m1", "hello")).duplicate  # answered messages stay answered
 
 
-async def test_position_counts_jobs_ahead(redis):
+async def test_position_counts_jobs_ahead_that_no_worker_has_started(redis):
     queue = JobQueue(redis)
     assert (await queue.submit(ALICE, "1", "x")).ahead == 0
     assert (await queue.submit(BOB, "2", "x")).ahead == 1
     assert (await queue.submit(ALICE, "3", "x")).ahead == 2
+    await claim(queue, "w", max_jobs=2)  # a worker's free slots take Alice's and Bob's first messages
+    assert (await queue.submit(CAROL, "4", "x")).ahead == 1  # only Alice's second waits before it
 
 
 async def test_expired_lease_is_delivered_again_and_answered_once(redis):
