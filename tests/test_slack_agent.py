@@ -118,7 +118,12 @@ async def test_suggested_prompts_when_the_messages_tab_opens(redis, fake):
 
 
 def feedback_click(job_id: str, rating: str, action_ts: str) -> str:
-    payload = {
+    """The block_actions request Slack POSTs when a feedback button is clicked."""
+    return urlencode({"payload": json.dumps(feedback_payload(job_id, rating, action_ts))})
+
+
+def feedback_payload(job_id: str, rating: str, action_ts: str) -> dict:
+    return {
         "type": "block_actions", "api_app_id": APP_ID, "token": "legacy-verification-token",
         "team": {"id": TEAM_ID, "domain": "fake"}, "user": {"id": ALICE, "username": "alice", "team_id": TEAM_ID},
         "channel": {"id": DM, "name": "directmessage"}, "trigger_id": "1.2.3",
@@ -128,7 +133,6 @@ def feedback_click(job_id: str, rating: str, action_ts: str) -> str:
             "value": f"{rating} {job_id}", "action_ts": action_ts,
         }],
     }
-    return urlencode({"payload": json.dumps(payload)})
 
 
 async def test_a_feedback_click_is_stored_once_and_listed_with_question_and_answer(redis, redis_server, fake, tiny_engine, tmp_path):
@@ -258,3 +262,12 @@ async def test_redis_down_while_the_answer_is_kept_for_feedback_still_shows_the_
         await dead.aclose()
     [message] = fake.messages_in(DM)
     assert (message.ts, message.text, message.thread_ts) == (ts, "The answer.", thread) and message.feedback_buttons
+
+
+async def test_a_feedback_click_over_socket_mode_is_acknowledged_and_stored(redis, fake):
+    settings = slack_settings(mode="socket")
+    async with adapter(fake, redis, settings):
+        envelope = await fake.send_envelope("interactive", feedback_payload("slack:D0DM-1", "bad", "1700000300.000001"))
+        await fake.wait_for(lambda: fake.ack_of(envelope))  # acknowledged once the click is stored
+    [vote] = await FeedbackStore(redis).recent(10)
+    assert (vote.job_id, vote.rating, vote.user) == ("slack:D0DM-1", "bad", ALICE)
