@@ -1,12 +1,14 @@
 """The Slack side of reply delivery: answers stream natively into their thread, within the rate budget.
 
-A reply's first message starts a stream (chat.startStream), new text is appended
-(chat.appendStream) once `stream_buffer_chars` of it gathered, and the stream is stopped
-(chat.stopStream) when the message is settled, with the feedback buttons on an answer's
-last message. Where streaming fails (an expired stream, a workspace without the feature, a
-method error) that message falls back to chat.update of its whole text, and the log says so;
-a workspace that has no streaming is not asked again for STREAMING_RETRY_S. Text that is
-settled when first shown (a short answer, a refusal) is one chat.postMessage.
+A reply's first message starts a stream, streamed through slack-sdk's buffered helper
+(`AsyncChatStream`: chat.startStream, then chat.appendStream once `stream_buffer_chars` of
+new text gathered); the stream is stopped (chat.stopStream) when the message is settled,
+with the feedback buttons on an answer's last message. Every call the helper makes passes
+the workspace's rate budget. Where streaming fails (an expired stream, a workspace without
+the feature, a method or network error) that message falls back to chat.update of its whole
+text, and the log says so; a workspace that has no streaming is not asked again for
+STREAMING_RETRY_S. Text that is settled when first shown (a short answer, a refusal) is one
+chat.postMessage.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.web.async_chat_stream import AsyncChatStream
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bot.delivery import Deferred, Part
 from bot.slack.budget import PacedSlack
@@ -35,9 +41,37 @@ log = logging.getLogger(__name__)
 LIMIT = 3900
 FEEDBACK_ACTION = "answer_feedback"
 STREAMING_RETRY_S = 600.0
-# startStream errors that mean the workspace or app cannot stream at all, not just this message.
 STREAM_FAILED = (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError)
+# chat.startStream errors that mean the workspace or app cannot stream at all, not just this message.
 NO_STREAMING = {"feature_not_enabled", "not_allowed", "unknown_method", "missing_scope", "method_deprecated"}
+
+
+class PacedStreamCalls:
+    """The three methods AsyncChatStream calls on its client, through the workspace's rate budget.
+
+    A short budget raises Deferred out of `append`; the helper keeps its buffer, which it
+    empties only after a call succeeded (slack_sdk/web/async_chat_stream.py, `_flush_buffer`),
+    so that text goes with the next call. Stopping waits for the budget: the final text lands.
+    """
+
+    def __init__(self, slack: PacedSlack, reply_to: dict[str, str]):
+        self.slack = slack
+        self.reply_to = reply_to
+
+    async def chat_startStream(self, **arguments: Any) -> AsyncSlackResponse:
+        return await self.slack.call("chat.startStream", self.reply_to, wait=False, **arguments)
+
+    async def chat_appendStream(self, **arguments: Any) -> AsyncSlackResponse:
+        return await self.slack.call("chat.appendStream", self.reply_to, wait=False, **arguments)
+
+    async def chat_stopStream(self, **arguments: Any) -> AsyncSlackResponse:
+        return await self.slack.call("chat.stopStream", self.reply_to, wait=True, **arguments)
+
+
+@dataclass
+class Stream:
+    helper: AsyncChatStream
+    given: str  # the markdown handed to the helper so far: Slack has it, or the helper's buffer does
 
 
 def feedback_block(job_id: str) -> dict:
@@ -57,7 +91,7 @@ class SlackOutbox:
         self.status = status
         self.settings = settings
         self.feedback = feedback
-        self.streams: dict[str, str] = {}  # ts -> markdown Slack has, for messages still streaming
+        self.streams: dict[str, Stream] = {}  # by message ts, while the message streams
         self.no_streaming_until: dict[str, float] = {}  # team -> time.monotonic()
 
     async def post(self, part: Part) -> str:
@@ -69,14 +103,18 @@ class SlackOutbox:
         reply_to = part.reply_to
         if not part.settled and self._may_stream(reply_to):
             markdown = to_markdown(part.text)
-            recipient = {"recipient_team_id": reply_to.get("team"), "recipient_user_id": reply_to.get("user")}
+            helper = AsyncChatStream(
+                PacedStreamCalls(self.slack, reply_to),  # in place of its client: the calls it makes, paced
+                logger=log, channel=reply_to["channel"], thread_ts=reply_to["thread_ts"],
+                buffer_size=self.settings.stream_buffer_chars,
+                recipient_team_id=reply_to.get("team"), recipient_user_id=reply_to.get("user"),
+            )
             try:
-                response = await self.slack.call(
-                    "chat.startStream", reply_to, wait=False,
-                    channel=reply_to["channel"], thread_ts=reply_to["thread_ts"], markdown_text=markdown, **recipient,
-                )
-                self.streams[response["ts"]] = markdown
-                return response["ts"]
+                # Passing chunks makes the helper flush at once (async_chat_stream.py: `or chunks is not None`):
+                # the message must exist now, whatever the buffer size.
+                await helper.append(markdown_text=markdown, chunks=[])
+                self.streams[helper.ts] = Stream(helper, markdown)
+                return helper.ts
             except STREAM_FAILED as error:
                 self._stream_failed(part, "chat.startStream", error)
         response = await self.slack.call(
@@ -86,37 +124,32 @@ class SlackOutbox:
         return response["ts"]
 
     async def edit(self, message_id: str, part: Part) -> None:
-        sent = self.streams.get(message_id)
-        if sent is not None:
+        stream = self.streams.get(message_id)
+        if stream is not None:
             markdown = to_markdown(part.text)
-            if markdown.startswith(sent):
+            if markdown.startswith(stream.given):
                 try:
-                    await self._stream_on(message_id, part, markdown[len(sent):])
+                    await self._stream_on(message_id, stream, part, markdown)
                     return
                 except STREAM_FAILED as error:  # Slack may or may not have the text: rewrite it whole
                     self._stream_failed(part, "chat.appendStream/stopStream", error)
             else:  # the text was re-split across messages: it is rewritten, not appended to
                 log.info("streamed message rewritten with chat.update", extra={"job": part.job_id})
                 with contextlib.suppress(*STREAM_FAILED):
-                    await self.slack.call("chat.stopStream", part.reply_to, wait=True, channel=part.reply_to["channel"], ts=message_id)
+                    await stream.helper.stop()
             self.streams.pop(message_id, None)
         await self.slack.call(
             "chat.update", part.reply_to, wait=part.settled, channel=part.reply_to["channel"], ts=message_id, **await self._content(part)
         )
 
-    async def _stream_on(self, message_id: str, part: Part, new_text: str) -> None:
-        channel = part.reply_to["channel"]
+    async def _stream_on(self, message_id: str, stream: Stream, part: Part, markdown: str) -> None:
+        new_text, stream.given = markdown[len(stream.given):], markdown
         if part.settled:
             blocks = [feedback_block(part.job_id)] if await self._asks_feedback(part) else None
-            await self.slack.call(
-                "chat.stopStream", part.reply_to, wait=True, channel=channel, ts=message_id, markdown_text=new_text or None, blocks=blocks
-            )
+            await stream.helper.stop(markdown_text=new_text or None, blocks=blocks)
             del self.streams[message_id]
-            return
-        if len(new_text) < self.settings.stream_buffer_chars:
-            raise Deferred("buffering")
-        await self.slack.call("chat.appendStream", part.reply_to, wait=False, channel=channel, ts=message_id, markdown_text=new_text)
-        self.streams[message_id] += new_text
+        elif await stream.helper.append(markdown_text=new_text) is None:
+            raise Deferred("buffered")  # in the helper's buffer: it goes with a later call
 
     def _may_stream(self, reply_to: dict[str, str]) -> bool:
         # Slack streams only into threads, and outside DMs only to a named recipient.
@@ -128,7 +161,7 @@ class SlackOutbox:
             and time.monotonic() >= self.no_streaming_until.get(reply_to.get("team", ""), 0.0)
         )
 
-    def _stream_failed(self, part: Part, method: str, error: Exception) -> None:
+    def _stream_failed(self, part: Part, method: str, error: BaseException) -> None:
         reason = error.response.get("error", "unknown") if isinstance(error, SlackApiError) else type(error).__name__
         team = part.reply_to.get("team", "")
         if method == "chat.startStream" and reason in NO_STREAMING:
