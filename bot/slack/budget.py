@@ -25,8 +25,10 @@ from engine.observability import PLATFORM_ERRORS
 from engine.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
+# A Web API call that did not go through: Slack's error, or the network's.
+CALL_FAILED = (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError)
 # What a best-effort call (a status, a title, a name lookup) may meet; the caller logs it and goes on.
-SLACK_FAILED = (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError, Deferred)
+SLACK_FAILED = (*CALL_FAILED, Deferred)
 BURST_MINUTES = 0.25  # a bucket holds this much of a minute's calls
 
 # Returns 0 when a call was taken, else the milliseconds until one will be there.

@@ -13,20 +13,18 @@ chat.postMessage.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_chat_stream import AsyncChatStream
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bot.delivery import Deferred, Part
-from bot.slack.budget import PacedSlack
+from bot.slack.budget import CALL_FAILED, PacedSlack
 from bot.slack.messages import to_markdown
 from bot.slack.status import ThreadStatus
 from engine.config import SlackSettings
@@ -41,7 +39,6 @@ log = logging.getLogger(__name__)
 LIMIT = 3900
 FEEDBACK_ACTION = "answer_feedback"
 STREAMING_RETRY_S = 600.0
-STREAM_FAILED = (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError)
 # chat.startStream errors that mean the workspace or app cannot stream at all, not just this message.
 NO_STREAMING = {"feature_not_enabled", "not_allowed", "unknown_method", "missing_scope", "method_deprecated"}
 
@@ -115,7 +112,7 @@ class SlackOutbox:
                 await helper.append(markdown_text=markdown, chunks=[])
                 self.streams[helper.ts] = Stream(helper, markdown)
                 return helper.ts
-            except STREAM_FAILED as error:
+            except CALL_FAILED as error:
                 self._stream_failed(part, "chat.startStream", error)
         response = await self.slack.call(
             "chat.postMessage", reply_to, wait=part.settled,
@@ -131,11 +128,11 @@ class SlackOutbox:
                 try:
                     await self._stream_on(message_id, stream, part, markdown)
                     return
-                except STREAM_FAILED as error:  # Slack may or may not have the text: rewrite it whole
+                except CALL_FAILED as error:  # Slack may or may not have the text: rewrite it whole
                     self._stream_failed(part, "chat.appendStream/stopStream", error)
             else:  # the text was re-split across messages: it is rewritten, not appended to
                 log.info("streamed message rewritten with chat.update", extra={"job": part.job_id})
-                with contextlib.suppress(*STREAM_FAILED):
+                with contextlib.suppress(*CALL_FAILED):
                     await stream.helper.stop()
             self.streams.pop(message_id, None)
         await self.slack.call(
