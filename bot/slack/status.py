@@ -21,9 +21,9 @@ from engine.history import PREFIX
 from engine.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
-WAITING = PREFIX + "slack:waiting"  # hash: job id -> {"reply_to": ..., "shown_at": unix time}
+WAITING = PREFIX + "slack:waiting"  # hash: job id -> {"reply_to", "since" (queued), "shown_at" (status set)}: unix times
 ROUND_LOCK = PREFIX + "slack:waiting:round"
-GIVE_UP_S = 3600.0
+GIVE_UP_S = 3600.0  # a message unanswered this long is not the queue's any more: stop showing its status
 _UPDATE_IF_WAITING = "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
 _WAIT_UNLESS_BEGUN = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
@@ -34,7 +34,7 @@ return 1
 
 def begun_key(job_id: str) -> str:
     """Set once the answer's first text is shown: a status arriving later must not stay."""
-    return f"{PREFIX}slack:begun:{job_id}"  # a message unanswered this long is not the queue's any more: stop showing its status
+    return f"{PREFIX}slack:begun:{job_id}"
 
 
 class ThreadStatus:
