@@ -60,6 +60,9 @@ class Outbox(Protocol):
     async def edit(self, message_id: str, part: Part) -> None:
         """Show the part's text in the message. May raise Deferred for an unsettled part."""
 
+    async def remove(self, message_id: str, reply_to: dict[str, str]) -> None:
+        """Delete a message the finished reply no longer needs."""
+
 
 def posted_key(job_id: str) -> str:
     return f"{PREFIX}posted:{job_id}"
@@ -188,12 +191,21 @@ class Delivery:
                     await self.outbox.edit(shown.message_ids[index], part)
             else:
                 shown.message_ids.append(await self.outbox.post(part))
-                record = functools.partial(self.redis.set, posted_key(event.job_id), json.dumps(shown.message_ids), ex=POSTED_TTL_S)
-                await with_backoff(record, "record posted ids")
+                await with_backoff(self._record_posted(event.job_id, shown), "record posted ids")
             shown.texts[index:index + 1] = [chunk]
             if part.settled:
                 shown.settled = index + 1
             shown.edited_at = time.monotonic()
+        if final and len(shown.message_ids) > len(chunks):
+            # The reply ended shorter than its partials reached (an error, a regenerated answer):
+            # the messages after it would keep old text.
+            for message_id in shown.message_ids[len(chunks):]:
+                await self.outbox.remove(message_id, event.reply_to)
+            del shown.message_ids[len(chunks):]
+            await with_backoff(self._record_posted(event.job_id, shown), "record posted ids")
+
+    def _record_posted(self, job_id: str, shown: Shown):
+        return functools.partial(self.redis.set, posted_key(job_id), json.dumps(shown.message_ids), ex=POSTED_TTL_S)
 
     async def _recall(self, job_id: str) -> Shown:
         raw = await with_backoff(lambda: self.redis.get(posted_key(job_id)), "read posted ids")

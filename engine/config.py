@@ -132,6 +132,7 @@ class SuggestedPrompt(Strict):
 SLACK_RATE_LIMITS = {
     "chat.postMessage": 60,
     "chat.update": 50,
+    "chat.delete": 50,
     "chat.startStream": 20,
     "chat.appendStream": 100,
     "chat.stopStream": 20,

@@ -23,6 +23,9 @@ class Nowhere:
     async def edit(self, message_id, part):
         raise AssertionError("nothing should be edited")
 
+    async def remove(self, message_id, reply_to):
+        raise AssertionError("nothing should be removed")
+
 
 def test_replies_whose_final_never_comes_are_forgotten(redis):
     delivery = Delivery(redis, "slack", "adapter", Nowhere(), edit_interval_s=1.0)
@@ -48,6 +51,9 @@ class Recording:
 
     async def edit(self, message_id, part):
         self.posted[int(message_id) - 1] = part.text
+
+    async def remove(self, message_id, reply_to):
+        self.posted[int(message_id) - 1] = None
 
 
 async def test_delivery_rides_out_a_redis_restart(tmp_path):

@@ -406,6 +406,16 @@ async def test_a_long_reply_is_split_into_messages_of_at_most_2000_characters(re
     assert [("message_reference" in p.body) for p in posts] == [True] + [False] * (len(posts) - 1)
 
 
+async def test_a_reply_that_ends_shorter_than_its_partials_leaves_no_stale_messages(redis, fake):
+    long_partial = "\n\n".join(f"Paragraph {n}: " + "word " * 120 for n in range(8))
+    async with adapter(redis, fake, discord_settings()):
+        await publish(redis, 4545, "partial", long_partial)
+        await fake.wait_for(lambda: len(fake.replies_to(4545)) >= 3)
+        await publish(redis, 4545, "error", "Sorry, the answer failed.")
+        [message] = await shown_answer(fake, 4545, "Sorry, the answer failed.")
+    assert len(fake.requests("DELETE", f"/channels/{GENERAL}/messages")) >= 2
+
+
 async def test_streamed_edits_are_at_most_one_per_second_per_message(redis, fake):
     words = [f"word{n}" for n in range(60)]
     async with adapter(redis, fake, discord_settings()):

@@ -271,3 +271,16 @@ async def test_a_feedback_click_over_socket_mode_is_acknowledged_and_stored(redi
         await fake.wait_for(lambda: fake.ack_of(envelope))  # acknowledged once the click is stored
     [vote] = await FeedbackStore(redis).recent(10)
     assert (vote.job_id, vote.rating, vote.user) == ("slack:D0DM-1", "bad", ALICE)
+
+
+async def test_a_reply_that_ends_shorter_than_its_partials_leaves_no_stale_messages(redis, fake):
+    settings = slack_settings(stream_buffer_chars=1)
+    thread = new_ts()
+    long_partial = " ".join(f"word{n}" for n in range(900))  # about 7,000 characters: two messages
+    async with adapter(fake, redis, settings):
+        await publish(redis, reply("cut", "partial", long_partial, thread_reply(thread)))
+        await fake.wait_for(lambda: len(fake.messages_in(DM)) == 2)
+        await publish(redis, reply("cut", "error", "Sorry, the answer failed.", thread_reply(thread)))
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == ["Sorry, the answer failed."])
+    [deleted] = fake.calls_to("chat.delete")
+    assert deleted.body["channel"] == DM

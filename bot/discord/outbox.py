@@ -39,6 +39,10 @@ class DiscordOutbox:
         channel = self.client.get_partial_messageable(int(part.reply_to["channel"]))
         await channel.get_partial_message(int(message_id)).edit(content=part.text)
 
+    async def remove(self, message_id: str, reply_to: dict[str, str]) -> None:
+        channel = self.client.get_partial_messageable(int(reply_to["channel"]))
+        await channel.get_partial_message(int(message_id)).delete()
+
     async def _started(self, user_message_id: str) -> bool:
         # Delivery records each posted message before posting the next, so a recorded one
         # means this post continues the answer: only the first message is a reply. Reading

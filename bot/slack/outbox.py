@@ -139,6 +139,10 @@ class SlackOutbox:
             "chat.update", part.reply_to, wait=part.settled, channel=part.reply_to["channel"], ts=message_id, **await self._content(part)
         )
 
+    async def remove(self, message_id: str, reply_to: dict[str, str]) -> None:
+        self.streams.pop(message_id, None)
+        await self.slack.call("chat.delete", reply_to, wait=True, channel=reply_to["channel"], ts=message_id)
+
     async def _stream_on(self, message_id: str, stream: Stream, part: Part, markdown: str) -> None:
         new_text, stream.given = markdown[len(stream.given):], markdown
         if part.settled:

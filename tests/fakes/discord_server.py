@@ -354,6 +354,10 @@ class FakeDiscord:
             message.contents.append(body["content"])
             message.times.append(time.monotonic())
             return _json(self._message_payload(message))
+        if method == "DELETE" and parts[0] == "channels" and parts[2] == "messages":
+            if self.bot_messages.pop(int(parts[3]), None) is None:
+                return _json({"message": "Unknown Message", "code": 10008}, status=404)
+            return web.Response(status=204)
         if method == "POST" and parts[0] == "interactions" and parts[-1] == "callback":
             return _json({"interaction": {"id": parts[1], "type": 2}})
         return _json({"message": "404: Not Found", "code": 0}, status=404)

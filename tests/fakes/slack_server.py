@@ -253,6 +253,13 @@ class FakeSlack:
         message.writes.append(time.monotonic())
         return {"ok": True, "channel": message.channel, "ts": message.ts, "text": message.raw}
 
+    def _chat_delete(self, body: dict) -> dict:
+        message = self._find(body)
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        self.messages.remove(message)
+        return {"ok": True, "channel": message.channel, "ts": message.ts}
+
     def _chat_startStream(self, body: dict) -> dict:
         channel = body.get("channel")
         if not channel or not body.get("thread_ts"):
