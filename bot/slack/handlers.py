@@ -103,10 +103,9 @@ def register(
             await feedback.remember_question(submitted.job_id, incoming.conversation.key, incoming.text)
         # Slack wants the event acknowledged within 3 s: its status and title go on after.
         in_background("status", status.show(submitted.job_id, reply_to, submitted.ahead))
-        channel, thread = reply_to["channel"], reply_to["thread_ts"]
-        if incoming.starts_thread and channel.startswith("D"):
+        if incoming.starts_thread:
             in_background("title", app.client.assistant_threads_setTitle(
-                channel_id=channel, thread_ts=thread, title=thread_title(incoming.text)
+                channel_id=reply_to["channel"], thread_ts=reply_to["thread_ts"], title=thread_title(incoming.text)
             ))
 
     @app.event("message")

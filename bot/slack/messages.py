@@ -41,7 +41,7 @@ def _incoming(event: dict, team: str | None, text: str) -> Incoming:
         text=text,
         user=user,
         reply_to={"channel": channel, "thread_ts": thread, **({"team": team} if team else {}), **({"user": user} if user else {})},
-        starts_thread="thread_ts" not in event,
+        starts_thread=event.get("channel_type") == "im" and "thread_ts" not in event,
     )
 
 
