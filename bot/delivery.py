@@ -47,7 +47,7 @@ class Part:
 
 
 class Deferred(Exception):
-    """The platform's rate budget is short: this partial text was not shown; a newer one will be."""
+    """This partial text is not shown yet (the rate budget is short, or it waits in a buffer); a newer one will be."""
 
 
 class Outbox(Protocol):
