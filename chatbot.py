@@ -9,11 +9,12 @@ import sys
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from engine.config import ConfigError
+from service.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
     from bot import cli as bot_cli
+    from bot import ops as ops_cli
     from engine import cli as engine_cli
     from engine.neuron import cli as neuron_cli
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=lambda args: run_all(args, local_only=True))
     engine_cli.register(commands)
     bot_cli.register(commands)
+    ops_cli.register(commands)
     neuron_cli.register(commands)
     return parser
 
@@ -33,11 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 def run_all(args: argparse.Namespace, local_only: bool) -> int:
     from bot.cli import adapter_runner, platforms_configured
     from bot.terminal import chat
-    from engine.runtime import log_to_file, on_terminate, serve, startup
     from engine.serving import load_engine
     from engine.serving.engine import MODEL_THREAD
-    from engine.tasks import until_first_ends
     from engine.worker import Worker, worker_identity
+    from service.runtime import log_to_file, on_terminate, serve, startup
+    from service.tasks import until_first_ends
 
     settings, secrets = startup(args.config)
     platforms = [] if local_only else platforms_configured(secrets)
@@ -50,7 +52,7 @@ def run_all(args: argparse.Namespace, local_only: bool) -> int:
     async def main(redis) -> None:
         worker = Worker(redis, model, settings, worker_identity(settings.worker_name))
         on_terminate(worker.stop)
-        fronts = [adapter_runner(p)(settings, secrets, redis) for p in platforms] or [chat(redis)]
+        fronts = [adapter_runner(p)(settings, secrets, redis) for p in platforms] or [chat(redis, settings.limits)]
         try:
             # The worker ends on SIGTERM/SIGINT, the terminal chat on /quit, an adapter on a fatal error.
             await until_first_ends(worker.run(), *fronts)

@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 from bench.common import percentile, table
-from engine.config import Settings
-from engine.jobs import Conversation
-from engine.queue import JobQueue
-from engine.redis_client import connect
-from engine.redis_server import RedisServer
+from contract.intake import Intake
+from contract.jobs import Conversation
 from engine.serving.engine import MODEL_THREAD, Engine
 from engine.serving.transformers_engine import TransformersEngine
 from engine.worker import Worker
+from service.config import Settings
+from service.redis_client import connect
+from service.redis_server import RedisServer
 
 CONVERSATIONS = 16
 MESSAGES = 32
@@ -117,7 +117,7 @@ async def serve_once(url: str, engine: TransformersEngine, settings: Settings, a
     logging.getLogger("engine.worker").addHandler(answers)
     worker = Worker(redis, engine, settings, owner="bench")
     task = asyncio.create_task(worker.run())
-    queue = JobQueue(redis)
+    queue = Intake(redis, settings.limits)
     rng = random.Random(11)
     started = time.time()
     try:

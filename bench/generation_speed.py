@@ -12,10 +12,10 @@ import time
 import torch
 
 from bench.common import median, table
-from engine.config import Settings
 from engine.prompts import PromptBuilder
 from engine.serving.scheduler import Scheduler
 from engine.serving.transformers_engine import TransformersEngine
+from service.config import Settings
 
 NEW_TOKENS = 96
 ROUNDS = 3

@@ -7,8 +7,8 @@ import random
 from transformers import AutoTokenizer
 
 from bench.common import best_of, table
+from contract.history import Exchange
 from engine.assets import resolve_model
-from engine.history import Exchange
 from engine.prompts import PromptBuilder
 
 BUDGET = 1536

@@ -12,17 +12,17 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from bench.common import median, percentile, table
+from contract.history import Exchange, load_exchanges
+from contract.intake import Intake
+from contract.jobs import Conversation
+from contract.replies import follow, last_entry_id
 from engine.assets import resolve_model
-from engine.config import Settings
-from engine.history import Exchange, load_exchanges
-from engine.jobs import Conversation
 from engine.prompts import PromptBuilder
-from engine.queue import JobQueue
-from engine.redis_client import connect
-from engine.redis_server import RedisServer
-from engine.replies import follow, last_entry_id
 from engine.serving.engine import Engine
 from engine.worker import Worker
+from service.config import LimitSettings, Settings
+from service.redis_client import connect
+from service.redis_server import RedisServer
 
 MESSAGES = 1000
 CONVERSATIONS = 20
@@ -66,7 +66,7 @@ def serve(url: str, ready) -> None:
 async def measure(url: str) -> tuple[list[float], list[float], list[float]]:
     """PING round trips, message-to-reply latencies, and the worker's prompt work on the final histories."""
     redis = connect(url)
-    queue = JobQueue(redis)
+    queue = Intake(redis, LimitSettings())
     pings, latencies = [], []
     for n in range(MESSAGES):
         started = time.perf_counter()

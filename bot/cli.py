@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from engine.runtime import on_terminate, serve, startup
-from engine.tasks import until_first_ends
+from service.runtime import on_terminate, serve, startup
+from service.tasks import until_first_ends
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -19,10 +19,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 def adapter_runner(platform: str):
     """The adapter's `run(settings, secrets, redis)` coroutine function, imported only when used."""
     if platform == "discord":
-        from bot.discord_app import run_discord
+        from bot.discord.app import run_discord
 
         return run_discord
-    from bot.slack_app import run_slack
+    from bot.slack.app import run_slack
 
     return run_slack
 

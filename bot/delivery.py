@@ -21,12 +21,12 @@ from typing import Protocol
 from redis.asyncio import Redis
 
 from bot.split import split_message
-from engine.history import PREFIX
-from engine.jobs import ReplyEvent
-from engine.observability import DELIVERIES, PLATFORM_ERRORS
-from engine.redis_client import REDIS_DOWN, with_backoff
-from engine.replies import ReplyReader
-from engine.tasks import cancel_until_done
+from contract import keys
+from contract.jobs import ReplyEvent
+from contract.replies import ReplyReader
+from service.observability import DELIVERIES, PLATFORM_ERRORS
+from service.redis_client import REDIS_DOWN, with_backoff
+from service.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
 POSTED_TTL_S = 24 * 3600
@@ -62,10 +62,6 @@ class Outbox(Protocol):
 
     async def remove(self, message_id: str, reply_to: dict[str, str]) -> None:
         """Delete a message the finished reply no longer needs."""
-
-
-def posted_key(job_id: str) -> str:
-    return f"{PREFIX}posted:{job_id}"
 
 
 @dataclass
@@ -205,8 +201,8 @@ class Delivery:
             await with_backoff(self._record_posted(event.job_id, shown), "record posted ids")
 
     def _record_posted(self, job_id: str, shown: Shown):
-        return functools.partial(self.redis.set, posted_key(job_id), json.dumps(shown.message_ids), ex=POSTED_TTL_S)
+        return functools.partial(self.redis.set, keys.posted(job_id), json.dumps(shown.message_ids), ex=POSTED_TTL_S)
 
     async def _recall(self, job_id: str) -> Shown:
-        raw = await with_backoff(lambda: self.redis.get(posted_key(job_id)), "read posted ids")
+        raw = await with_backoff(lambda: self.redis.get(keys.posted(job_id)), "read posted ids")
         return Shown(message_ids=json.loads(raw)) if raw else Shown()

@@ -10,10 +10,11 @@ import uuid
 
 from redis.asyncio import Redis
 
-from engine import history
-from engine.jobs import Conversation, RejectedMessage
-from engine.queue import JobQueue
-from engine.replies import ReplyReader
+from contract import history
+from contract.intake import Intake
+from contract.jobs import Conversation, RejectedMessage
+from contract.replies import ReplyReader
+from service.config import LimitSettings
 
 HELP = "Type a message and press Enter. /reset forgets the conversation, /quit leaves."
 
@@ -35,9 +36,9 @@ async def read_line(prompt: str) -> str | None:
     return await line
 
 
-async def chat(redis: Redis, conversation: Conversation | None = None, out=sys.stdout) -> None:
+async def chat(redis: Redis, limits: LimitSettings, conversation: Conversation | None = None, out=sys.stdout) -> None:
     conversation = conversation or Conversation(platform="local", channel="terminal")
-    queue = JobQueue(redis)
+    queue = Intake(redis, limits)
     reader = ReplyReader(redis, conversation.platform, consumer="terminal")
     await reader.ensure_group()
     print(HELP, file=out)

@@ -7,6 +7,8 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md chatbot.py ./
+COPY contract ./contract
+COPY service ./service
 COPY engine ./engine
 COPY bot ./bot
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from engine.config import ConfigError
-from engine.history import Exchange, Turn
+from contract.history import Exchange, Turn
+from service.config import ConfigError
 
 TEMPLATE_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 NEUTRALISER = "\u200b"  # zero-width space: keeps the text readable, breaks the control string

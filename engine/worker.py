@@ -22,9 +22,13 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from engine.config import Settings
-from engine.jobs import EMPTY_MESSAGE, Job, ReplyEvent, is_blank
-from engine.observability import (
+from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent, is_blank
+from contract.work import Claim, WorkQueue
+from engine.prompts import Prompt, PromptBuilder
+from engine.serving.engine import Engine, on_model_thread
+from engine.serving.scheduler import Scheduler, Slot
+from service.config import Settings
+from service.observability import (
     ACTIVE_SLOTS,
     GENERATED_TOKENS,
     HEALTH,
@@ -35,11 +39,8 @@ from engine.observability import (
     TIME_TO_FIRST_TOKEN,
     WAITING_CONVERSATIONS,
 )
-from engine.prompts import Prompt, PromptBuilder
-from engine.queue import Claim, JobQueue
-from engine.redis_client import REDIS_DOWN, after, with_backoff
-from engine.serving.engine import Engine, on_model_thread
-from engine.serving.scheduler import Scheduler, Slot
+from service.redis_client import REDIS_DOWN, after, with_backoff
+from service.runtime import Stuck
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,7 +65,7 @@ def worker_identity(name: str) -> str:
     return f"{name}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-class StepTimedOut(RuntimeError):
+class StepTimedOut(Stuck):
     """A model call outlived queue.step_timeout_s: the model is stuck, and only a new process recovers it."""
 
 
@@ -86,7 +87,7 @@ class Worker:
         self.engine = engine
         self.settings = settings
         self.owner = owner
-        self.queue = JobQueue(redis, settings.queue.visibility_timeout_s, settings.queue.reply_stream_maxlen)
+        self.queue = WorkQueue(redis, settings.queue.visibility_timeout_s, settings.queue.reply_stream_maxlen)
         self.builder = PromptBuilder(engine.tokenizer, settings.system_prompt, settings.model.max_prompt_tokens)
         self.scheduler = Scheduler(
             engine, settings.generation.max_new_tokens, settings.model.admission, settings.model.max_prefills_per_step

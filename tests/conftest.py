@@ -10,12 +10,14 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
+from contract import keys
+from contract.intake import Intake
+from contract.jobs import ReplyEvent
+from contract.work import WorkQueue
 from engine.assets import resolve_model
-from engine.config import Settings
-from engine.jobs import ReplyEvent
-from engine.queue import replies_key
-from engine.redis_client import connect
-from engine.redis_server import RedisServer
+from service.config import LimitSettings, Settings
+from service.redis_client import connect
+from service.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +67,17 @@ def tiny_engine(tiny_model, settings):
     return engine_for(tiny_model, settings)
 
 
+class Queues:
+    """The adapters' side (submit) and the worker's side (the rest) of one queue, as one object for short tests."""
+
+    def __init__(self, redis, visibility_timeout_s: float = 60.0, reply_stream_maxlen: int = 10_000, limits=None):
+        self.intake = Intake(redis, limits or LimitSettings())
+        self.work = WorkQueue(redis, visibility_timeout_s, reply_stream_maxlen)
+
+    def __getattr__(self, name: str):
+        return getattr(self.intake if name == "submit" else self.work, name)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -92,7 +105,7 @@ def settings() -> Settings:
 
 async def reply_events(redis, platform: str, job_id: str | None = None) -> list[ReplyEvent]:
     """What the worker published on a platform's reply stream (one job's, if given), oldest first."""
-    events = [ReplyEvent.model_validate_json(fields["event"]) for _, fields in await redis.xrange(replies_key(platform))]
+    events = [ReplyEvent.model_validate_json(fields["event"]) for _, fields in await redis.xrange(keys.replies(platform))]
     return [event for event in events if job_id is None or event.job_id == job_id]
 
 

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine import history
+from contract import history
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, Secrets, load_settings
-from engine.logs import ConsoleFormatter, JsonFormatter
+from service.config import ConfigError, Secrets, load_settings
+from service.logs import ConsoleFormatter, JsonFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,11 @@ import asyncio
 import time
 
 from bot.delivery import ABANDONED_AFTER_S, Delivery, Shown
-from engine.jobs import ReplyEvent
-from engine.queue import replies_key
-from engine.redis_client import connect
-from engine.redis_server import RedisServer
-from engine.tasks import cancel_until_done
+from contract import keys
+from contract.jobs import ReplyEvent
+from service.redis_client import connect
+from service.redis_server import RedisServer
+from service.tasks import cancel_until_done
 
 
 class Nowhere:
@@ -72,7 +72,7 @@ async def test_delivery_rides_out_a_redis_restart(tmp_path):
 
     async def publish(text: str) -> None:
         event = ReplyEvent(job_id=f"slack:{text}", conversation="slack:D1", kind="final", text=text)
-        await redis.xadd(replies_key("slack"), {"event": event.model_dump_json()})
+        await redis.xadd(keys.replies("slack"), {"event": event.model_dump_json()})
 
     try:
         await publish("before")

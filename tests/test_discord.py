@@ -10,19 +10,18 @@ import discord
 import pytest
 import yarl
 
+from bot.discord.app import CONSUMER, run_discord
 from bot.discord.attachments import NOT_READABLE
 from bot.discord.client import QUEUE_NOTICE
 from bot.discord.commands import RESET_DONE, RESET_REFUSED
 from bot.discord.outbox import LIMIT
 from bot.discord.routing import reply_route
-from bot.discord_app import CONSUMER, run_discord
-from engine import history
-from engine.config import ConfigError, Secrets
-from engine.history import Turn, turns_key
-from engine.jobs import EMPTY_MESSAGE, Job, ReplyEvent
-from engine.queue import job_key, replies_key
-from engine.replies import GROUP
-from engine.tasks import cancel_until_done
+from contract import history, keys
+from contract.history import Turn
+from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent
+from contract.replies import GROUP
+from service.config import ConfigError, Secrets
+from service.tasks import cancel_until_done
 from tests.conftest import reply_events, running_worker, tiny_settings
 from tests.fakes.discord_server import (
     ADMIN,
@@ -116,7 +115,7 @@ async def ask(fake: FakeDiscord, redis, content: str, **kwargs) -> tuple[int, Re
 
 async def queued_jobs(redis) -> dict[str, Job]:
     jobs = {}
-    for key in await redis.keys(job_key("*")):
+    for key in await redis.keys(keys.job("*")):
         job = Job.model_validate_json(await redis.hget(key, "data"))
         jobs[job.id] = job
     return jobs
@@ -358,7 +357,7 @@ async def test_reset_forgets_the_channel_and_answers_ephemerally(redis, fake, ti
 async def test_reset_roles_refuse_others(redis, fake):
     conversation = f"discord:{GENERAL}"
     for role, text in (("user", "hi"), ("assistant", "hello")):
-        await redis.rpush(turns_key(conversation), Turn(role=role, text=text, tokens=3).model_dump_json())
+        await redis.rpush(keys.turns(conversation), Turn(role=role, text=text, tokens=3).model_dump_json())
 
     async with adapter(redis, fake, discord_settings(reset_roles=[ADMIN_ROLE])):
         refused = fake.interaction("reset", user=ALICE)
@@ -380,7 +379,7 @@ async def test_reset_roles_refuse_others(redis, fake):
 async def publish(redis, message_id: int, kind: str, text: str, channel_id: int = GENERAL) -> None:
     job_id = f"discord:{message_id}"
     event = ReplyEvent(job_id=job_id, conversation=f"discord:{channel_id}", kind=kind, text=text, reply_to=reply_route(channel_id, message_id))
-    await redis.xadd(replies_key("discord"), {"event": event.model_dump_json()})
+    await redis.xadd(keys.replies("discord"), {"event": event.model_dump_json()})
 
 
 async def test_a_slow_channel_never_delays_the_replies_of_another(redis, fake):
@@ -436,7 +435,7 @@ async def test_a_reply_read_but_not_delivered_is_delivered_once_after_a_restart(
     async with adapter(redis, fake, settings):
         await publish(redis, 4444, "final", "The answer that was in flight.")
         await fake.wait_for(lambda: fake.held == 1)
-    pending = await redis.xpending(replies_key("discord"), GROUP)
+    pending = await redis.xpending(keys.replies("discord"), GROUP)
     assert pending["pending"] == 1 and pending["consumers"][0]["name"] == CONSUMER
 
     fake.hold_posts = False
@@ -451,7 +450,7 @@ async def test_a_reply_read_but_not_delivered_is_delivered_once_after_a_restart(
         await shown_answer(fake, 4646, "Marker.")
 
     assert len(fake.requests("POST", f"/channels/{GENERAL}/messages")) == 3
-    assert (await redis.xpending(replies_key("discord"), GROUP))["pending"] == 0
+    assert (await redis.xpending(keys.replies("discord"), GROUP))["pending"] == 0
 
 
 async def test_a_channel_the_bot_may_not_post_in_does_not_stop_delivery(redis, fake):
@@ -478,7 +477,7 @@ async def test_a_rejected_token_fails_at_start_naming_it(redis, fake):
 
 
 async def test_the_adapter_reports_its_gateway_connection_in_the_process_health(redis, fake):
-    from engine.observability import HEALTH
+    from service.observability import HEALTH
 
     async with adapter(redis, fake, discord_settings()):
         deadline = time.monotonic() + 10

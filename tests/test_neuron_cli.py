@@ -16,11 +16,11 @@ import pytest
 from pydantic import ValidationError
 from transformers import GenerationConfig
 
-from engine.config import GenerationSettings, ModelSettings, Settings
 from engine.neuron import cli
 from engine.neuron.plan import read_config
 from engine.neuron.progress import stage
 from engine.neuron.sdk import NeuronError, missing_modules
+from service.config import GenerationSettings, ModelSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 # The Neuron commands through a real argparse parser, as `chatbot` registers them.

@@ -26,12 +26,11 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from engine.config import GenerationSettings
-from engine.jobs import Conversation
-from engine.queue import JobQueue
+from contract.jobs import Conversation
 from engine.serving.neuron_engine import NeuronEngine
 from engine.serving.scheduler import Scheduler
-from tests.conftest import reply_events, run_staggered, running_worker, tiny_settings
+from service.config import GenerationSettings
+from tests.conftest import Queues, reply_events, run_staggered, running_worker, tiny_settings
 
 END = 2
 VOCAB = 32000
@@ -156,7 +155,7 @@ async def test_the_worker_serves_conversations_through_the_neuron_engine(redis, 
 
     model = FakeNeuronLlama(batch_size=2, sequence_length=512, answers=SameAnswer())
     engine = NeuronEngine(model, llama_tokenizer, settings.generation)
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     await queue.submit(Conversation(platform="local", channel="a"), "a", "Hi")
     await queue.submit(Conversation(platform="local", channel="b"), "b", "Weather?")
     async with running_worker(redis, engine, settings):

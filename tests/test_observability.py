@@ -11,11 +11,10 @@ from pathlib import Path
 
 import aiohttp
 
-from engine.jobs import Conversation
-from engine.observability import HEALTH, Health, redis_check, serving
-from engine.queue import JobQueue
-from engine.redis_client import connect
-from tests.conftest import final_event, free_port, running_worker
+from contract.jobs import Conversation
+from service.observability import HEALTH, Health, redis_check, serving
+from service.redis_client import connect
+from tests.conftest import Queues, final_event, free_port, running_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +73,7 @@ async def test_a_worker_process_serves_metrics_and_health(redis, redis_server, t
                 pass
             assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
             await asyncio.sleep(0.2)
-        submitted = await JobQueue(redis).submit(Conversation(platform="local", channel="m"), "m1", "Hello!")
+        submitted = await Queues(redis).submit(Conversation(platform="local", channel="m"), "m1", "Hello!")
         assert (await final_event(redis, "local", submitted.job_id)).kind == "final"
         _, metrics = await get(port, "/metrics")
     finally:

@@ -7,7 +7,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from engine.history import Exchange
+from contract.history import Exchange
 from engine.prompts import CUT_MARK, PromptBuilder, PromptTooSmall
 
 SYSTEM = "You are a helpful assistant. Answer briefly."

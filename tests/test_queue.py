@@ -6,18 +6,18 @@ import asyncio
 
 import pytest
 
-from engine import history
-from engine.config import LimitSettings
-from engine.history import Turn
-from engine.jobs import Conversation, RejectedMessage, ReplyEvent
-from engine.queue import JobQueue, replies_key
+from contract import history, keys
+from contract.history import Turn
+from contract.jobs import Conversation, RejectedMessage, ReplyEvent
+from service.config import LimitSettings
+from tests.conftest import Queues
 
 ALICE = Conversation(platform="local", channel="alice")
 BOB = Conversation(platform="local", channel="bob")
 CAROL = Conversation(platform="local", channel="carol")
 
 
-async def claim(queue: JobQueue, owner: str, max_jobs: int = 1):
+async def claim(queue: Queues, owner: str, max_jobs: int = 1):
     """Claim as a live worker does: its liveness key set first."""
     await queue.heartbeat(owner, [])
     return [claimed.job for claimed in await queue.claim(owner, max_jobs)]
@@ -32,7 +32,7 @@ def exchange(text: str) -> list[Turn]:
 
 
 async def test_one_conversation_is_answered_in_order_one_at_a_time(redis):
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     for n in range(3):
         await queue.submit(ALICE, f"m{n}", f"message {n}")
     first = await claim(queue, "w", max_jobs=3)
@@ -43,7 +43,7 @@ async def test_one_conversation_is_answered_in_order_one_at_a_time(redis):
 
 
 async def test_a_long_backlog_does_not_hold_back_another_conversation(redis):
-    queue = JobQueue(redis, limits=LimitSettings(max_queued_per_conversation=100))
+    queue = Queues(redis, limits=LimitSettings(max_queued_per_conversation=100))
     for n in range(50):
         await queue.submit(ALICE, f"a{n}", f"alice {n}")
     await queue.submit(BOB, "b0", "bob's only message")
@@ -56,7 +56,7 @@ async def test_a_long_backlog_does_not_hold_back_another_conversation(redis):
 
 
 async def test_batches_never_hold_two_jobs_of_one_conversation(redis):
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     for n in range(3):
         await queue.submit(ALICE, f"a{n}", f"alice {n}")
         await queue.submit(BOB, f"b{n}", f"bob {n}")
@@ -65,7 +65,7 @@ async def test_batches_never_hold_two_jobs_of_one_conversation(redis):
 
 
 async def test_same_platform_message_is_queued_once(redis):
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     first = await queue.submit(ALICE, "m1", "hello")
     again = await queue.submit(ALICE, "m1", "hello")
     assert not first.duplicate and again.duplicate
@@ -75,7 +75,7 @@ async def test_same_platform_message_is_queued_once(redis):
 
 
 async def test_position_counts_jobs_ahead_that_no_worker_has_started(redis):
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     assert (await queue.submit(ALICE, "1", "x")).ahead == 0
     assert (await queue.submit(BOB, "2", "x")).ahead == 1
     assert (await queue.submit(ALICE, "3", "x")).ahead == 2
@@ -84,7 +84,7 @@ async def test_position_counts_jobs_ahead_that_no_worker_has_started(redis):
 
 
 async def test_expired_lease_is_delivered_again_and_answered_once(redis):
-    queue = JobQueue(redis, visibility_timeout_s=0.2)
+    queue = Queues(redis, visibility_timeout_s=0.2)
     await queue.submit(ALICE, "m1", "hello")
     [taken] = await claim(queue, "dead-worker")
     assert await claim(queue, "w") == []  # still leased
@@ -93,13 +93,13 @@ async def test_expired_lease_is_delivered_again_and_answered_once(redis):
     assert again.id == taken.id and again.attempts == 2
     assert await queue.complete(again, final(again), exchange("hello"), 10, 60)
     assert not await queue.complete(taken, final(taken), exchange("hello"), 10, 60)  # the late original
-    replies = await redis.xrange(replies_key("local"))
+    replies = await redis.xrange(keys.replies("local"))
     assert len(replies) == 1
     assert len(await history.load_exchanges(redis, ALICE.key)) == 1
 
 
 async def test_heartbeat_keeps_a_long_job_leased(redis):
-    queue = JobQueue(redis, visibility_timeout_s=0.3)
+    queue = Queues(redis, visibility_timeout_s=0.3)
     await queue.submit(ALICE, "m1", "hello")
     [job] = await claim(queue, "w")
     for _ in range(3):
@@ -110,12 +110,12 @@ async def test_heartbeat_keeps_a_long_job_leased(redis):
 
 async def test_a_heartbeat_with_no_job_in_flight_only_says_the_worker_is_alive(redis):
     # The worker extends leases after each step, and a step can end the last live slot.
-    await JobQueue(redis).heartbeat("w", [])
+    await Queues(redis).heartbeat("w", [])
     assert await redis.zcard("chatbot:leases") == 0 and await redis.exists("chatbot:worker:w")
 
 
 async def test_a_live_workers_jobs_are_never_taken_and_a_stopped_ones_are_taken_at_once(redis):
-    queue = JobQueue(redis, visibility_timeout_s=600)
+    queue = Queues(redis, visibility_timeout_s=600)
     await queue.submit(ALICE, "m1", "hello")
     [job] = await claim(queue, "host-1-aaaa")
     assert await claim(queue, "host-1-bbbb") == []  # same host, another process: the job is not taken over
@@ -125,7 +125,7 @@ async def test_a_live_workers_jobs_are_never_taken_and_a_stopped_ones_are_taken_
 
 
 async def test_a_silent_workers_jobs_are_taken_once_its_liveness_expires(redis):
-    queue = JobQueue(redis, visibility_timeout_s=0.3)
+    queue = Queues(redis, visibility_timeout_s=0.3)
     await queue.submit(ALICE, "m1", "hello")
     [job] = await claim(queue, "killed")
     assert await claim(queue, "survivor") == []
@@ -135,7 +135,7 @@ async def test_a_silent_workers_jobs_are_taken_once_its_liveness_expires(redis):
 
 
 async def test_released_job_comes_back_first_without_counting_as_an_attempt(redis):
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     await queue.submit(ALICE, "a", "alice")
     await queue.submit(BOB, "b", "bob")
     [job] = await claim(queue, "w")
@@ -145,7 +145,7 @@ async def test_released_job_comes_back_first_without_counting_as_an_attempt(redi
 
 
 async def test_reset_is_ordered_with_messages(redis):
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     await queue.submit(ALICE, "before", "sent before the reset")
     [job] = await claim(queue, "w")
     await history.reset(redis, ALICE.key)
@@ -161,7 +161,7 @@ async def test_reset_is_ordered_with_messages(redis):
 
 
 async def test_a_claim_carries_the_conversations_history(redis):
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     await queue.submit(ALICE, "m1", "first")
     [first] = await queue.claim("w")
     assert first.history == []
@@ -172,32 +172,32 @@ async def test_a_claim_carries_the_conversations_history(redis):
 
 
 async def test_history_is_bounded_by_turns_and_ttl(redis):
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     for n in range(5):
         await queue.submit(ALICE, f"m{n}", f"message {n}")
         [job] = await claim(queue, "w")
         await queue.complete(job, final(job), exchange(job.text), 4, 60)
     kept = await history.load_exchanges(redis, ALICE.key)
     assert [e.user.text for e in kept] == ["message 3", "message 4"]
-    assert 0 < await redis.ttl(history.turns_key(ALICE.key)) <= 60
+    assert 0 < await redis.ttl(keys.turns(ALICE.key)) <= 60
 
 
 @pytest.mark.parametrize("text", ["", "   \n\t ", "\u200b\u200b", "\u2060 \ufeff\u200d", "\u200e\x00"])
 async def test_empty_messages_are_refused_with_a_sentence(redis, text):
     with pytest.raises(RejectedMessage, match="empty"):
-        await JobQueue(redis).submit(ALICE, "m", text)
-    assert await claim(JobQueue(redis), "w") == []
+        await Queues(redis).submit(ALICE, "m", text)
+    assert await claim(Queues(redis), "w") == []
 
 
 async def test_lone_surrogates_are_replaced_not_fatal(redis):
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     await queue.submit(ALICE, "m", "broken \ud800 text")
     [job] = await claim(queue, "w")
     assert job.text == "broken ? text"
 
 
 async def test_a_conversation_holds_at_most_its_limit_of_waiting_messages(redis):
-    queue = JobQueue(redis, limits=LimitSettings(max_queued_per_conversation=2))
+    queue = Queues(redis, limits=LimitSettings(max_queued_per_conversation=2))
     await queue.submit(ALICE, "1", "one")
     await queue.submit(ALICE, "2", "two")
     with pytest.raises(RejectedMessage, match="This conversation already has 2 messages waiting"):
@@ -209,7 +209,7 @@ async def test_a_conversation_holds_at_most_its_limit_of_waiting_messages(redis)
 
 
 async def test_one_person_cannot_fill_the_queue_by_opening_many_conversations(redis):
-    queue = JobQueue(redis, limits=LimitSettings(max_queued_per_author=3))
+    queue = Queues(redis, limits=LimitSettings(max_queued_per_author=3))
     for n in range(3):
         await queue.submit(Conversation(platform="slack", channel="C1", thread=f"t{n}"), f"m{n}", "hi", author_id="U1")
     with pytest.raises(RejectedMessage, match="You already have 3 messages waiting"):
@@ -224,7 +224,7 @@ async def test_one_person_cannot_fill_the_queue_by_opening_many_conversations(re
 
 
 async def test_a_person_sending_too_fast_is_told_to_wait(redis):
-    queue = JobQueue(redis, limits=LimitSettings(messages_per_minute_per_author=3, max_queued_per_author=100))
+    queue = Queues(redis, limits=LimitSettings(messages_per_minute_per_author=3, max_queued_per_author=100))
     for n in range(3):
         await queue.submit(Conversation(platform="discord", channel=f"c{n}"), f"m{n}", "hi", author_id="42")
     with pytest.raises(RejectedMessage, match="faster than 3 a minute"):
@@ -233,7 +233,7 @@ async def test_a_person_sending_too_fast_is_told_to_wait(redis):
 
 
 async def test_a_message_over_the_size_limit_is_refused_before_redis(redis):
-    queue = JobQueue(redis, limits=LimitSettings(max_message_chars=1000))
+    queue = Queues(redis, limits=LimitSettings(max_message_chars=1000))
     with pytest.raises(RejectedMessage, match="Your message is 1,001 characters long; the limit is 1,000."):
         await queue.submit(ALICE, "big", "x" * 1001)
     assert await redis.dbsize() == 0

@@ -20,7 +20,7 @@ def running(pid: int) -> bool:
 
 def test_a_killed_parent_takes_its_redis_server_along(tmp_path):
     code = (
-        "import time; from engine.redis_server import RedisServer; "
+        "import time; from service.redis_server import RedisServer; "
         f"server = RedisServer({str(tmp_path)!r}).start(); print(server.process.pid, flush=True); time.sleep(60)"
     )
     parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
-from engine.jobs import Job, ReplyEvent
-from engine.queue import JobQueue, replies_key
-from engine.replies import GROUP, ReplyReader
+from contract import keys
+from contract.jobs import Job, ReplyEvent
+from contract.replies import GROUP, ReplyReader
+from tests.conftest import Queues
 
 
 async def publish(redis, text: str) -> None:
     event = ReplyEvent(job_id=f"slack:{text}", conversation="slack:D1", kind="final", text=text)
-    await redis.xadd(replies_key("slack"), {"event": event.model_dump_json()})
+    await redis.xadd(keys.replies("slack"), {"event": event.model_dump_json()})
 
 
 async def test_a_restarted_consumer_rereads_what_it_never_acknowledged(redis):
@@ -52,26 +53,26 @@ def final(n: int) -> tuple[Job, ReplyEvent]:
 
 
 async def test_trimming_never_drops_a_reply_the_adapter_has_not_acknowledged(redis):
-    queue = JobQueue(redis, reply_stream_maxlen=100)
+    queue = Queues(redis, reply_stream_maxlen=100)
     reader = ReplyReader(redis, "slack", "adapter")
     await reader.ensure_group()  # the adapter started once, then stopped
     for n in range(300):
         await queue.complete(*final(n), [], 10, 60)
-    assert await redis.xlen(replies_key("slack")) == 300  # a stopped adapter loses nothing
+    assert await redis.xlen(keys.replies("slack")) == 300  # a stopped adapter loses nothing
     events = []
     while batch := await reader.read(block_ms=10):
         events += batch
         await reader.ack(*(entry_id for entry_id, _ in batch))
     assert [event.text for _, event in events] == [f"answer {n}" for n in range(300)]
     await queue.complete(*final(300), [], 10, 60)
-    assert await redis.xlen(replies_key("slack")) < 150  # what was acknowledged goes
+    assert await redis.xlen(keys.replies("slack")) < 150  # what was acknowledged goes
 
 
 async def test_a_stream_no_adapter_reads_keeps_only_the_newest_replies(redis):
-    queue = JobQueue(redis, reply_stream_maxlen=100)
+    queue = Queues(redis, reply_stream_maxlen=100)
     for n in range(300):
         await queue.complete(*final(n), [], 10, 60)
-    assert 100 <= await redis.xlen(replies_key("slack")) < 200
+    assert 100 <= await redis.xlen(keys.replies("slack")) < 200
 
 
 async def test_unreadable_entries_are_skipped_and_acknowledged(redis, caplog):
@@ -79,12 +80,12 @@ async def test_unreadable_entries_are_skipped_and_acknowledged(redis, caplog):
     await reader.ensure_group()
     await publish(redis, "read then trimmed")
     await reader.read(block_ms=10)  # pending, then trimmed away by an older worker's MAXLEN
-    await redis.xtrim(replies_key("slack"), maxlen=0)
-    await redis.xadd(replies_key("slack"), {"event": '{"job_id": "slack:x", "kind": "thinking"}'})  # a newer worker
+    await redis.xtrim(keys.replies("slack"), maxlen=0)
+    await redis.xadd(keys.replies("slack"), {"event": '{"job_id": "slack:x", "kind": "thinking"}'})  # a newer worker
     await publish(redis, "fine")
     restarted = ReplyReader(redis, "slack", "adapter")
     assert [e.text for _, e in await restarted.read(block_ms=10)] == ["fine"]  # no crash on the others
-    assert (await redis.xpending(replies_key("slack"), GROUP))["pending"] == 1  # only "fine", not yet acked
+    assert (await redis.xpending(keys.replies("slack"), GROUP))["pending"] == 1  # only "fine", not yet acked
     assert [r.getMessage() for r in caplog.records].count("unreadable reply event skipped") == 2
 
 

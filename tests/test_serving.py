@@ -7,13 +7,12 @@ import asyncio
 import pytest
 import torch
 
-from engine.config import GenerationSettings
-from engine.jobs import Conversation
+from contract.jobs import Conversation
 from engine.prompts import PromptBuilder
-from engine.queue import JobQueue
 from engine.serving.scheduler import Scheduler
 from engine.serving.transformers_engine import TransformersEngine
-from tests.conftest import engine_for, reply_events, run_staggered, running_worker, tiny_settings
+from service.config import GenerationSettings
+from tests.conftest import Queues, engine_for, reply_events, run_staggered, running_worker, tiny_settings
 
 QUESTIONS = [
     "Hi!",
@@ -125,7 +124,7 @@ async def answer_order(redis, tiny_model, admission: str) -> list[str]:
     )
     engine = engine_for(tiny_model, settings)
     long_question, short_question = long_and_short(engine)
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     await queue.submit(Conversation(platform="local", channel="long"), "long", long_question)
     await queue.submit(Conversation(platform="local", channel="short"), "short", short_question)
     async with running_worker(redis, engine, settings):

@@ -19,15 +19,15 @@ import pytest
 import yaml
 from slack_sdk.signature import SignatureVerifier
 
+from bot.slack.app import build_app, run_slack, serve, web_client
 from bot.slack.handlers import RESET_DONE, RESET_IN_CHANNEL
 from bot.slack.messages import from_slack
 from bot.slack.outbox import LIMIT
-from bot.slack_app import build_app, run_slack, serve, web_client
-from engine import history
-from engine.config import ConfigError, LimitSettings, Secrets, Settings, SlackSettings
-from engine.jobs import EMPTY_MESSAGE, ReplyEvent
-from engine.queue import conv_jobs_key, replies_key
-from engine.tasks import cancel_until_done
+from bot.slack.settings import SlackSettings
+from contract import history, keys
+from contract.jobs import EMPTY_MESSAGE, ReplyEvent
+from service.config import ConfigError, LimitSettings, Secrets, Settings
+from service.tasks import cancel_until_done
 from tests.conftest import final_event, free_port, reply_events, running_worker, tiny_settings
 from tests.fakes.slack_server import APP_ID, BOT_ID, BOT_USER_ID, TEAM_ID, FakeSlack
 
@@ -183,7 +183,7 @@ async def send_dm(settings: Settings, text: str, **fields) -> Sent:
 
 async def publish(redis, event: ReplyEvent) -> None:
     """A reply event as the worker publishes it."""
-    await redis.xadd(replies_key("slack"), {"event": event.model_dump_json()})
+    await redis.xadd(keys.replies("slack"), {"event": event.model_dump_json()})
 
 
 async def answer_shown(fake: FakeSlack, redis, job_id: str, before: int, channel: str = DM) -> ReplyEvent:
@@ -280,7 +280,7 @@ async def test_retried_delivery_gets_no_second_job_or_reply(redis, fake, tiny_en
         assert (await post_to_app(settings, body)).status == 200
         assert (await post_to_app(settings, body, headers=retry)).status == 200
         assert await job_keys(redis) == [f"chatbot:job:{job_id}"]
-        assert await redis.llen(conv_jobs_key(f"slack:{DM}:{event['ts']}")) == 1
+        assert await redis.llen(keys.conv_jobs(f"slack:{DM}:{event['ts']}")) == 1
         async with running_worker(redis, tiny_engine, settings):
             await answer_shown(fake, redis, job_id, before=0)
             # A retry after the answer is a no-op too: the job id is remembered as done.

@@ -10,14 +10,14 @@ import time
 from urllib.parse import urlencode
 
 from bot.delivery import Part
+from bot.slack.app import web_client
 from bot.slack.budget import PacedSlack, SlackBudget
 from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox
+from bot.slack.settings import SLACK_RATE_LIMITS, SlackSettings
 from bot.slack.status import ThreadStatus
-from bot.slack_app import web_client
-from engine.config import SLACK_RATE_LIMITS, SlackSettings
-from engine.feedback import FeedbackStore
-from engine.jobs import ReplyEvent
-from engine.redis_client import connect
+from contract.feedback import FeedbackStore
+from contract.jobs import ReplyEvent
+from service.redis_client import connect
 from tests.conftest import free_port, running_worker
 from tests.fakes.slack_server import APP_ID, TEAM_ID
 from tests.test_cli import chatbot

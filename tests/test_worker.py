@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from engine import history
-from engine.jobs import Conversation, ReplyEvent
+from contract import history, keys
+from contract.jobs import Conversation, ReplyEvent
+from contract.replies import follow, last_entry_id
 from engine.prompts import PromptBuilder
-from engine.queue import JobQueue, replies_key
-from engine.redis_client import connect
-from engine.redis_server import RedisServer
-from engine.replies import follow, last_entry_id
-from tests.conftest import engine_for, final_event, reply_events, running_worker, tiny_settings
+from service.redis_client import connect
+from service.redis_server import RedisServer
+from tests.conftest import Queues, engine_for, final_event, reply_events, running_worker, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = Conversation(platform="local", channel="chat")
@@ -32,7 +31,7 @@ COLOUR_CONVERSATION = [
 
 async def ask(redis, text: str, conversation: Conversation = CHAT, message_id: str | None = None) -> ReplyEvent:
     after = await last_entry_id(redis, conversation.platform)
-    submitted = await JobQueue(redis).submit(conversation, message_id or f"m{abs(hash(text))}", text)
+    submitted = await Queues(redis).submit(conversation, message_id or f"m{abs(hash(text))}", text)
     async def final():
         async for event in follow(redis, conversation.platform, submitted.job_id, after):
             if event.kind != "partial":
@@ -80,7 +79,7 @@ async def test_streams_partials_then_one_final(redis, worker):
 
 async def test_bad_input_gets_clear_answers_and_the_worker_keeps_serving(redis, tiny_engine, settings):
     # An empty job that bypassed the adapters' checks is answered with a sentence, not a crash.
-    submitted = await JobQueue(redis).submit(CHAT, "raw", "placeholder")
+    submitted = await Queues(redis).submit(CHAT, "raw", "placeholder")
     key = f"chatbot:job:{submitted.job_id}"
     await redis.hset(key, "data", (await redis.hget(key, "data")).replace('"text":"placeholder"', '"text":"   "'))
     async with running_worker(redis, tiny_engine, settings):
@@ -119,10 +118,10 @@ def worker_process(redis_url: str, run_dir: Path, **env) -> subprocess.Popen:
 
 async def worker_mid_answer(redis, redis_url: str, run_dir: Path, **env) -> subprocess.Popen:
     """A worker process that has started streaming the answer to a long request."""
-    await JobQueue(redis).submit(CHAT, "m1", "Write a long answer.")
+    await Queues(redis).submit(CHAT, "m1", "Write a long answer.")
     process = worker_process(redis_url, run_dir, **env)
     try:
-        while not await redis.xlen(replies_key("local")):
+        while not await redis.xlen(keys.replies("local")):
             if process.poll() is not None:
                 raise AssertionError(f"the worker exited with {process.returncode}; see {run_dir / 'worker.log'}")
             await asyncio.sleep(0.01)
@@ -146,13 +145,13 @@ async def test_sigkill_mid_generation_answers_once_after_restart(redis, redis_se
     assert [e.kind for e in events].count("final") == 1
     [exchange] = await history.load_exchanges(redis, CHAT.key)
     assert exchange.user.text == "Write a long answer."
-    assert await redis.llen(history.turns_key(CHAT.key)) == 2
+    assert await redis.llen(keys.turns(CHAT.key)) == 2
     assert await redis.hget("chatbot:job:local:m1", "attempts") is None  # done and cleaned up
 
 
 async def test_sigterm_hands_back_every_job_in_a_slot_and_exits_cleanly(redis, redis_server, tmp_path):
     other = Conversation(platform="local", channel="other")
-    await JobQueue(redis).submit(other, "o1", "Write another long answer.")
+    await Queues(redis).submit(other, "o1", "Write another long answer.")
     process = await asyncio.wait_for(
         worker_mid_answer(redis, redis_server.url, tmp_path, CHATBOT__MODEL__BATCH_SIZE="2"), 60
     )
@@ -195,7 +194,7 @@ async def test_cli_ask_refuses_empty_messages(redis_server, tmp_path, text):
 
 
 async def test_a_job_that_keeps_killing_workers_is_answered_with_an_error(redis, tiny_engine, settings):
-    queue = JobQueue(redis, visibility_timeout_s=0.05)
+    queue = Queues(redis, visibility_timeout_s=0.05)
     submitted = await queue.submit(CHAT, "poison", "a message that crashes every worker")
     for _ in range(3):  # three workers took it and died
         assert await queue.claim("doomed")
@@ -207,7 +206,7 @@ async def test_a_job_that_keeps_killing_workers_is_answered_with_an_error(redis,
 
 
 async def test_a_stuck_model_step_ends_the_worker_and_the_job_is_answered_after_restart(redis, redis_server, tmp_path):
-    await JobQueue(redis).submit(CHAT, "stuck", "Hello?")
+    await Queues(redis).submit(CHAT, "stuck", "Hello?")
     # No real step finishes within a microsecond: to the watchdog, this model is stuck.
     process = worker_process(redis_server.url, tmp_path, CHATBOT__QUEUE__STEP_TIMEOUT_S="0.000001")
     try:
@@ -230,7 +229,7 @@ async def test_redis_refusing_one_answer_fails_only_that_job(redis, tiny_model, 
     """A write Redis refuses (here WRONGTYPE on one platform's reply stream) costs that job, not the batch."""
     settings = tiny_settings(model={"batch_size": 2}, generation={"max_new_tokens": 40})
     await redis.set("chatbot:replies:broken", "not a stream")
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     await queue.submit(Conversation(platform="broken", channel="x"), "b1", "This platform's stream is damaged.")
     await queue.submit(CHAT, "ok1", "And this one is fine.")
     async with running_worker(redis, engine_for(tiny_model, settings), settings):
@@ -258,7 +257,7 @@ async def test_the_answer_log_line_times_the_job_from_submission(redis, worker, 
 
 
 async def test_a_partial_is_published_only_while_the_lease_is_held_and_the_job_unanswered(redis):
-    queue = JobQueue(redis, visibility_timeout_s=30)
+    queue = Queues(redis, visibility_timeout_s=30)
     await queue.submit(CHAT, "p1", "hello")
     [claim] = await queue.claim("me")
     assert await queue.publish_partial(claim.job, "so far", "me")
@@ -278,8 +277,8 @@ def most_repeated_ngram(tokens: list[int], n: int = 6) -> int:
 
 async def test_the_embedded_default_does_not_loop_on_the_colour_conversation(redis, smollm2_path):
     """Tried as a new user would: at repetition penalty 1.0 SmolLM2 answered with 256 tokens of one phrase."""
-    from engine.config import load_settings
     from engine.serving import load_engine
+    from service.config import load_settings
 
     shipped = load_settings(ROOT / "config.yaml", environ={})
     assert shipped.generation.repetition_penalty > 1.0 and shipped.model.dtype == "auto"
@@ -311,7 +310,7 @@ def test_a_config_whose_prompt_and_answer_overflow_the_context_states_the_clamp_
 
 
 async def test_three_workers_answer_every_job_once_and_a_killed_one_loses_nothing(redis, redis_server, tmp_path):
-    queue = JobQueue(redis)
+    queue = Queues(redis)
     conversations = [Conversation(platform="local", channel=f"c{n}") for n in range(6)]
     for turn in range(3):
         for conversation in conversations:
@@ -325,7 +324,7 @@ async def test_three_workers_answer_every_job_once_and_a_killed_one_loses_nothin
         async def victim_mid_answer() -> None:
             while True:
                 owners = [await redis.hget(f"chatbot:job:{job_id}", "owner") for job_id in await redis.zrange("chatbot:leases", 0, -1)]
-                if any((owner or "").startswith(victim) for owner in owners) and await redis.xlen(replies_key("local")):
+                if any((owner or "").startswith(victim) for owner in owners) and await redis.xlen(keys.replies("local")):
                     return
                 await asyncio.sleep(0.01)
 

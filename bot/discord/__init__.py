@@ -1,1 +1,1 @@
-"""The Discord adapter's parts; `bot.discord_app.run_discord` puts them together."""
+"""The Discord adapter's parts; `bot.discord.app.run_discord` puts them together."""

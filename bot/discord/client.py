@@ -10,12 +10,12 @@ from redis.exceptions import RedisError
 from bot.discord.attachments import NOT_READABLE, attachment_text
 from bot.discord.routing import conversation_of, reply_route
 from bot.discord.rules import Seen, message_text, opens_thread, refusal
+from bot.discord.settings import DiscordSettings
 from bot.discord.typing_indicator import TypingIndicators
 from bot.titles import thread_title
-from engine.config import DiscordSettings
-from engine.jobs import RejectedMessage
-from engine.queue import JobQueue
-from engine.redis_client import REDIS_DOWN
+from contract.intake import Intake
+from contract.jobs import RejectedMessage
+from service.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def seen(message: discord.Message, me: discord.ClientUser) -> Seen:
 
 
 class ChatClient(discord.Client):
-    def __init__(self, settings: DiscordSettings, queue: JobQueue, typing: TypingIndicators):
+    def __init__(self, settings: DiscordSettings, queue: Intake, typing: TypingIndicators):
         super().__init__(intents=intents(), max_messages=None, allowed_mentions=discord.AllowedMentions.none())
         self.settings = settings
         self.queue = queue

@@ -10,9 +10,9 @@ from redis.asyncio import Redis
 
 from bot.discord.routing import conversation_of
 from bot.discord.rules import may_reset
-from engine import history
-from engine.config import DiscordSettings
-from engine.redis_client import REDIS_DOWN
+from bot.discord.settings import DiscordSettings
+from contract import history
+from service.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 

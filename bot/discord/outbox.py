@@ -5,9 +5,10 @@ from __future__ import annotations
 import discord
 from redis.asyncio import Redis
 
-from bot.delivery import Part, posted_key
+from bot.delivery import Part
 from bot.discord.routing import job_id_of
 from bot.discord.typing_indicator import TypingIndicators
+from contract import keys
 
 LIMIT = 2000  # characters in one Discord message
 # Replies ping their author; text the model writes never pings anyone.
@@ -47,4 +48,4 @@ class DiscordOutbox:
         # Delivery records each posted message before posting the next, so a recorded one
         # means this post continues the answer: only the first message is a reply. Reading
         # it from Redis keeps that true across adapter restarts.
-        return bool(await self.redis.exists(posted_key(job_id_of(user_message_id))))
+        return bool(await self.redis.exists(keys.posted(job_id_of(user_message_id))))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.jobs import Conversation
+from contract.jobs import Conversation
 
 PLATFORM = "discord"
 
@@ -13,7 +13,7 @@ def conversation_of(channel_id: int) -> Conversation:
 
 
 def job_id_of(message_id: int | str) -> str:
-    """The job a Discord message becomes (JobQueue.submit's naming): one per message, ever."""
+    """The job a Discord message becomes (Intake.submit's naming): one per message, ever."""
     return f"{PLATFORM}:{message_id}"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from engine.config import DiscordSettings
+from bot.discord.settings import DiscordSettings
 
 _SPACES = re.compile(r"[ \t]{2,}")
 _USER_MENTION = re.compile(r"<@!?(\d+)>")

@@ -1,1 +1,1 @@
-"""The Slack adapter's parts; `bot.slack_app` puts them together (`build_app`, `run_slack`)."""
+"""The Slack adapter's parts; `bot.slack.app` puts them together (`build_app`, `run_slack`)."""

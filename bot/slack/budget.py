@@ -20,9 +20,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bot.delivery import Deferred
-from engine.history import PREFIX
-from engine.observability import PLATFORM_ERRORS
-from engine.redis_client import REDIS_DOWN
+from contract import keys
+from service.observability import PLATFORM_ERRORS
+from service.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 # A Web API call that did not go through: Slack's error, or the network's.
@@ -57,10 +57,6 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) + 60000)
 """
 
 
-def budget_key(scope: str, method: str) -> str:
-    return f"{PREFIX}slack:budget:{scope}:{method}"
-
-
 class SlackBudget:
     def __init__(self, redis: Redis, per_minute: dict[str, float]):
         self.redis = redis
@@ -74,7 +70,7 @@ class SlackBudget:
         capacity = max(1.0, rate * BURST_MINUTES)
         while True:
             try:
-                wait_ms = int(await self._take(keys=[budget_key(scope, method)], args=[rate / 60_000, capacity]))
+                wait_ms = int(await self._take(keys=[keys.slack_budget(scope, method)], args=[rate / 60_000, capacity]))
             except REDIS_DOWN as error:
                 # The budget only paces calls: without Redis, Slack's own 429s still do.
                 log.warning("rate budget unavailable", extra={"method": method, "error": str(error)})
@@ -90,7 +86,7 @@ class SlackBudget:
         log.warning("slack rate limited", extra={"scope": scope, "method": method, "retry_after_s": retry_after_s})
         PLATFORM_ERRORS.labels("slack", f"ratelimited:{method}").inc()
         try:
-            await self._pause(keys=[budget_key(scope, method)], args=[int(retry_after_s * 1000)])
+            await self._pause(keys=[keys.slack_budget(scope, method)], args=[int(retry_after_s * 1000)])
         except REDIS_DOWN as error:
             log.warning("rate budget unavailable", extra={"method": method, "error": str(error)})
 

@@ -13,16 +13,15 @@ from bot.delivery import Part
 from bot.slack.budget import SLACK_FAILED
 from bot.slack.messages import PLATFORM, Incoming, direct_message, mention
 from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox
+from bot.slack.settings import SlackSettings
 from bot.slack.status import ThreadStatus
 from bot.titles import thread_title
-from engine import history
-from engine.config import SlackSettings
-from engine.feedback import RATINGS, FeedbackStore
-from engine.history import PREFIX
-from engine.jobs import RejectedMessage
-from engine.observability import FEEDBACK
-from engine.queue import JobQueue
-from engine.redis_client import REDIS_DOWN
+from contract import history, keys
+from contract.feedback import RATINGS, FeedbackStore
+from contract.intake import Intake
+from contract.jobs import RejectedMessage
+from service.observability import FEEDBACK
+from service.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +32,6 @@ RESET_FAILED = "Sorry, the conversations could not be reset right now. Please tr
 # acknowledgement carries the answer: the reset gets what is left after network time.
 RESET_TIMEOUT_S = 2.0
 DM_THREADS_TTL_S = 90 * 24 * 3600  # longer than any history is kept
-
-
-def dm_threads_key(channel: str) -> str:
-    """The conversations (threads) of one DM with the bot, for /reset."""
-    return f"{PREFIX}slack:dm:{channel}:threads"
 
 
 class DisplayNames:
@@ -63,7 +57,7 @@ class DisplayNames:
 
 
 def register(
-    app: AsyncApp, settings: SlackSettings, queue: JobQueue, outbox: SlackOutbox, status: ThreadStatus, feedback: FeedbackStore
+    app: AsyncApp, settings: SlackSettings, queue: Intake, outbox: SlackOutbox, status: ThreadStatus, feedback: FeedbackStore
 ) -> None:
     redis = queue.redis
     names = DisplayNames(app.client)
@@ -116,8 +110,8 @@ def register(
             return
         # Remembered before queueing: a /reset racing this message must find its thread.
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(dm_threads_key(incoming.conversation.channel), incoming.conversation.key)
-            pipe.expire(dm_threads_key(incoming.conversation.channel), DM_THREADS_TTL_S)
+            pipe.sadd(keys.slack_dm_threads(incoming.conversation.channel), incoming.conversation.key)
+            pipe.expire(keys.slack_dm_threads(incoming.conversation.channel), DM_THREADS_TTL_S)
             await pipe.execute()
         await submit(incoming, author=None)
 
@@ -170,8 +164,8 @@ def register(
 
     async def reset_dm(channel: str) -> int:
         """Forget every thread of the DM (slash commands cannot be sent inside a thread)."""
-        conversations = await redis.smembers(dm_threads_key(channel))
+        conversations = await redis.smembers(keys.slack_dm_threads(channel))
         for conversation in conversations:
             await history.reset(redis, conversation)
-            await redis.srem(dm_threads_key(channel), conversation)
+            await redis.srem(keys.slack_dm_threads(channel), conversation)
         return len(conversations)

@@ -16,12 +16,12 @@ from aiohttp import web
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.signature import SignatureVerifier
 
-from engine.observability import HEALTH, healthz
+from service.observability import HEALTH, healthz
 
 log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/slack/events"  # the Request URL for events, slash commands and interactivity
-HEALTH_PATH = "/healthz"  # the process's health (engine.observability), for load balancers
+HEALTH_PATH = "/healthz"  # the process's health (service.observability), for load balancers
 
 
 async def _health(_: web.Request) -> web.Response:

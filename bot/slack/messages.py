@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from engine.jobs import Conversation
+from contract.jobs import Conversation
 
 PLATFORM = "slack"
 _ANGLE = re.compile(r"<([^<>]*)>")

@@ -26,11 +26,11 @@ from slack_sdk.web.async_slack_response import AsyncSlackResponse
 from bot.delivery import Deferred, Part
 from bot.slack.budget import CALL_FAILED, PacedSlack
 from bot.slack.messages import to_markdown
+from bot.slack.settings import SlackSettings
 from bot.slack.status import ThreadStatus
-from engine.config import SlackSettings
-from engine.feedback import FeedbackStore
-from engine.observability import PLATFORM_ERRORS
-from engine.redis_client import REDIS_DOWN
+from contract.feedback import FeedbackStore
+from service.observability import PLATFORM_ERRORS
+from service.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 

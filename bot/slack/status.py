@@ -16,13 +16,12 @@ import time
 from redis.asyncio import Redis
 
 from bot.slack.budget import SLACK_FAILED, PacedSlack
-from engine.config import SlackSettings
-from engine.history import PREFIX
-from engine.redis_client import REDIS_DOWN
+from bot.slack.settings import SlackSettings
+from contract import keys
+from service.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
-WAITING = PREFIX + "slack:waiting"  # hash: job id -> {"reply_to", "since" (queued), "shown_at" (status set)}: unix times
-ROUND_LOCK = PREFIX + "slack:waiting:round"
+# keys.SLACK_WAITING: hash job id -> {"reply_to", "since" (queued), "shown_at" (status set)}: unix times
 GIVE_UP_S = 3600.0  # a message unanswered this long is not the queue's any more: stop showing its status
 _UPDATE_IF_WAITING = "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end"
 _WAIT_UNLESS_BEGUN = """
@@ -30,11 +29,6 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
-
-
-def begun_key(job_id: str) -> str:
-    """Set once the answer's first text is shown: a status arriving later must not stay."""
-    return f"{PREFIX}slack:begun:{job_id}"
 
 
 class ThreadStatus:
@@ -48,18 +42,18 @@ class ThreadStatus:
     async def show(self, job_id: str, reply_to: dict[str, str], ahead: int) -> None:
         """Show the status under the thread; `ahead`: messages queued before this one."""
         entry = {"reply_to": reply_to, "since": time.time(), "shown_at": time.time()}
-        if not await self._wait(keys=[WAITING, begun_key(job_id)], args=[job_id, json.dumps(entry)]):
+        if not await self._wait(keys=[keys.SLACK_WAITING, keys.slack_begun(job_id)], args=[job_id, json.dumps(entry)]):
             return  # the answer is already in the thread
         if not await self._show_unless_begun(job_id, reply_to, self.settings.status + (f" ({ahead} ahead of you)" if ahead else "")):
             entry["shown_at"] = 0.0  # the next round tries again
-            await self._update(keys=[WAITING], args=[job_id, json.dumps(entry)])
+            await self._update(keys=[keys.SLACK_WAITING], args=[job_id, json.dumps(entry)])
 
     async def answered(self, job_id: str) -> None:
         """The answer's first text is in the thread, which clears the status: stop showing it."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(begun_key(job_id), 1, ex=int(GIVE_UP_S))
-                pipe.hdel(WAITING, job_id)
+                pipe.set(keys.slack_begun(job_id), 1, ex=int(GIVE_UP_S))
+                pipe.hdel(keys.SLACK_WAITING, job_id)
                 await pipe.execute()
         except REDIS_DOWN as error:  # the answer matters more; an entry left is dropped after GIVE_UP_S
             log.warning("redis unavailable", extra={"error": str(error)})
@@ -71,26 +65,26 @@ class ThreadStatus:
             await asyncio.sleep(period)
             try:
                 # One process per round; the lock lapses before the next round is due.
-                if await self.redis.set(ROUND_LOCK, 1, nx=True, px=int(period * 500)):
+                if await self.redis.set(keys.SLACK_STATUS_ROUND, 1, nx=True, px=int(period * 500)):
                     await self._refresh()
             except REDIS_DOWN as error:
                 log.warning("redis unavailable", extra={"error": str(error)})
 
     async def _refresh(self) -> None:
         now = time.time()
-        for job_id, raw in (await self.redis.hgetall(WAITING)).items():
+        for job_id, raw in (await self.redis.hgetall(keys.SLACK_WAITING)).items():
             waiting = json.loads(raw)
             if now - waiting["since"] > GIVE_UP_S:
-                await self.redis.hdel(WAITING, job_id)
+                await self.redis.hdel(keys.SLACK_WAITING, job_id)
             elif now - waiting["shown_at"] >= self.settings.status_refresh_s:
                 if await self._show_unless_begun(job_id, waiting["reply_to"], self.settings.status):
                     waiting["shown_at"] = now
-                    await self._update(keys=[WAITING], args=[job_id, json.dumps(waiting)])
+                    await self._update(keys=[keys.SLACK_WAITING], args=[job_id, json.dumps(waiting)])
 
     async def _show_unless_begun(self, job_id: str, reply_to: dict[str, str], status: str) -> bool:
         """Set the status; False when Slack did not take it (the caller tries again later)."""
         shown = await self._set(reply_to, status, wait=False)
-        if await self.redis.exists(begun_key(job_id)):  # the answer began while the status was on its way
+        if await self.redis.exists(keys.slack_begun(job_id)):  # the answer began while the status was on its way
             await self._set(reply_to, "", wait=True)
         return shown
 

@@ -78,8 +78,8 @@ def plan_command(args: argparse.Namespace) -> int:
 
 
 def _setup_logging() -> None:
-    from engine.config import Secrets
-    from engine.logs import setup_logging
+    from service.config import Secrets
+    from service.logs import setup_logging
 
     setup_logging("INFO", list(Secrets.from_env().values.values()))
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from engine.config import NEURON_TP_DEGREES as TP_DEGREES  # the degrees inf2 offers
 from engine.neuron.sdk import NeuronError, hub_errors
+from service.config import NEURON_TP_DEGREES as TP_DEGREES  # the degrees inf2 offers
 
 GB = 10**9
 CHIP_MEMORY_BYTES = 32 * GB

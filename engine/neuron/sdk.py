@@ -9,7 +9,7 @@ import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from engine.config import ConfigError
+from service.config import ConfigError
 
 # What compiling and running on NeuronCores needs beyond optimum-neuron itself
 # (optimum-neuron 0.4.5 pins them in its `neuronx` extra: Neuron SDK 2.26).

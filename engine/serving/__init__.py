@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine.config import Settings
 from engine.serving.engine import Engine
+from service.config import Settings
 
 
 def load_engine(settings: Settings) -> Engine:

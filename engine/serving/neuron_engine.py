@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from engine.config import GenerationSettings, ModelSettings
 from engine.neuron.sdk import NeuronError, hub_errors, require_sdk
 from engine.serving.engine import Engine, end_of_turn_ids
 from engine.serving.sampling import Sampler, neuron_sampling_row
+from service.config import GenerationSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from engine.config import GenerationSettings
+from service.config import GenerationSettings
 
 
 class Sampler:

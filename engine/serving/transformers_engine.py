@@ -24,9 +24,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from engine.assets import resolve_model
-from engine.config import GenerationSettings, ModelSettings
 from engine.serving.engine import Engine, end_of_turn_ids
 from engine.serving.sampling import Sampler
+from service.config import GenerationSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 

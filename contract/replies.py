@@ -16,11 +16,41 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from engine.jobs import ReplyEvent
-from engine.queue import replies_key
+from contract import keys
+from contract.jobs import ReplyEvent
 
 log = logging.getLogger(__name__)
 GROUP = "adapters"
+
+# Lua, run after each XADD to a reply stream (contract/work.py): trim without dropping what an
+# adapter has not acknowledged. With consumer groups, only entries below every group's oldest
+# pending (or, with none pending, last delivered) entry go; a stream no adapter reads keeps its
+# newest `maxlen`.
+TRIM_REPLIES = """
+local function older(a, b)
+  local a_ms, a_seq = string.match(a, '(%d+)-(%d+)')
+  local b_ms, b_seq = string.match(b, '(%d+)-(%d+)')
+  if #a_ms ~= #b_ms then return #a_ms < #b_ms end
+  if a_ms ~= b_ms then return a_ms < b_ms end
+  return tonumber(a_seq) < tonumber(b_seq)
+end
+local function trim_replies(stream, maxlen)
+  local groups = redis.call('XINFO', 'GROUPS', stream)
+  if #groups == 0 then
+    redis.call('XTRIM', stream, 'MAXLEN', '~', maxlen)
+    return
+  end
+  local floor = nil
+  for _, group in ipairs(groups) do
+    local info = {}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    local keep = info['last-delivered-id']
+    if tonumber(info['pending']) > 0 then keep = redis.call('XPENDING', stream, info['name'])[2] end
+    if floor == nil or older(keep, floor) then floor = keep end
+  end
+  redis.call('XTRIM', stream, 'MINID', '~', floor)
+end
+"""
 
 
 class ReplyReader:
@@ -28,7 +58,7 @@ class ReplyReader:
         self, redis: Redis, platform: str, consumer: str, take_over_after_ms: int = 30_000, adopt_every_s: float = 30.0
     ):
         self.redis = redis
-        self.stream = replies_key(platform)
+        self.stream = keys.replies(platform)
         self.consumer = consumer
         self.take_over_after_ms = take_over_after_ms
         self.adopt_every_s = adopt_every_s
@@ -90,13 +120,13 @@ class ReplyReader:
 
 
 async def last_entry_id(redis: Redis, platform: str) -> str:
-    newest = await redis.xrevrange(replies_key(platform), count=1)
+    newest = await redis.xrevrange(keys.replies(platform), count=1)
     return newest[0][0] if newest else "0-0"
 
 
 async def follow(redis: Redis, platform: str, job_id: str, after: str) -> AsyncIterator[ReplyEvent]:
     """Yield one job's events read after entry id `after`, until its final or error event."""
-    stream = replies_key(platform)
+    stream = keys.replies(platform)
     while True:
         response = await redis.xread({stream: after}, block=1000, count=100)
         for _, entries in response or []:

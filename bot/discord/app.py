@@ -13,10 +13,10 @@ from bot.discord.commands import command_tree, sync_commands
 from bot.discord.outbox import DiscordOutbox
 from bot.discord.routing import PLATFORM
 from bot.discord.typing_indicator import TypingIndicators
-from engine.config import ConfigError, Secrets, Settings
-from engine.observability import HEALTH
-from engine.queue import JobQueue
-from engine.tasks import until_first_ends
+from contract.intake import Intake
+from service.config import ConfigError, Secrets, Settings
+from service.observability import HEALTH
+from service.tasks import until_first_ends
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ async def run_discord(settings: Settings, secrets: Secrets, redis: Redis) -> Non
     """Serve Discord until cancelled."""
     token = secrets.require("DISCORD_TOKEN")["DISCORD_TOKEN"]
     typing = TypingIndicators()
-    client = ChatClient(settings.discord, JobQueue(redis, limits=settings.limits), typing)
+    client = ChatClient(settings.discord, Intake(redis, settings.limits), typing)
     tree = command_tree(client, redis, settings.discord)
     outbox = DiscordOutbox(client, redis, typing)
     delivery = Delivery(redis, PLATFORM, CONSUMER, outbox, settings.discord.edit_interval_s)

@@ -11,15 +11,19 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from engine.config import ConfigError, Secrets, Settings, load_settings
-from engine.logs import setup_logging
-from engine.observability import HEALTH, redis_check, serving
-from engine.redis_client import connect
-from engine.redis_server import RedisServer
+from service.config import ConfigError, Secrets, Settings, load_settings
+from service.logs import setup_logging
+from service.observability import HEALTH, redis_check, serving
+from service.redis_client import connect
+from service.redis_server import RedisServer
 
 log = logging.getLogger(__name__)
 # Exit status of a worker whose model stopped answering (queue.step_timeout_s): restart it.
 EXIT_MODEL_STUCK = 3
+
+
+class Stuck(RuntimeError):
+    """A call that nothing can stop holds a thread of the process: only exiting recovers it."""
 
 
 def startup(config_path: str | None) -> tuple[Settings, Secrets]:
@@ -34,6 +38,14 @@ def log_to_file(settings: Settings, secrets: Secrets) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     setup_logging(settings.log_level, list(secrets.values.values()), stream=path.open("a"))
     return path
+
+def one_shot_client(config_path: str | None) -> tuple[Settings, Redis]:
+    settings, secrets = startup(config_path)
+    # A one-shot command speaks to the terminal in sentences; details go to the log file.
+    log_to_file(settings, secrets)
+    url, _ = redis_url(settings, start_embedded=False)
+    return settings, connect(url)
+
 
 
 def _url_file(settings: Settings) -> Path:
@@ -76,32 +88,17 @@ def on_terminate(callback) -> None:
         loop.add_signal_handler(sig, callback)
 
 
-async def run_worker(settings: Settings, redis: Redis) -> None:
-    """Load the model and serve until SIGTERM/SIGINT."""
-    # Imported here: torch and transformers take seconds to import, and `chatbot ask/reset` need neither.
-    from engine.serving import load_engine
-    from engine.serving.engine import on_model_thread
-    from engine.worker import Worker, worker_identity
-
-    engine = await on_model_thread(load_engine, settings)
-    worker = Worker(redis, engine, settings, worker_identity(settings.worker_name))
-    on_terminate(worker.stop)
-    await worker.run()
-
-
 def serve(settings: Settings, main, start_embedded: bool = True) -> int:
     """Run `main(redis)` against the configured or embedded Redis, stopping what this process started."""
     url, server = redis_url(settings, start_embedded)
 
     async def _run() -> None:
-        from engine.worker import StepTimedOut
-
         redis = connect(url)
         try:
             with HEALTH.checking("redis", redis_check(redis)):
                 async with serving(HEALTH, settings.metrics.port):
                     await main(redis)
-        except StepTimedOut as error:
+        except Stuck as error:
             # The stuck model call holds a thread that nothing can stop, and a normal exit would wait
             # for it forever: leave at once (an embedded redis-server dies with this process).
             log.critical("model stuck, exiting", extra={"error": str(error), "exit_status": EXIT_MODEL_STUCK})

@@ -23,11 +23,11 @@ from bot.slack.http import http_server
 from bot.slack.messages import PLATFORM
 from bot.slack.outbox import SlackOutbox
 from bot.slack.status import ThreadStatus
-from engine.config import Secrets, Settings
-from engine.feedback import FeedbackStore
-from engine.observability import HEALTH
-from engine.queue import JobQueue
-from engine.tasks import until_first_ends
+from contract.feedback import FeedbackStore
+from contract.intake import Intake
+from service.config import Secrets, Settings
+from service.observability import HEALTH
+from service.tasks import until_first_ends
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
     feedback = FeedbackStore(redis)
     status = ThreadStatus(redis, slack, settings.slack)
     outbox = SlackOutbox(slack, settings.slack, feedback, status)
-    register(app, settings.slack, JobQueue(redis, limits=settings.limits), outbox, status, feedback)
+    register(app, settings.slack, Intake(redis, settings.limits), outbox, status, feedback)
     return SlackBot(app, outbox, status)
 
 

@@ -16,10 +16,8 @@ from typing import Literal
 
 from redis.asyncio import Redis
 
-from engine.history import PREFIX
+from contract import keys
 
-FEEDBACK = PREFIX + "feedback"
-COUNTS = PREFIX + "feedback:counts"
 EXCHANGE_TTL_S = 30 * 24 * 3600
 KEPT_VOTES = 10_000
 Rating = Literal["good", "bad"]
@@ -34,14 +32,6 @@ redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'job', ARGV[1], 'user', ARGV[2], 'rating', ARGV[3], 'at', ARGV[4])
 return 1
 """
-
-
-def exchange_key(job_id: str) -> str:
-    return f"{PREFIX}feedback:exchange:{job_id}"
-
-
-def vote_key(job_id: str, user: str) -> str:
-    return f"{PREFIX}feedback:vote:{job_id}:{user}"
 
 
 @dataclass(frozen=True)
@@ -68,25 +58,25 @@ class FeedbackStore:
 
     async def _remember(self, job_id: str, **fields: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(exchange_key(job_id), mapping=fields)
-            pipe.expire(exchange_key(job_id), EXCHANGE_TTL_S)
+            pipe.hset(keys.feedback_exchange(job_id), mapping=fields)
+            pipe.expire(keys.feedback_exchange(job_id), EXCHANGE_TTL_S)
             await pipe.execute()
 
     async def record(self, job_id: str, user: str, rating: Rating) -> bool:
         """Store a user's rating of an answer; False when it is the rating they gave already (a retried click)."""
-        keys = [vote_key(job_id, user), FEEDBACK, COUNTS]
+        script_keys = [keys.feedback_vote(job_id, user), keys.FEEDBACK, keys.FEEDBACK_COUNTS]
         args = [job_id, user, rating, f"{time.time():.3f}", EXCHANGE_TTL_S, KEPT_VOTES]
-        return bool(await self._record(keys=keys, args=args))
+        return bool(await self._record(keys=script_keys, args=args))
 
     async def counts(self) -> dict[str, int]:
-        stored = await self.redis.hgetall(COUNTS)
+        stored = await self.redis.hgetall(keys.FEEDBACK_COUNTS)
         return {rating: int(stored.get(rating, 0)) for rating in RATINGS}
 
     async def recent(self, limit: int) -> list[Vote]:
         """The newest votes first, with the question and answer they rate."""
         votes = []
-        for _, fields in await self.redis.xrevrange(FEEDBACK, count=limit):
-            exchange = await self.redis.hgetall(exchange_key(fields["job"]))
+        for _, fields in await self.redis.xrevrange(keys.FEEDBACK, count=limit):
+            exchange = await self.redis.hgetall(keys.feedback_exchange(fields["job"]))
             votes.append(
                 Vote(
                     job_id=fields["job"],

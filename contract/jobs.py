@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import time
 import unicodedata
@@ -35,6 +36,14 @@ class Conversation(BaseModel):
                 f"e.g. cli:{channel or platform or 'default'} or discord:1234567890"
             )
         return cls(platform=platform, channel=channel, thread=thread or None)
+
+
+def conversation_argument(text: str) -> Conversation:
+    """argparse type: a bad id is reported by argparse as one line, with the usage."""
+    try:
+        return Conversation.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 class Job(BaseModel):

@@ -15,15 +15,18 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
-PREFIX = "chatbot:"
+from contract import keys
 
-
-def turns_key(conversation: str) -> str:
-    return f"{PREFIX}conv:{conversation}:turns"
-
-
-def epoch_key(conversation: str) -> str:
-    return f"{PREFIX}conv:{conversation}:epoch"
+# Lua, run inside the worker's answer script (contract/work.py): append a job's turns if the
+# conversation was not reset since the job was submitted, keep the newest max_turns.
+APPEND_TURNS = """
+local function append_turns(turns_key, epoch_key, submitted_epoch, max_turns, ttl_s, new_turns)
+  if (redis.call('GET', epoch_key) or '0') ~= submitted_epoch or #new_turns == 0 then return end
+  for _, turn in ipairs(new_turns) do redis.call('RPUSH', turns_key, turn) end
+  redis.call('LTRIM', turns_key, -max_turns, -1)
+  redis.call('EXPIRE', turns_key, ttl_s)
+end
+"""
 
 
 class Turn(BaseModel):
@@ -54,14 +57,14 @@ def pair_turns(turns: list[Turn]) -> list[Exchange]:
 
 
 async def load_exchanges(redis: Redis, conversation: str) -> list[Exchange]:
-    raw = await redis.lrange(turns_key(conversation), 0, -1)
+    raw = await redis.lrange(keys.turns(conversation), 0, -1)
     return pair_turns([Turn.model_validate_json(item) for item in raw])
 
 
 async def reset(redis: Redis, conversation: str) -> int:
     """Forget the conversation; returns the new epoch."""
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.incr(epoch_key(conversation))
-        pipe.delete(turns_key(conversation))
+        pipe.incr(keys.epoch(conversation))
+        pipe.delete(keys.turns(conversation))
         epoch, _ = await pipe.execute()
     return int(epoch)

@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bot.discord.settings import DiscordSettings
+from bot.slack.settings import SlackSettings
+from service.strict import Strict
 
 ENV_PREFIX = "CHATBOT__"
 # Tensor-parallel degrees inf2 instances are used with (engine/neuron/plan.py TP_DEGREES).
@@ -27,10 +31,6 @@ SECRET_NAMES = (
     "SLACK_SIGNING_SECRET",
     "HF_TOKEN",
 )
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSettings(Strict):
@@ -106,76 +106,6 @@ class LimitSettings(Strict):
 
 class MetricsSettings(Strict):
     port: int | None = Field(None, ge=1, le=65535, description="serve /metrics and /healthz here; unset: off")
-
-
-class DiscordSettings(Strict):
-    guilds: list[int] = Field(default_factory=list, description="allowed guild ids; empty allows all")
-    channels: list[int] = Field(default_factory=list, description="allowed channel ids; empty allows all")
-    roles: list[int] = Field(default_factory=list, description="roles allowed to chat; empty allows all")
-    reset_roles: list[int] = Field(default_factory=list, description="roles allowed to /reset; empty allows all")
-    allow_dms: bool = True
-    mention_only_channels: list[int] = Field(default_factory=list, description="channels where only mentions are answered")
-    mention_only: bool = False
-    edit_interval_s: float = Field(1.0, ge=1.0)
-    queue_notice_threshold: int = Field(3, ge=1)
-    attachment_max_bytes: int = Field(100_000, ge=0, description="text attachments up to this size are read with the message")
-    threads: bool = Field(False, description="answer channel messages in a thread opened on them, everywhere")
-    thread_channels: list[int] = Field(default_factory=list, description="channels where answers go in a new thread")
-
-
-class SuggestedPrompt(Strict):
-    title: str = Field(min_length=1, max_length=75)
-    message: str = Field(min_length=1)
-
-
-# Calls per minute per workspace at Slack's published tiers (chat.postMessage: per channel).
-SLACK_RATE_LIMITS = {
-    "chat.postMessage": 60,
-    "chat.update": 50,
-    "chat.delete": 50,
-    "chat.startStream": 20,
-    "chat.appendStream": 100,
-    "chat.stopStream": 20,
-    "assistant.threads.setStatus": 50,
-}
-
-
-class SlackSettings(Strict):
-    mode: Literal["socket", "http"] = "socket"
-    http_port: int = Field(3000, ge=1, le=65535)
-    answer_mentions: bool = False
-    reset_command: str = Field("/reset", pattern=r"^/[a-z0-9_-]+$")
-    edit_interval_s: float = Field(1.0, ge=0.5)
-    streaming: bool = Field(True, description="native streaming (chat.startStream); false: post, then chat.update")
-    stream_buffer_chars: int = Field(128, ge=1, description="new text gathered before one chat.appendStream")
-    status: str = Field("is thinking…", min_length=1, max_length=50)
-    # A round runs every quarter of this, so a status is set again within 1.25x: under Slack's 2 minutes.
-    status_refresh_s: float = Field(90.0, ge=1, le=95, description="Slack drops a status after 2 minutes: set again this often")
-    loading_messages: list[str] = Field(default_factory=lambda: ["Reading your message…", "Thinking it over…"], max_length=10)
-    prompts_title: str = "Try one of these:"
-    suggested_prompts: list[SuggestedPrompt] = Field(
-        default_factory=lambda: [
-            SuggestedPrompt(title="Explain a concept", message="Explain how a transformer language model works, simply."),
-            SuggestedPrompt(title="Draft a message", message="Help me write a short, friendly project update for my team."),
-            SuggestedPrompt(title="Brainstorm", message="Give me five ideas for a team offsite."),
-        ],
-        max_length=4,  # Slack shows at most four
-    )
-    feedback: bool = Field(True, description="thumbs up/down buttons on each finished answer")
-    rate_limits: dict[str, float] = Field(
-        default_factory=lambda: dict(SLACK_RATE_LIMITS), description="calls per minute per workspace and method"
-    )
-
-    @field_validator("rate_limits")
-    @classmethod
-    def _known_methods(cls, rates: dict[str, float]) -> dict[str, float]:
-        """The tiers, with what the operator set over them (Slack grants some apps more)."""
-        unknown = set(rates) - set(SLACK_RATE_LIMITS)
-        if unknown:
-            raise ValueError(f"unknown methods {sorted(unknown)}; known: {sorted(SLACK_RATE_LIMITS)}")
-        if any(rate <= 0 for rate in rates.values()):
-            raise ValueError("every rate must be above 0 calls per minute")
-        return {**SLACK_RATE_LIMITS, **rates}
 
 
 class Settings(Strict):

@@ -1,0 +1,109 @@
+"""Commands that act on conversations through Redis, as an adapter would: ask, reset, feedback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+
+from contract import history
+from contract.feedback import FeedbackStore
+from contract.intake import Intake
+from contract.jobs import RejectedMessage, conversation_argument
+from contract.replies import follow, last_entry_id
+from service.runtime import one_shot_client
+
+DEFAULT_CONVERSATION = "cli:default"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    ask = commands.add_parser("ask", help="send one message through the queue and print the reply")
+    ask.add_argument("text")
+    ask.add_argument(
+        "--conversation", type=conversation_argument, default=DEFAULT_CONVERSATION, help="conversation id, e.g. cli:default"
+    )
+    ask.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the reply")
+    ask.set_defaults(handler=ask_command)
+
+    reset = commands.add_parser("reset", help="forget a conversation's history")
+    reset.add_argument(
+        "conversation", type=conversation_argument, help="conversation id as the logs show it, e.g. discord:1234 or slack:D0123:1700000000.000100"
+    )
+    reset.set_defaults(handler=reset_command)
+
+    feedback = commands.add_parser("feedback", help="print users' recent ratings of answers, with question and answer")
+    feedback.add_argument("--limit", type=int, default=20, help="how many ratings, newest first (default 20)")
+    feedback.set_defaults(handler=feedback_command)
+
+
+def ask_command(args: argparse.Namespace) -> int:
+    settings, redis = one_shot_client(args.config)
+    conversation = args.conversation
+
+    async def ask() -> int:
+        queue = Intake(redis, settings.limits)
+        after = await last_entry_id(redis, conversation.platform)
+        try:
+            submitted = await queue.submit(conversation, uuid.uuid4().hex, args.text)
+        except RejectedMessage as rejected:
+            print(rejected, file=sys.stderr)
+            return 1
+        async for event in follow(redis, conversation.platform, submitted.job_id, after):
+            if event.kind != "partial":
+                print(event.text, file=sys.stdout if event.kind == "final" else sys.stderr)
+                return 0 if event.kind == "final" else 1
+        return 1
+
+    async def main() -> int:
+        try:
+            return await asyncio.wait_for(ask(), args.timeout)
+        except asyncio.TimeoutError:
+            print(f"no reply within {args.timeout:g} s: is `chatbot worker` running?", file=sys.stderr)
+            return 1
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+def reset_command(args: argparse.Namespace) -> int:
+    _, redis = one_shot_client(args.config)
+
+    async def main() -> int:
+        try:
+            epoch = await history.reset(redis, args.conversation.key)
+        finally:
+            await redis.aclose()
+        print(f"{args.conversation.key}: history cleared (reset #{epoch})")
+        return 0
+
+    return asyncio.run(main())
+
+
+def feedback_command(args: argparse.Namespace) -> int:
+    _, redis = one_shot_client(args.config)
+
+    async def main() -> int:
+        store = FeedbackStore(redis)
+        try:
+            votes, counts = await store.recent(args.limit), await store.counts()
+        finally:
+            await redis.aclose()
+        print(f"{counts['good']} good, {counts['bad']} bad in all; the newest {len(votes)}:")
+        for vote in votes:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(vote.at))
+            print(f"\n{when} UTC  {vote.rating.upper()}  by {vote.user}  in {vote.conversation or '?'}  (job {vote.job_id})")
+            print(f"  asked:    {_one_line(vote.question)}")
+            print(f"  answered: {_one_line(vote.answer)}")
+        return 0
+
+    return asyncio.run(main())
+
+
+def _one_line(text: str | None, limit: int = 200) -> str:
+    if text is None:
+        return "(no longer stored)"
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -1,0 +1,105 @@
+"""The adapters' side of the queue: submit a platform message as a job, within the limits.
+
+A job waits in its conversation's list (`conv:<c>:jobs`); a conversation with waiting jobs
+is on `ready` once. contract/work.py says how a worker takes them.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from contract import keys
+from contract.jobs import Conversation, Job, RejectedMessage, Submitted, clean_text
+from service.config import LimitSettings
+
+# Result codes of _SUBMIT below zero; zero or more is the number of jobs ahead.
+DUPLICATE, CONVERSATION_FULL, AUTHOR_FULL, AUTHOR_TOO_FAST = -1, -2, -3, -4
+
+_SUBMIT = """
+local job_key, done_key, conv_jobs, ready, active, epoch_key, wake, queued, author_queued, author_minute, leases =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local data, job_id, conversation = ARGV[1], ARGV[2], ARGV[3]
+local max_per_conversation, max_per_author, per_minute = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local has_author = ARGV[7] == '1'
+
+if redis.call('EXISTS', job_key) == 1 or redis.call('EXISTS', done_key) == 1 then return -1 end  -- DUPLICATE
+if redis.call('LLEN', conv_jobs) >= max_per_conversation then return -2 end  -- CONVERSATION_FULL
+local epoch = tonumber(redis.call('GET', epoch_key) or '0')
+if has_author then
+  if tonumber(redis.call('GET', author_queued) or '0') >= max_per_author then return -3 end  -- AUTHOR_FULL
+  local sent = redis.call('INCR', author_minute)
+  if sent == 1 then redis.call('EXPIRE', author_minute, 60) end
+  if sent > per_minute then return -4 end  -- AUTHOR_TOO_FAST
+  redis.call('INCR', author_queued)
+  redis.call('EXPIRE', author_queued, 86400)  -- a count that went wrong heals within a day
+  redis.call('HSET', job_key, 'author_queued', author_queued)
+end
+redis.call('HSET', job_key, 'data', data, 'conversation', conversation, 'epoch', epoch, 'attempts', 0)
+redis.call('RPUSH', conv_jobs, job_id)
+if redis.call('SADD', active, conversation) == 1 then redis.call('RPUSH', ready, conversation) end
+redis.call('DEL', wake)
+redis.call('RPUSH', wake, 1)
+-- ahead: queued before this one and not being answered yet (a leased job is in a worker's slot)
+return math.max(0, redis.call('INCR', queued) - 1 - redis.call('ZCARD', leases))
+"""
+
+
+class Intake:
+    def __init__(self, redis: Redis, limits: LimitSettings):
+        self.redis = redis
+        self.limits = limits
+        self._submit = redis.register_script(_SUBMIT)
+
+    async def submit(
+        self,
+        conversation: Conversation,
+        message_id: str,
+        text: str,
+        author: str | None = None,
+        reply_to: dict[str, str] | None = None,
+        author_id: str | None = None,
+    ) -> Submitted:
+        """Queue a platform message; the same message id is accepted once (retried deliveries).
+
+        Raises RejectedMessage, with a sentence for the user, for an empty or over-long message
+        and past the limits of the conversation or of its author (`author_id`, the platform's
+        user id); nothing is queued then.
+        """
+        limits = self.limits
+        job = Job(
+            id=f"{conversation.platform}:{message_id}",
+            conversation=conversation.key,
+            platform=conversation.platform,
+            text=clean_text(text, limits.max_message_chars),
+            author=author,
+            author_id=author_id,
+            reply_to=reply_to or {},
+        )
+        person = keys.author(conversation.platform, author_id)
+        script_keys = [
+            keys.job(job.id), keys.done(job.id), keys.conv_jobs(job.conversation), keys.READY, keys.ACTIVE,
+            keys.epoch(job.conversation), keys.WAKE, keys.QUEUED, f"{person}:queued", f"{person}:minute", keys.LEASES,
+        ]
+        args = [
+            job.model_dump_json(), job.id, job.conversation, limits.max_queued_per_conversation,
+            limits.max_queued_per_author, limits.messages_per_minute_per_author, "1" if author_id else "0",
+        ]
+        ahead = await self._submit(keys=script_keys, args=args)
+        if ahead == DUPLICATE:
+            return Submitted(job_id=job.id, ahead=0, duplicate=True)
+        if ahead == CONVERSATION_FULL:
+            raise RejectedMessage(
+                f"This conversation already has {limits.max_queued_per_conversation} messages waiting for an answer: "
+                "please wait for them before sending more."
+            )
+        if ahead == AUTHOR_FULL:
+            raise RejectedMessage(
+                f"You already have {limits.max_queued_per_author} messages waiting for an answer: "
+                "please wait for them before sending more."
+            )
+        if ahead == AUTHOR_TOO_FAST:
+            raise RejectedMessage(
+                f"You are sending messages faster than {limits.messages_per_minute_per_author} a minute: "
+                "please wait a moment."
+            )
+        return Submitted(job_id=job.id, ahead=ahead)

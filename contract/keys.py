@@ -1,0 +1,126 @@
+"""Every Redis key the service uses, in one place: what it holds, who writes it, how long it lives.
+
+All keys start with `chatbot:`. "Bounded" means the key expires, or is a shared structure
+whose size is capped (a stream trimmed, a set or hash pruned), so nothing grows forever.
+
+Queue (contract/intake.py writes, contract/work.py serves):
+  job:<id>                 hash: data (Job JSON), conversation, epoch, attempts, owner, author_queued;
+                           deleted when the job is answered
+  done:<id>                set once a job is answered: a redelivered job never answers twice (DONE_TTL_S)
+  conv:<c>:jobs            list of a conversation's job ids, oldest first; only the head is worked on;
+                           empty (gone) once its jobs are answered
+  ready                    list of conversations whose head job waits for a worker (round robin)
+  active                   set of conversations with queued jobs (in `ready` or leased)
+  leases                   zset job id -> lease deadline (ms)
+  suspects                 set of job ids delivered again after their worker died: served alone (work.py)
+  queued                   counter of jobs waiting or being answered
+  wake                     one-element list an idle worker blocks on
+  worker:<owner>           a live worker's key (expires after the visibility timeout)
+  author:<platform>:<user>:queued   that person's waiting jobs (1 day)
+  author:<platform>:<user>:minute   that person's messages this minute (60 s)
+
+History (contract/history.py):
+  conv:<c>:turns           list of turns (history.ttl_seconds after the last answer)
+  conv:<c>:epoch           reset count (history.ttl_seconds after the last reset or answer)
+
+Replies (contract/replies.py reads; the worker writes):
+  replies:<platform>       stream of ReplyEvents; trimmed below what every adapter acknowledged
+  posted:<job>             platform message ids of a job's reply, for an adapter restarted mid-reply (1 day)
+  reply:<job>:owner        the adapter process delivering that job's reply (a lease, renewed while it works)
+
+Feedback (contract/feedback.py):
+  feedback                 stream of votes (newest KEPT_VOTES)
+  feedback:counts          hash rating -> votes
+  feedback:exchange:<job>  question and answer of a rated answer (history.ttl_seconds; deleted on reset)
+  feedback:vote:<job>:<user>  that user's current rating of that answer (EXCHANGE_TTL_S)
+  conv:<c>:rated           set of job ids rated in the conversation, for reset (history.ttl_seconds)
+
+Slack (bot/slack/):
+  slack:dm:<channel>:threads   set of a DM's conversations (threads), for /reset (history.ttl_seconds)
+  slack:waiting            hash job id -> thread waiting for its answer (entries pruned after GIVE_UP_S)
+  slack:waiting:round      lock of one status refresh round (lapses within the round)
+  slack:begun:<job>        the answer's first text is shown (GIVE_UP_S)
+  slack:budget:<scope>:<method>  a rate-limit bucket (its refill time + 60 s)
+
+The scripts address keys they compute from job data, so this needs a single Redis server,
+not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+PREFIX = "chatbot:"
+
+READY = PREFIX + "ready"
+ACTIVE = PREFIX + "active"
+LEASES = PREFIX + "leases"
+SUSPECTS = PREFIX + "suspects"
+WAKE = PREFIX + "wake"
+QUEUED = PREFIX + "queued"
+FEEDBACK = PREFIX + "feedback"
+FEEDBACK_COUNTS = PREFIX + "feedback:counts"
+SLACK_WAITING = PREFIX + "slack:waiting"
+SLACK_STATUS_ROUND = PREFIX + "slack:waiting:round"
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def done(job_id: str) -> str:
+    return f"{PREFIX}done:{job_id}"
+
+
+def conv_jobs(conversation: str) -> str:
+    return f"{PREFIX}conv:{conversation}:jobs"
+
+
+def turns(conversation: str) -> str:
+    return f"{PREFIX}conv:{conversation}:turns"
+
+
+def epoch(conversation: str) -> str:
+    return f"{PREFIX}conv:{conversation}:epoch"
+
+
+def rated(conversation: str) -> str:
+    return f"{PREFIX}conv:{conversation}:rated"
+
+
+def worker(owner: str) -> str:
+    return f"{PREFIX}worker:{owner}"
+
+
+def author(platform: str, user: str | None) -> str:
+    return f"{PREFIX}author:{platform}:{user or '-'}"
+
+
+def replies(platform: str) -> str:
+    return f"{PREFIX}replies:{platform}"
+
+
+def posted(job_id: str) -> str:
+    return f"{PREFIX}posted:{job_id}"
+
+
+def reply_owner(job_id: str) -> str:
+    return f"{PREFIX}reply:{job_id}:owner"
+
+
+def feedback_exchange(job_id: str) -> str:
+    return f"{PREFIX}feedback:exchange:{job_id}"
+
+
+def feedback_vote(job_id: str, user: str) -> str:
+    return f"{PREFIX}feedback:vote:{job_id}:{user}"
+
+
+def slack_dm_threads(channel: str) -> str:
+    return f"{PREFIX}slack:dm:{channel}:threads"
+
+
+def slack_begun(job_id: str) -> str:
+    return f"{PREFIX}slack:begun:{job_id}"
+
+
+def slack_budget(scope: str, method: str) -> str:
+    return f"{PREFIX}slack:budget:{scope}:{method}"

@@ -1,0 +1,203 @@
+"""The worker's side of the queue: claim jobs under a lease, keep the lease, answer once.
+
+A claimed job is leased: if its worker dies, the job is delivered again when the lease
+expires, or at once when the worker's liveness key (`worker:<owner>`) is gone. A conversation
+leaves `ready` while its head job is leased, so its messages are answered in order and a
+batch never holds two jobs of one conversation; after a job the conversation goes to the
+back of `ready`, so one busy conversation takes turns with the others.
+
+The answer (reply event, history turns, done-mark) is written by one script: a redelivered
+job never answers twice or duplicates a turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from contract import keys
+from contract.history import APPEND_TURNS, Exchange, Turn, pair_turns
+from contract.jobs import Job, ReplyEvent
+from contract.replies import TRIM_REPLIES
+
+DONE_TTL_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Claim:
+    job: Job
+    history: list[Exchange]  # the conversation's stored exchanges, read in the same step as the lease
+
+
+_CLAIM = """
+local ready, leases, active = KEYS[1], KEYS[2], KEYS[3]
+local prefix, max_jobs, visibility, owner = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local held = redis.call('ZRANGE', leases, 0, -1, 'WITHSCORES')
+for i = 1, #held, 2 do
+  local job_id, deadline = held[i], tonumber(held[i + 1])
+  local job = redis.call('HMGET', prefix .. 'job:' .. job_id, 'conversation', 'owner')
+  local conversation, job_owner = job[1], job[2]
+  -- due: its deadline passed, or its worker is gone (stopped, or silent past its liveness)
+  if deadline <= now or redis.call('EXISTS', prefix .. 'worker:' .. (job_owner or '')) == 0 then
+    redis.call('ZREM', leases, job_id)
+    if conversation and not redis.call('LPOS', ready, conversation) then redis.call('LPUSH', ready, conversation) end
+  end
+end
+
+local claimed = {}
+while #claimed < max_jobs do
+  local conversation = redis.call('LPOP', ready)
+  if not conversation then break end
+  local conv_prefix = prefix .. 'conv:' .. conversation
+  local job_id = redis.call('LINDEX', conv_prefix .. ':jobs', 0)
+  if not job_id then
+    redis.call('SREM', active, conversation)
+  elseif not redis.call('ZSCORE', leases, job_id) then
+    local job_key = prefix .. 'job:' .. job_id
+    redis.call('ZADD', leases, now + visibility, job_id)
+    redis.call('HSET', job_key, 'owner', owner)
+    local attempts = redis.call('HINCRBY', job_key, 'attempts', 1)
+    local fields = redis.call('HMGET', job_key, 'data', 'epoch')
+    local turns = redis.call('LRANGE', conv_prefix .. ':turns', 0, -1)
+    table.insert(claimed, {fields[1], fields[2], attempts, turns})
+  end
+end
+return claimed
+"""
+
+_COMPLETE = TRIM_REPLIES + APPEND_TURNS + """
+local done_key, job_key, conv_jobs, ready, active, leases, turns_key, epoch_key, replies, queued =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local job_id, conversation, epoch, event = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local max_turns, history_ttl_s, done_ttl_s, replies_maxlen = tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
+local new_turns = {unpack(ARGV, 10, 9 + tonumber(ARGV[9]))}
+
+local answered = 0
+local author_queued = redis.call('HGET', job_key, 'author_queued')
+if author_queued and redis.call('DECR', author_queued) < 0 then redis.call('SET', author_queued, 0) end
+if redis.call('EXISTS', done_key) == 0 then
+  append_turns(turns_key, epoch_key, epoch, max_turns, history_ttl_s, new_turns)
+  redis.call('XADD', replies, '*', 'event', event)
+  trim_replies(replies, replies_maxlen)
+  redis.call('SET', done_key, 1, 'EX', done_ttl_s)
+  redis.call('DECR', queued)
+  answered = 1
+end
+redis.call('LREM', conv_jobs, 1, job_id)
+redis.call('DEL', job_key)
+redis.call('ZREM', leases, job_id)
+if redis.call('LLEN', conv_jobs) > 0 then
+  if not redis.call('LPOS', ready, conversation) then redis.call('RPUSH', ready, conversation) end
+else
+  redis.call('SREM', active, conversation)
+end
+return answered
+"""
+
+_RELEASE = """
+local ready, leases, prefix = KEYS[1], KEYS[2], KEYS[3]
+for _, job_id in ipairs(ARGV) do
+  if redis.call('ZREM', leases, job_id) == 1 then
+    local job_key = prefix .. 'job:' .. job_id
+    -- handed back, not failed: the delivery does not count against the job's attempts
+    redis.call('HINCRBY', job_key, 'attempts', -1)
+    local conversation = redis.call('HGET', job_key, 'conversation')
+    if conversation and not redis.call('LPOS', ready, conversation) then redis.call('LPUSH', ready, conversation) end
+  end
+end
+return 1
+"""
+
+_PARTIAL = TRIM_REPLIES + """
+local done_key, job_key, leases, replies = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local job_id, owner, event, replies_maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('EXISTS', done_key) == 1 or not redis.call('ZSCORE', leases, job_id)
+   or redis.call('HGET', job_key, 'owner') ~= owner then
+  return 0
+end
+redis.call('XADD', replies, '*', 'event', event)
+trim_replies(replies, replies_maxlen)
+return 1
+"""
+
+
+class WorkQueue:
+    def __init__(self, redis: Redis, visibility_timeout_s: float = 60.0, reply_stream_maxlen: int = 10_000):
+        self.redis = redis
+        self.visibility_ms = int(visibility_timeout_s * 1000)
+        self.reply_stream_maxlen = reply_stream_maxlen
+        self._claim = redis.register_script(_CLAIM)
+        self._complete = redis.register_script(_COMPLETE)
+        self._release = redis.register_script(_RELEASE)
+        self._partial = redis.register_script(_PARTIAL)
+
+    async def claim(self, owner: str, max_jobs: int = 1) -> list[Claim]:
+        """Lease up to max_jobs head jobs, each from a different conversation, with their histories."""
+        rows = await self._claim(
+            keys=[keys.READY, keys.LEASES, keys.ACTIVE], args=[keys.PREFIX, max_jobs, self.visibility_ms, owner]
+        )
+        claims = []
+        for data, epoch, attempts, turns in rows:
+            job = Job.model_validate_json(data).model_copy(update={"epoch": int(epoch), "attempts": int(attempts)})
+            claims.append(Claim(job, pair_turns([Turn.model_validate_json(turn) for turn in turns])))
+        return claims
+
+    async def depth(self) -> tuple[int, int]:
+        """Jobs waiting or being answered, and conversations waiting for a worker."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.QUEUED)
+            pipe.llen(keys.READY)
+            queued, waiting = await pipe.execute()
+        return int(queued or 0), waiting
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        await self.redis.blpop([keys.WAKE], timeout=timeout_s)
+
+    async def heartbeat(self, owner: str, jobs: list[Job]) -> None:
+        """Say that worker `owner` is alive, and push the lease deadline of the jobs it is working on."""
+        seconds, micros = await self.redis.time()
+        deadline = seconds * 1000 + micros // 1000 + self.visibility_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.worker(owner), deadline, px=self.visibility_ms)
+            if jobs:
+                pipe.zadd(keys.LEASES, {job.id: deadline for job in jobs}, xx=True)
+            await pipe.execute()
+
+    async def gone(self, owner: str) -> None:
+        """Worker `owner` has stopped: the leases it still holds are due at once."""
+        await self.redis.delete(keys.worker(owner))
+
+    async def release(self, jobs: list[Job]) -> None:
+        """Hand jobs back unanswered, first in line (the worker is stopping)."""
+        if jobs:
+            await self._release(keys=[keys.READY, keys.LEASES, keys.PREFIX], args=[job.id for job in jobs])
+
+    async def complete(self, job: Job, event: ReplyEvent, turns: list[Turn], max_turns: int, ttl_s: int) -> bool:
+        """Post the reply, append the turns and mark the job done in one atomic step.
+
+        Returns False if the job had been answered already (a redelivery): nothing is written.
+        """
+        script_keys = [
+            keys.done(job.id), keys.job(job.id), keys.conv_jobs(job.conversation), keys.READY, keys.ACTIVE, keys.LEASES,
+            keys.turns(job.conversation), keys.epoch(job.conversation), keys.replies(job.platform), keys.QUEUED,
+        ]
+        args = [
+            job.id, job.conversation, str(job.epoch), event.model_dump_json(), max_turns, ttl_s, DONE_TTL_S,
+            self.reply_stream_maxlen, len(turns), *(turn.model_dump_json() for turn in turns),
+        ]
+        return bool(await self._complete(keys=script_keys, args=args))
+
+    async def publish_partial(self, job: Job, text: str, owner: str) -> bool:
+        """Stream a partial answer, only while `owner` holds the job's lease and it is not answered yet.
+
+        Returns False when it is not (so a late partial never follows the final reply); the caller
+        then stops generating for the job.
+        """
+        event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind="partial", text=text, reply_to=job.reply_to)
+        script_keys = [keys.done(job.id), keys.job(job.id), keys.LEASES, keys.replies(job.platform)]
+        args = [job.id, owner, event.model_dump_json(), self.reply_stream_maxlen]
+        return bool(await self._partial(keys=script_keys, args=args))

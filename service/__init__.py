@@ -1,0 +1,1 @@
+"""Process plumbing shared by every chatbot command: settings, logs, metrics and health, Redis."""
