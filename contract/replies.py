@@ -53,6 +53,11 @@ end
 """
 
 
+def reply_stream(platform: str, conversation: str) -> str:
+    """The stream a conversation's replies go to."""
+    return keys.replies(platform)
+
+
 class ReplyReader:
     def __init__(
         self, redis: Redis, platform: str, consumer: str, take_over_after_ms: int = 30_000, adopt_every_s: float = 30.0

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from contract import keys
 from contract.history import APPEND_TURNS, Exchange, Turn, pair_turns
 from contract.jobs import Job, ReplyEvent
-from contract.replies import TRIM_REPLIES
+from contract.replies import TRIM_REPLIES, reply_stream
 
 DONE_TTL_S = 7 * 24 * 3600
 
@@ -183,7 +183,7 @@ class WorkQueue:
         """
         script_keys = [
             keys.done(job.id), keys.job(job.id), keys.conv_jobs(job.conversation), keys.READY, keys.ACTIVE, keys.LEASES,
-            keys.turns(job.conversation), keys.epoch(job.conversation), keys.replies(job.platform), keys.QUEUED,
+            keys.turns(job.conversation), keys.epoch(job.conversation), reply_stream(job.platform, job.conversation), keys.QUEUED,
         ]
         args = [
             job.id, job.conversation, str(job.epoch), event.model_dump_json(), max_turns, ttl_s, DONE_TTL_S,
@@ -198,6 +198,6 @@ class WorkQueue:
         then stops generating for the job.
         """
         event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind="partial", text=text, reply_to=job.reply_to)
-        script_keys = [keys.done(job.id), keys.job(job.id), keys.LEASES, keys.replies(job.platform)]
+        script_keys = [keys.done(job.id), keys.job(job.id), keys.LEASES, reply_stream(job.platform, job.conversation)]
         args = [job.id, owner, event.model_dump_json(), self.reply_stream_maxlen]
         return bool(await self._partial(keys=script_keys, args=args))
