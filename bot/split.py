@@ -1,32 +1,20 @@
 """Split a reply into messages under a platform's length limit, at line or word boundaries.
 
 A cut inside a ``` code block is avoided by cutting before the block; a block longer than
-one message is closed at the cut and reopened (with its language) in the next message.
+one message is closed at the cut and reopened (with its language) in the next message. A ```
+counts wherever it stands on a line (`Here: ```python` opens a block), as Discord and Slack see it.
 """
 
 from __future__ import annotations
 
+import re
+
 FENCE = "```"
+CLOSING = "\n" + FENCE
 MIN_LIMIT = 64
-
-
-def _open_block(text: str) -> tuple[int, str] | None:
-    """(offset, opening line) of a code block still open at the end of `text`, if any."""
-    offset, opening = 0, None
-    for line in text.split("\n"):
-        if line.lstrip().startswith(FENCE):
-            opening = None if opening else (offset, line.strip()[:16])
-        offset += len(line) + 1
-    return opening
-
-
-def _boundary(text: str, limit: int) -> int:
-    """Where to cut so the first part fits `limit`: the last blank line, newline or space; else hard."""
-    for separator in ("\n\n", "\n", " "):
-        at = text.rfind(separator, 0, limit + 1)
-        if at > limit // 4:  # a cut near the start would leave a tiny message
-            return at
-    return limit
+# A longer first line is code, not a language tag; the cap also keeps a reopened block's
+# first line short enough that every message still carries some of the block.
+LANGUAGE = re.compile(r"[^\s`]{1,16}")
 
 
 def split_message(text: str, limit: int) -> list[str]:
@@ -34,18 +22,54 @@ def split_message(text: str, limit: int) -> list[str]:
         raise ValueError(f"message limit must be at least {MIN_LIMIT} characters")
     chunks: list[str] = []
     while len(text) > limit:
-        cut = _boundary(text, limit)
-        block = _open_block(text[:cut])
-        if block is None:
-            chunks.append(text[:cut].rstrip())
-            text = text[cut:].lstrip()
-        elif block[0] > 0:
-            chunks.append(text[: block[0]].rstrip())
-            text = text[block[0]:]
-        else:
-            opening = block[1]
-            cut = _boundary(text, limit - len(FENCE) - 1)
-            chunks.append(text[:cut].rstrip("\n") + "\n" + FENCE)
-            text = opening + "\n" + text[cut:].lstrip("\n")
+        chunk, text = _next_message(text, limit)
+        chunks.append(chunk)
     chunks.append(text)
-    return [chunk for chunk in chunks if chunk.strip()] or [text]
+    return [chunk for chunk in chunks if chunk.strip()] or [text[:limit]]
+
+
+def _next_message(text: str, limit: int) -> tuple[str, str]:
+    """The first message cut from `text`, and what is left; the left text is always shorter."""
+    fences = _fences(text)
+    cut = _clear_of_fences(_boundary(text, limit, limit // 4), fences)
+    block = _open_block(fences, cut)
+    if block is None:
+        return text[:cut].rstrip(), text[cut:].lstrip()
+    if block > 0:
+        return text[:block].rstrip(), text[block:]
+    reopening = FENCE + _language(text)
+    room = limit - len(CLOSING)
+    # Past the reopening line: the left text, reopened, must be shorter than `text`.
+    cut = _clear_of_fences(_boundary(text, room, max(room // 4, len(reopening) + 1)), fences)
+    return text[:cut].rstrip("\n") + CLOSING, reopening + "\n" + text[cut:].lstrip("\n")
+
+
+def _fences(text: str) -> list[int]:
+    """Where each ``` starts. Discord and Slack pair them in order wherever they stand on a line."""
+    return [match.start() for match in re.finditer(FENCE, text)]
+
+
+def _boundary(text: str, end: int, after: int) -> int:
+    """Where to cut so the first part fits `end`: the last blank line, newline or space past `after`; else hard."""
+    for separator in ("\n\n", "\n", " "):
+        at = text.rfind(separator, 0, end + 1)
+        if at > after:  # a cut near the start would leave a tiny message
+            return at
+    return end
+
+
+def _clear_of_fences(cut: int, fences: list[int]) -> int:
+    """`cut`, or the start of the ``` it would break in two (neither half would be a fence)."""
+    return next((start for start in fences if start < cut < start + len(FENCE)), cut)
+
+
+def _open_block(fences: list[int], cut: int) -> int | None:
+    """Where the code block still open at `cut` starts, if one is."""
+    before = [start for start in fences if start + len(FENCE) <= cut]
+    return before[-1] if len(before) % 2 else None
+
+
+def _language(text: str) -> str:
+    """The language named on the line of the fence that starts `text`, if that line names one alone."""
+    line, newline, _ = text[len(FENCE):].partition("\n")
+    return line.strip() if newline and LANGUAGE.fullmatch(line.strip()) else ""
