@@ -19,4 +19,7 @@ RUN pip install '.[discord,slack]' \
  && chatbot --help > /dev/null
 
 USER nobody
-CMD ["chatbot", "discord"]
+# As in worker.Dockerfile: `chatbot` is the main process (it gets docker stop's SIGTERM and its
+# exit status is the container's); the command names the adapter.
+ENTRYPOINT ["chatbot"]
+CMD ["discord"]

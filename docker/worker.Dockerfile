@@ -22,4 +22,9 @@ RUN pip freeze | grep -iE '^(torch|torchvision|torch[-_]neuronx|neuronx[-_]cc|ne
  && python -c "import neuronx_distributed, torch_neuronx, optimum.neuron" \
  && chatbot --help > /dev/null
 
-CMD ["chatbot", "worker"]
+# The base image's ENTRYPOINT (dockerd-entrypoint.py) would run the command as its child and then
+# idle: `docker stop`'s SIGTERM would never reach the worker (no hand-back of its jobs), exit
+# status 3 (model stuck: restart me) would reach Docker as 1, and a clean exit would leave the
+# container running. Exec form makes `chatbot` the container's main process instead.
+ENTRYPOINT ["chatbot"]
+CMD ["worker"]

@@ -1,5 +1,6 @@
-"""docker-compose.yml, checked as Compose would read it (no Docker engine here): the Compose
-specification, health checks that use each process's /healthz, and secrets only where needed."""
+"""docker-compose.yml and the images, checked as Compose and Docker would read them (no Docker engine
+here): the Compose specification, health checks that use each process's /healthz, secrets only where
+needed, and `chatbot` as each container's main process."""
 
 from __future__ import annotations
 
@@ -79,3 +80,50 @@ def test_slack_http_mode_publishes_its_port(compose):
 
     [published] = compose["services"]["slack"]["ports"]
     assert published.endswith(f":{SlackSettings().http_port}")
+
+
+def test_each_container_runs_chatbot_as_its_main_process(compose):
+    # An ENTRYPOINT left to the base image (the Neuron image's dockerd-entrypoint.py) runs the
+    # command as its child: SIGTERM and the exit status never pass between Docker and chatbot.
+    for name in ("worker", "discord", "slack"):
+        service = compose["services"][name]
+        image = final_instructions(ROOT / service["build"]["dockerfile"])
+        assert "ENTRYPOINT" in image, f"{name}: the image inherits its base image's ENTRYPOINT"
+        entrypoint = service.get("entrypoint", exec_form(image["ENTRYPOINT"]))
+        command = service.get("command", exec_form(image["CMD"]))
+        assert entrypoint + command == ["chatbot", name], name
+
+
+def test_the_worker_has_time_to_hand_its_jobs_back_on_docker_stop(compose):
+    from engine.worker import RELEASE_PATIENCE_S
+    from service.config import load_settings
+
+    worker = compose["services"]["worker"]
+    environment = {key: str(value) for key, value in worker["environment"].items() if value is not None}
+    step_timeout_s = load_settings(ROOT / "config.yaml", environment).queue.step_timeout_s
+    # The model step in flight ends, then the jobs are released and the worker's record removed.
+    needed_s = step_timeout_s + 2 * RELEASE_PATIENCE_S
+    assert seconds(worker.get("stop_grace_period", "10s")) > needed_s  # 10 s: Docker's default
+
+
+def final_instructions(dockerfile: Path) -> dict[str, str]:
+    """The last stage's instructions, each name to the arguments of its last occurrence."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    stage = lines[max(index for index, line in enumerate(lines) if line.upper().startswith("FROM ")):]
+    return {name.upper(): arguments for name, _, arguments in (line.partition(" ") for line in stage)}
+
+
+def exec_form(arguments: str) -> list[str]:
+    """The JSON array of an exec-form instruction; shell form would make /bin/sh the main process."""
+    argv = json.loads(arguments)
+    assert isinstance(argv, list) and all(isinstance(arg, str) for arg in argv), arguments
+    return argv
+
+
+def seconds(duration: str) -> float:
+    """A Compose duration such as 45s, 1m30s or 500ms."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", duration)
+    assert "".join(number + unit for number, unit in parts) == duration, duration
+    return sum(float(number) * units[unit] for number, unit in parts)
