@@ -12,20 +12,25 @@ from contract import history
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def chatbot(redis_url: str, tmp_path: Path, *args: str) -> tuple[int, str, str]:
+async def chatbot(
+    redis_url: str, tmp_path: Path, *args: str, environment: dict[str, str] | None = None, typed: str = ""
+) -> tuple[int, str, str]:
+    """Run `chatbot args` against this Redis with the tiny model; `typed` is what the user types on stdin."""
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
         "CHATBOT_CONFIG": str(tmp_path / "none.yaml"),
+        "CHATBOT__RUN_DIR": str(tmp_path / "run"),
         "CHATBOT__MODEL__ID": "embedded:tiny-llama",
         "CHATBOT__MODEL__SEQUENCE_LENGTH": "512",
         "CHATBOT__MODEL__MAX_PROMPT_TOKENS": "384",
+        **(environment or {}),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "chatbot", *args, cwd=ROOT, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), 120)
+    out, err = await asyncio.wait_for(process.communicate(typed.encode()), 120)
     return process.returncode, out.decode(), err.decode()
 
 
@@ -49,6 +54,23 @@ async def test_ask_prompt_and_reset(redis, redis_server, worker, tmp_path):
 async def test_ask_without_a_worker_times_out_with_a_sentence(redis, redis_server, tmp_path):
     code, _, err = await chatbot(redis_server.url, tmp_path, "ask", "--timeout", "1", "anyone?")
     assert code == 1 and "is `chatbot worker` running?" in err and "Traceback" not in err
+
+
+LIMIT_100 = {"CHATBOT__LIMITS__MAX_MESSAGE_CHARS": "100"}
+OVER_100 = "x" * 150
+REFUSED = "Your message is 150 characters long; the limit is 100."
+
+
+async def test_ask_refuses_a_message_over_the_configured_limit(redis, redis_server, tmp_path):
+    code, _, err = await chatbot(redis_server.url, tmp_path, "ask", "--timeout", "5", OVER_100, environment=LIMIT_100)
+    assert code == 1 and err.strip() == REFUSED  # not queued: no wait for a worker that is not running
+
+
+async def test_the_terminal_chat_refuses_a_message_over_the_configured_limit(redis, redis_server, tmp_path):
+    typed = f"{OVER_100}\n/quit\n"
+    code, out, err = await chatbot(redis_server.url, tmp_path, "demo", environment=LIMIT_100, typed=typed)
+    assert code == 0, err
+    assert f"({REFUSED})" in out and "bot>" not in out
 
 
 async def test_a_bad_config_value_stops_with_the_field_named(redis_server, tmp_path):
