@@ -354,11 +354,16 @@ async def test_reset_forgets_the_channel_and_answers_ephemerally(redis, fake, ti
     assert global_sync.body == []
 
 
-async def test_reset_roles_refuse_others(redis, fake):
-    conversation = f"discord:{GENERAL}"
+async def remember_an_exchange(redis, channel_id: int) -> str:
+    """Give the channel's conversation one exchange of history; returns the conversation."""
+    conversation = f"discord:{channel_id}"
     for role, text in (("user", "hi"), ("assistant", "hello")):
         await redis.rpush(keys.turns(conversation), Turn(role=role, text=text, tokens=3).model_dump_json())
+    return conversation
 
+
+async def test_reset_roles_refuse_others(redis, fake):
+    conversation = await remember_an_exchange(redis, GENERAL)
     async with adapter(redis, fake, discord_settings(reset_roles=[ADMIN_ROLE])):
         refused = fake.interaction("reset", user=ALICE)
         await fake.dispatch("INTERACTION_CREATE", refused)
@@ -371,6 +376,27 @@ async def test_reset_roles_refuse_others(redis, fake):
         [callback] = await fake.wait_for(lambda: fake.requests("POST", f"/interactions/{allowed['id']}/"))
         assert ephemeral_answer(callback) == RESET_DONE
         assert await history.load_exchanges(redis, conversation) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "used", "answer"),
+    [
+        ({"roles": [MEMBER_ROLE]}, dict(user=BOB), RESET_REFUSED),  # no reset_roles: the roles that may chat
+        ({}, dict(channel_id=CLOSED), RESET_REFUSED),
+        ({"guilds": [], "allow_dms": False}, dict(channel_id=DM_CHANNEL), RESET_REFUSED),
+        ({"roles": [MEMBER_ROLE]}, dict(channel_id=THREAD), RESET_DONE),  # a thread counts as its parent channel
+        ({}, dict(channel_id=QUIET), RESET_DONE),  # a command needs no mention in a mention-only channel
+    ],
+    ids=["role", "channel", "dm", "thread", "mention-only"],
+)
+async def test_reset_follows_the_rules_of_chatting(redis, fake, overrides, used, answer):
+    conversation = await remember_an_exchange(redis, used.get("channel_id", GENERAL))
+    async with adapter(redis, fake, discord_settings(**overrides)):
+        interaction = fake.interaction("reset", **used)
+        await fake.dispatch("INTERACTION_CREATE", interaction)
+        [callback] = await fake.wait_for(lambda: fake.requests("POST", f"/interactions/{interaction['id']}/"))
+    assert ephemeral_answer(callback) == answer
+    assert len(await history.load_exchanges(redis, conversation)) == (1 if answer == RESET_REFUSED else 0)
 
 
 # --- delivery ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from discord import app_commands
 from redis.asyncio import Redis
 
 from bot.discord.routing import conversation_of
-from bot.discord.rules import may_reset
+from bot.discord.rules import Seen, reset_refusal
 from bot.discord.settings import DiscordSettings
 from contract import history
 from service.redis_client import REDIS_DOWN
@@ -17,18 +17,31 @@ from service.redis_client import REDIS_DOWN
 log = logging.getLogger(__name__)
 
 RESET_DONE = "Done: I have forgotten our conversation in this channel."
-RESET_REFUSED = "Sorry, you do not have a role that may reset this conversation."
+RESET_REFUSED = "Sorry, you may not reset this conversation."
 RESET_FAILED = "Sorry, the conversation could not be reset right now. Please try again later."
+
+
+def seen(interaction: discord.Interaction) -> Seen:
+    channel = interaction.channel
+    return Seen(
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+        parent_id=channel.parent_id if isinstance(channel, discord.Thread) else None,
+        role_ids=frozenset(role.id for role in getattr(interaction.user, "roles", ())),
+        from_bot=interaction.user.bot,
+        system=False,
+        mentions_me=True,  # a command is addressed to the bot, as a mention is
+    )
 
 
 def command_tree(client: discord.Client, redis: Redis, settings: DiscordSettings) -> app_commands.CommandTree:
     tree = app_commands.CommandTree(client)
 
     async def reset(interaction: discord.Interaction) -> None:
-        roles = frozenset(role.id for role in getattr(interaction.user, "roles", ()))
         who = {"user": interaction.user.id, "channel": interaction.channel_id}
-        if not may_reset(settings, interaction.guild_id, roles):
-            log.info("reset refused", extra=who)
+        reason = reset_refusal(settings, seen(interaction))
+        if reason:
+            log.info("reset refused", extra={**who, "reason": reason})
             await interaction.response.send_message(RESET_REFUSED, ephemeral=True)
             return
         conversation = conversation_of(interaction.channel_id)

@@ -47,9 +47,9 @@ def refusal(settings: DiscordSettings, seen: Seen) -> str | None:
     return None
 
 
-def may_reset(settings: DiscordSettings, guild_id: int | None, role_ids: frozenset[int]) -> bool:
-    # A DM holds one user's own conversation: roles only guard shared channels.
-    return guild_id is None or not settings.reset_roles or bool(role_ids & set(settings.reset_roles))
+def reset_refusal(settings: DiscordSettings, seen: Seen) -> str | None:
+    """Why /reset is refused, or None: the rules of chatting, with `reset_roles` (when set) in place of `roles`."""
+    return refusal(settings.model_copy(update={"roles": settings.reset_roles or settings.roles}), seen)
 
 
 def message_text(content: str, bot_id: int, names: dict[int, str]) -> str:

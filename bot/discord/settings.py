@@ -11,7 +11,7 @@ class DiscordSettings(Strict):
     guilds: list[int] = Field(default_factory=list, description="allowed guild ids; empty allows all")
     channels: list[int] = Field(default_factory=list, description="allowed channel ids; empty allows all")
     roles: list[int] = Field(default_factory=list, description="roles allowed to chat; empty allows all")
-    reset_roles: list[int] = Field(default_factory=list, description="roles allowed to /reset; empty allows all")
+    reset_roles: list[int] = Field(default_factory=list, description="roles allowed to /reset in servers; empty: the roles allowed to chat")
     allow_dms: bool = True
     mention_only_channels: list[int] = Field(default_factory=list, description="channels where only mentions are answered")
     mention_only: bool = False

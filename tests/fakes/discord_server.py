@@ -229,17 +229,25 @@ class FakeDiscord:
         return data
 
     def interaction(self, name: str, user: FakeUser = ALICE, channel_id: int = GENERAL) -> dict[str, Any]:
-        """An INTERACTION_CREATE payload for the guild command `name`."""
-        return {
+        """An INTERACTION_CREATE payload for the command `name`: the guild's command in a guild channel
+        or thread, the global one in DM_CHANNEL."""
+        data = {
             "id": str(self.next_id()), "application_id": str(APPLICATION_ID), "type": 2,
-            "token": f"interaction-token-{self.next_id()}", "version": 1,
-            "guild_id": str(GUILD_ID), "channel_id": str(channel_id),
-            "channel": {"id": str(channel_id), "type": 0, "guild_id": str(GUILD_ID)},
+            "token": f"interaction-token-{self.next_id()}", "version": 1, "channel_id": str(channel_id),
+            "data": {"id": str(self.next_id()), "name": name, "type": 1},
+            "app_permissions": "2147483647", "locale": "en-US", "attachment_size_limit": 8_388_608, "entitlements": [],
+        }
+        if channel_id == DM_CHANNEL:
+            return {
+                **data, "user": user.payload(), "channel": {"id": str(channel_id), "type": 1},
+                "authorizing_integration_owners": {"0": str(user.id)}, "context": 1,
+            }
+        channel = thread_payload(channel_id, "a thread") if channel_id == THREAD else _channel(channel_id, "a channel", 0)
+        return {
+            **data, "guild_id": str(GUILD_ID), "guild_locale": "en-US", "channel": channel,
             "member": {**user.member(), "user": user.payload()},
-            "data": {"id": str(self.next_id()), "name": name, "type": 1, "guild_id": str(GUILD_ID)},
-            "app_permissions": "2147483647", "locale": "en-US", "guild_locale": "en-US",
-            "attachment_size_limit": 8_388_608, "entitlements": [], "authorizing_integration_owners": {"0": str(GUILD_ID)},
-            "context": 0,
+            "data": {**data["data"], "guild_id": str(GUILD_ID)},
+            "authorizing_integration_owners": {"0": str(GUILD_ID)}, "context": 0,
         }
 
     def requests(self, method: str | None = None, prefix: str = "") -> list[Call]:
