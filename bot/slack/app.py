@@ -18,7 +18,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.delivery import Delivery
 from bot.slack.budget import PacedSlack, SlackBudget
-from bot.slack.handlers import register
+from bot.slack.handlers import SlackListeners
 from bot.slack.http import http_server
 from bot.slack.messages import PLATFORM
 from bot.slack.outbox import SlackOutbox
@@ -80,7 +80,7 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
     feedback = FeedbackStore(redis)
     status = ThreadStatus(redis, slack, settings.slack)
     outbox = SlackOutbox(slack, settings.slack, feedback, status)
-    register(app, settings.slack, Intake(redis, settings.limits), outbox, status, feedback)
+    SlackListeners(app.client, settings.slack, Intake(redis, settings.limits), outbox, status, feedback).register(app)
     return SlackBot(app, outbox, status)
 
 

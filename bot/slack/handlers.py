@@ -56,84 +56,78 @@ class DisplayNames:
         return self.known[user_id]
 
 
-def register(
-    app: AsyncApp, settings: SlackSettings, queue: Intake, outbox: SlackOutbox, status: ThreadStatus, feedback: FeedbackStore
-) -> None:
-    redis = queue.redis
-    names = DisplayNames(app.client)
-    prompts = [prompt.model_dump() for prompt in settings.suggested_prompts]
+class Background:
+    """Best-effort calls that go on after the acknowledgement: a failure is logged, never raised."""
 
-    background: set[asyncio.Task] = set()
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()  # held until done: the event loop keeps only weak references
 
-    async def best_effort(what: str, call: Awaitable) -> None:
+    def run(self, what: str, call: Awaitable) -> None:
+        task = asyncio.create_task(self._best_effort(what, call))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    @staticmethod
+    async def _best_effort(what: str, call: Awaitable) -> None:
         try:
             await call
         except (*SLACK_FAILED, *REDIS_DOWN) as error:
             log.info("slack call skipped", extra={"what": what, "error": str(error) or type(error).__name__})
 
-    def in_background(what: str, call: Awaitable) -> None:
-        task = asyncio.create_task(best_effort(what, call))
-        background.add(task)
-        task.add_done_callback(background.discard)
 
-    async def submit(incoming: Incoming, author: str | None) -> None:
-        reply_to = incoming.reply_to
-        try:
-            submitted = await queue.submit(
-                incoming.conversation, incoming.message_id, incoming.text, author, reply_to, author_id=incoming.user
-            )
-        except RejectedMessage as rejected:
-            log.info("message refused", extra={"slack_message": incoming.message_id, "reason": str(rejected)})
-            # After the acknowledgement: a post held by Slack's rate limit must not make Slack redeliver the event.
-            in_background("refusal", outbox.post(Part(f"{PLATFORM}:{incoming.message_id}", reply_to, str(rejected))))
-            return
-        log.info(
-            "retried delivery ignored" if submitted.duplicate else "message queued",
-            extra={"job": submitted.job_id, "conversation": incoming.conversation.key, "ahead": submitted.ahead},
-        )
-        if submitted.duplicate:
-            return
-        if settings.feedback:
-            await feedback.remember_question(submitted.job_id, incoming.conversation.key, incoming.text)
-        # Slack wants the event acknowledged within 3 s: its status and title go on after.
-        in_background("status", status.show(submitted.job_id, reply_to, submitted.ahead))
-        if incoming.starts_thread:
-            in_background("title", app.client.assistant_threads_setTitle(
-                channel_id=reply_to["channel"], thread_ts=reply_to["thread_ts"], title=thread_title(incoming.text)
-            ))
+class SlackListeners:
+    """One method per kind of request bolt delivers; `register` wires them to the app."""
 
-    @app.event("message")
-    async def on_message(event: dict, context: AsyncBoltContext) -> None:
+    def __init__(
+        self, client: AsyncWebClient, settings: SlackSettings, queue: Intake, outbox: SlackOutbox, status: ThreadStatus,
+        feedback: FeedbackStore,
+    ):
+        self.client = client
+        self.settings = settings
+        self.queue = queue
+        self.redis = queue.redis
+        self.outbox = outbox
+        self.status = status
+        self.feedback = feedback
+        self.names = DisplayNames(client)
+        self.background = Background()
+        self.prompts = [prompt.model_dump() for prompt in settings.suggested_prompts]
+
+    def register(self, app: AsyncApp) -> None:
+        app.event("message")(self.on_message)
+        # Registered even when mentions are off: an unhandled event would get a 404 and be retried.
+        app.event("app_mention")(self.on_mention)
+        app.event("app_home_opened")(self.on_home_opened)
+        app.action(FEEDBACK_ACTION)(self.on_feedback)
+        app.command(self.settings.reset_command)(self.on_reset)
+
+    async def on_message(self, event: dict, context: AsyncBoltContext) -> None:
         incoming = direct_message(event, context.team_id)
         if incoming is None:
             log.debug("message event ignored", extra={"subtype": event.get("subtype"), "channel_type": event.get("channel_type")})
             return
         # Remembered before queueing: a /reset racing this message must find its thread.
-        async with redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:
             pipe.sadd(keys.slack_dm_threads(incoming.conversation.channel), incoming.conversation.key)
             pipe.expire(keys.slack_dm_threads(incoming.conversation.channel), DM_THREADS_TTL_S)
             await pipe.execute()
-        await submit(incoming, author=None)
+        await self.submit(incoming, author=None)
 
-    @app.event("app_mention")
-    async def on_mention(event: dict, context: AsyncBoltContext) -> None:
-        # Registered even when mentions are off: an unhandled event would get a 404 and be retried.
-        incoming = mention(event, context.team_id, context.bot_user_id) if settings.answer_mentions else None
+    async def on_mention(self, event: dict, context: AsyncBoltContext) -> None:
+        incoming = mention(event, context.team_id, context.bot_user_id) if self.settings.answer_mentions else None
         if incoming is None:
             return
-        await submit(incoming, await names.of(incoming.user))
+        await self.submit(incoming, await self.names.of(incoming.user))
 
-    @app.event("app_home_opened")
-    async def on_home_opened(event: dict) -> None:
+    async def on_home_opened(self, event: dict) -> None:
         # An agent app sets its prompts for the chat, never for a thread (with thread_ts the call
         # silently fails): each time the user opens it, they are there for the next new thread.
-        if event.get("tab") == "messages" and prompts:
-            in_background("suggested prompts", app.client.assistant_threads_setSuggestedPrompts(
-                channel_id=event["channel"], title=settings.prompts_title or None, prompts=prompts
+        if event.get("tab") == "messages" and self.prompts:
+            self.background.run("suggested prompts", self.client.assistant_threads_setSuggestedPrompts(
+                channel_id=event["channel"], title=self.settings.prompts_title or None, prompts=self.prompts
             ))
 
-    @app.action(FEEDBACK_ACTION)
-    async def on_feedback(ack: AsyncAck, body: dict, action: dict) -> None:
+    async def on_feedback(self, ack: AsyncAck, body: dict, action: dict) -> None:
         await ack()
         rating, _, job_id = action.get("value", "").partition(" ")
         user = body.get("user", {}).get("id", "")
@@ -141,20 +135,19 @@ def register(
             log.warning("feedback click not understood", extra={"value": action.get("value")})
             return
         # A click Slack delivers again carries the same rating: stored once. Another rating replaces it.
-        if not await feedback.record(job_id, user, rating):
+        if not await self.feedback.record(job_id, user, rating):
             log.info("repeated feedback click ignored", extra={"job": job_id, "user": user})
             return
         FEEDBACK.labels(PLATFORM, rating).inc()
-        log.info("feedback recorded", extra={"job": job_id, "user": user, "rating": rating, **await feedback.counts()})
+        log.info("feedback recorded", extra={"job": job_id, "user": user, "rating": rating, **await self.feedback.counts()})
 
-    @app.command(settings.reset_command)
-    async def on_reset(ack: AsyncAck, command: dict) -> None:
+    async def on_reset(self, ack: AsyncAck, command: dict) -> None:
         who = {"user": command.get("user_id"), "channel": command.get("channel_id")}
         if command.get("channel_name") != "directmessage":
             await ack(response_type="ephemeral", text=RESET_IN_CHANNEL)
             return
         try:
-            forgotten = await asyncio.wait_for(reset_dm(command["channel_id"]), RESET_TIMEOUT_S)
+            forgotten = await asyncio.wait_for(self.reset_dm(command["channel_id"]), RESET_TIMEOUT_S)
         except (asyncio.TimeoutError, *REDIS_DOWN) as error:
             log.error("reset failed", extra={**who, "error": str(error) or type(error).__name__})
             await ack(response_type="ephemeral", text=RESET_FAILED)
@@ -162,10 +155,36 @@ def register(
         log.info("conversations reset", extra={**who, "conversations": forgotten})
         await ack(response_type="ephemeral", text=RESET_DONE)
 
-    async def reset_dm(channel: str) -> int:
+    async def reset_dm(self, channel: str) -> int:
         """Forget every thread of the DM (slash commands cannot be sent inside a thread)."""
-        conversations = await redis.smembers(keys.slack_dm_threads(channel))
+        conversations = await self.redis.smembers(keys.slack_dm_threads(channel))
         for conversation in conversations:
-            await history.reset(redis, conversation)
-            await redis.srem(keys.slack_dm_threads(channel), conversation)
+            await history.reset(self.redis, conversation)
+            await self.redis.srem(keys.slack_dm_threads(channel), conversation)
         return len(conversations)
+
+    async def submit(self, incoming: Incoming, author: str | None) -> None:
+        reply_to = incoming.reply_to
+        try:
+            submitted = await self.queue.submit(
+                incoming.conversation, incoming.message_id, incoming.text, author, reply_to, author_id=incoming.user
+            )
+        except RejectedMessage as rejected:
+            log.info("message refused", extra={"slack_message": incoming.message_id, "reason": str(rejected)})
+            # After the acknowledgement: a post held by Slack's rate limit must not make Slack redeliver the event.
+            self.background.run("refusal", self.outbox.post(Part(f"{PLATFORM}:{incoming.message_id}", reply_to, str(rejected))))
+            return
+        log.info(
+            "retried delivery ignored" if submitted.duplicate else "message queued",
+            extra={"job": submitted.job_id, "conversation": incoming.conversation.key, "ahead": submitted.ahead},
+        )
+        if submitted.duplicate:
+            return
+        if self.settings.feedback:
+            await self.feedback.remember_question(submitted.job_id, incoming.conversation.key, incoming.text)
+        # Slack wants the event acknowledged within 3 s: its status and title go on after.
+        self.background.run("status", self.status.show(submitted.job_id, reply_to, submitted.ahead))
+        if incoming.starts_thread:
+            self.background.run("title", self.client.assistant_threads_setTitle(
+                channel_id=reply_to["channel"], thread_ts=reply_to["thread_ts"], title=thread_title(incoming.text)
+            ))
