@@ -73,10 +73,10 @@ async def measure(url: str) -> tuple[list[float], list[float], list[float]]:
         await redis.ping()
         pings.append(time.perf_counter() - started)
         conversation = Conversation(platform="bench", channel=f"c{n % CONVERSATIONS}")
-        after = await last_entry_id(redis, "bench")
+        after = await last_entry_id(redis, "bench", conversation.key)
         started = time.perf_counter()
         submitted = await queue.submit(conversation, str(n), f"message number {n}")
-        async for event in follow(redis, "bench", submitted.job_id, after):
+        async for event in follow(redis, "bench", conversation.key, submitted.job_id, after):
             if event.kind == "final":
                 latencies.append(time.perf_counter() - started)
     histories = [await load_exchanges(redis, f"bench:c{n}") for n in range(CONVERSATIONS)]

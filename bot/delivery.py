@@ -1,19 +1,28 @@
-"""Reply delivery shared by the adapters: reply stream in, platform messages posted and edited out.
+"""Reply delivery shared by the adapters: reply shards in, platform messages posted and edited out.
 
-The platform side is an `Outbox` (post, edit, a length limit). Delivery reads the
-platform's reply stream through the consumer group, shows streamed text by editing one
-message (at most one edit per `edit_interval_s` per message), continues long text in
-follow-up messages, and records the platform message ids of each job in Redis before
-acknowledging: an adapter restarted mid-reply edits the messages it already posted
-instead of posting them again.
+The platform side is an `Outbox` (post, edit, remove, a length limit) and a `Waiting`
+indicator (Discord's typing, Slack's thread status). Delivery reads the reply shards this
+process holds (contract/reply_shards.py), one lane per conversation, shows streamed text by
+editing one message (at most one edit per `edit_interval_s` per message), continues long
+text in follow-up messages, and records the platform message ids of each job in Redis before
+acknowledging: a process that takes over a shard mid-reply edits the messages already
+posted instead of posting them again.
+
+Per reply, the outbox sees each message's parts with their index, hears once that a
+message is settled (its text will not change again), and the waiting indicator hears once
+that the answer's first text is shown.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
+import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,7 +32,8 @@ from redis.asyncio import Redis
 from bot.split import split_message
 from contract import keys
 from contract.jobs import ReplyEvent
-from contract.replies import ReplyReader
+from contract.replies import Entry, ReplyReader
+from contract.reply_shards import ShardLeases
 from service.observability import DELIVERIES, PLATFORM_ERRORS
 from service.redis_client import REDIS_DOWN, with_backoff
 from service.tasks import cancel_until_done
@@ -33,6 +43,12 @@ POSTED_TTL_S = 24 * 3600
 ABANDONED_AFTER_S = 3600  # a streamed reply silent this long will not be finished
 FAILED = "Sorry, I could not deliver the answer."
 LANE_IDLE_S = 30.0  # a conversation's lane ends after this long without replies
+GIVE_UP_PATIENCE_S = 2.0  # on shutdown, how long to try handing the shards over before their leases lapse
+
+
+def adapter_identity(platform: str) -> str:
+    """Unique per process: two adapter processes of one platform hold shards apart."""
+    return f"{platform}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)
@@ -43,7 +59,9 @@ class Part:
     reply_to: dict[str, str]
     text: str
     settled: bool = True  # its text will not change again (the reply ended, or it is full)
-    answer: str | None = None  # on the last message of a finished answer: the whole answer (for feedback)
+    index: int = 0  # which message of the reply: 0 answers the user's message, later ones continue it
+    feedback: bool = False  # the last message of a finished answer: it may ask for a rating
+    conversation: str = ""
 
 
 class Deferred(Exception):
@@ -64,6 +82,18 @@ class Outbox(Protocol):
         """Delete a message the finished reply no longer needs."""
 
 
+class Waiting(Protocol):
+    """What shows the user that an answer is on its way, until its first text is shown."""
+
+    async def answered(self, job_id: str) -> None:
+        """The answer's first text is shown (or the reply failed): stop showing that it waits."""
+
+
+class NoWaiting:
+    async def answered(self, job_id: str) -> None:
+        pass
+
+
 @dataclass
 class Shown:
     """What a job's messages show now, as far as this adapter process knows."""
@@ -75,43 +105,70 @@ class Shown:
 
 
 class Delivery:
-    def __init__(self, redis: Redis, platform: str, consumer: str, outbox: Outbox, edit_interval_s: float):
+    def __init__(
+        self,
+        redis: Redis,
+        platform: str,
+        outbox: Outbox,
+        edit_interval_s: float,
+        lease_s: float,
+        waiting: Waiting | None = None,
+        holder: str | None = None,
+    ):
         self.redis = redis
         self.platform = platform
-        self.reader = ReplyReader(redis, platform, consumer)
+        self.reader = ReplyReader(redis, platform)
+        self.shards = ShardLeases(redis, platform, holder or adapter_identity(platform), lease_s)
         self.outbox = outbox
+        self.waiting = waiting or NoWaiting()
         self.edit_interval_s = edit_interval_s
         self.shown: dict[str, Shown] = {}
+        self.finished: dict[str, float] = {}  # job id -> when its final was shown: later partials are stale
+        self.in_flight: dict[tuple[str, str], Entry] = {}  # read, not yet acknowledged: never queued twice
         # One lane per conversation with replies in flight: in order within a conversation, and a
         # slow or rate-limited channel (a held edit, a 429 wait) never delays the others.
-        self.lanes: dict[str, tuple[asyncio.Queue[tuple[str, ReplyEvent]], asyncio.Task[None]]] = {}
+        self.lanes: dict[str, tuple[asyncio.Queue[Entry], asyncio.Task[None]]] = {}
 
     async def run(self) -> None:
-        await with_backoff(self.reader.ensure_group, "create the reply group")
+        await with_backoff(self.reader.ensure_groups, "create the reply groups")
+        round_at = 0.0
         try:
             while True:
                 for _, task in self.lanes.values():
                     if task.done():
                         task.result()  # a lane that failed stops the adapter, loudly
                 try:
-                    events = await self.reader.read(block_ms=1000)
+                    if time.monotonic() - round_at >= self.shards.round_s:
+                        await self.shards.round(busy=self._busy)
+                        round_at = time.monotonic()
+                    # Blocks no longer than a round, so the leases are renewed in time.
+                    entries = await self.reader.read(self.shards.reading, block_ms=int(min(1.0, self.shards.round_s) * 1000))
                 except REDIS_DOWN as error:
                     log.warning("redis unavailable", extra={"error": str(error)})
                     await asyncio.sleep(1)
                     continue
-                for entry in events:
-                    self._lane(entry[1].conversation).put_nowait(entry)
-                self._forget_abandoned()
+                if not self.shards.reading:
+                    await asyncio.sleep(min(1.0, self.shards.round_s))  # every shard is another process's
+                for entry in entries:
+                    if (entry.stream, entry.id) not in self.in_flight:
+                        self.in_flight[entry.stream, entry.id] = entry
+                        self._lane(entry.event.conversation).put_nowait(entry)
+                self._forget_old()
         finally:
             await cancel_until_done([task for _, task in self.lanes.values()])
+            with contextlib.suppress(*REDIS_DOWN):
+                await asyncio.wait_for(self.shards.leave(), GIVE_UP_PATIENCE_S)
 
-    def _lane(self, conversation: str) -> asyncio.Queue[tuple[str, ReplyEvent]]:
+    def _busy(self, shard: int) -> bool:
+        return any(entry.shard == shard for entry in self.in_flight.values())
+
+    def _lane(self, conversation: str) -> asyncio.Queue[Entry]:
         if conversation not in self.lanes:
-            queue: asyncio.Queue[tuple[str, ReplyEvent]] = asyncio.Queue()
+            queue: asyncio.Queue[Entry] = asyncio.Queue()
             self.lanes[conversation] = (queue, asyncio.create_task(self._drain(conversation, queue)))
         return self.lanes[conversation][0]
 
-    async def _drain(self, conversation: str, queue: asyncio.Queue[tuple[str, ReplyEvent]]) -> None:
+    async def _drain(self, conversation: str, queue: asyncio.Queue[Entry]) -> None:
         while True:
             try:
                 first = await asyncio.wait_for(queue.get(), LANE_IDLE_S)
@@ -121,21 +178,29 @@ class Delivery:
                     return
                 continue
             entries = [first] + [queue.get_nowait() for _ in range(queue.qsize())]
-            for event in self._latest_per_job(entries):
+            ours = [entry for entry in entries if entry.shard in self.shards.held]
+            for entry in entries:
+                if entry not in ours:  # its shard went to another process, which reads it as backlog
+                    del self.in_flight[entry.stream, entry.id]
+            for event in self._latest_per_job(ours):
                 await self.deliver(event)
-            entry_ids = [entry_id for entry_id, _ in entries]
-            await with_backoff(functools.partial(self.reader.ack, *entry_ids), "acknowledge replies")
+            await with_backoff(functools.partial(self.reader.ack, ours), "acknowledge replies")
+            for entry in ours:
+                del self.in_flight[entry.stream, entry.id]
 
-    def _forget_abandoned(self) -> None:
-        """Drop what we track of replies whose final event never came (their job was given up)."""
+    def _forget_old(self) -> None:
+        """Drop what we track of replies whose final event never came (their job was given up), and old finals."""
         now = time.monotonic()
         self.shown = {job: shown for job, shown in self.shown.items() if now - shown.edited_at < ABANDONED_AFTER_S}
+        self.finished = {job: at for job, at in self.finished.items() if now - at < ABANDONED_AFTER_S}
 
-    @staticmethod
-    def _latest_per_job(events: list[tuple[str, ReplyEvent]]) -> list[ReplyEvent]:
-        """A partial followed by a newer event of the same job is stale: skip it."""
+    def _latest_per_job(self, entries: list[Entry]) -> list[ReplyEvent]:
+        """A partial followed by a newer event of the same job, or of a job already answered, is stale: skip it."""
         latest: dict[str, ReplyEvent] = {}
-        for _, event in events:
+        for entry in entries:
+            event = entry.event
+            if event.kind == "partial" and event.job_id in self.finished:
+                continue
             if event.job_id in latest and latest[event.job_id].kind != "partial":
                 continue
             latest[event.job_id] = event
@@ -151,6 +216,7 @@ class Delivery:
             # The final text must show, but no sooner than the edit rate allows: this holds
             # this conversation's lane only, for less than one interval.
             await asyncio.sleep(wait)
+        began = bool(shown.message_ids)
         try:
             await self._show(event, shown, split_message(event.text, self.outbox.limit))
             DELIVERIES.labels(self.platform, event.kind).inc()
@@ -161,17 +227,26 @@ class Delivery:
             log.exception("delivery failed", extra={"job": event.job_id, "kind": event.kind})
             if final and not shown.message_ids:
                 await self._apologise(event)
+        if not began and (shown.message_ids or final):
+            await self._stop_waiting(event.job_id)
         if final:
             self.shown.pop(event.job_id, None)
+            self.finished[event.job_id] = time.monotonic()
         else:
             self.shown[event.job_id] = shown
 
+    async def _stop_waiting(self, job_id: str) -> None:
+        try:
+            await self.waiting.answered(job_id)
+        except Exception:  # a courtesy: the answer matters more
+            log.exception("could not stop the waiting indicator", extra={"job": job_id})
+
     async def _apologise(self, event: ReplyEvent) -> None:
         # What failed the reply (no permission in the channel, a deleted channel) usually
-        # fails this too; it must not stop delivery, or the restarted adapter meets the
+        # fails this too; it must not stop delivery, or the next holder of the shard meets the
         # same unacknowledged event and stops again.
         try:
-            await self.outbox.post(Part(event.job_id, event.reply_to, FAILED))
+            await self.outbox.post(Part(event.job_id, event.reply_to, FAILED, conversation=event.conversation))
         except Exception:
             log.exception("could not tell the user that delivery failed", extra={"job": event.job_id})
 
@@ -179,8 +254,10 @@ class Delivery:
         final = event.kind != "partial"
         for index, chunk in enumerate(chunks):
             last = index == len(chunks) - 1
-            answer = event.text if last and event.kind == "final" else None
-            part = Part(event.job_id, event.reply_to, chunk, settled=final or not last, answer=answer)
+            part = Part(
+                event.job_id, event.reply_to, chunk, settled=final or not last, index=index,
+                feedback=last and event.kind == "final", conversation=event.conversation,
+            )
             if index < len(shown.message_ids):
                 changed = index >= len(shown.texts) or shown.texts[index] != chunk
                 if changed or (self.outbox.settles and part.settled and index >= shown.settled):

@@ -44,13 +44,13 @@ def ask_command(args: argparse.Namespace) -> int:
 
     async def ask() -> int:
         queue = Intake(redis, settings.limits)
-        after = await last_entry_id(redis, conversation.platform)
+        after = await last_entry_id(redis, conversation.platform, conversation.key)
         try:
             submitted = await queue.submit(conversation, uuid.uuid4().hex, args.text)
         except RejectedMessage as rejected:
             print(rejected, file=sys.stderr)
             return 1
-        async for event in follow(redis, conversation.platform, submitted.job_id, after):
+        async for event in follow(redis, conversation.platform, conversation.key, submitted.job_id, after):
             if event.kind != "partial":
                 print(event.text, file=sys.stdout if event.kind == "final" else sys.stderr)
                 return 0 if event.kind == "final" else 1

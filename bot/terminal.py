@@ -7,13 +7,14 @@ import contextlib
 import sys
 import threading
 import uuid
+from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 
 from contract import history
 from contract.intake import Intake
-from contract.jobs import Conversation, RejectedMessage
-from contract.replies import ReplyReader
+from contract.jobs import Conversation, RejectedMessage, ReplyEvent
+from contract.replies import follow, last_entry_id
 from service.config import LimitSettings
 
 HELP = "Type a message and press Enter. /reset forgets the conversation, /quit leaves."
@@ -39,8 +40,6 @@ async def read_line(prompt: str) -> str | None:
 async def chat(redis: Redis, limits: LimitSettings, conversation: Conversation | None = None, out=sys.stdout) -> None:
     conversation = conversation or Conversation(platform="local", channel="terminal")
     queue = Intake(redis, limits)
-    reader = ReplyReader(redis, conversation.platform, consumer="terminal")
-    await reader.ensure_group()
     print(HELP, file=out)
     while (line := await read_line("you> ")) is not None:
         text = line.strip()
@@ -50,6 +49,7 @@ async def chat(redis: Redis, limits: LimitSettings, conversation: Conversation |
             await history.reset(redis, conversation.key)
             print("(conversation forgotten)", file=out)
             continue
+        after = await last_entry_id(redis, conversation.platform, conversation.key)
         try:
             submitted = await queue.submit(conversation, uuid.uuid4().hex, line)
         except RejectedMessage as rejected:
@@ -57,24 +57,17 @@ async def chat(redis: Redis, limits: LimitSettings, conversation: Conversation |
             continue
         if submitted.ahead:
             print(f"(queued behind {submitted.ahead} message(s))", file=out)
-        await show_reply(reader, submitted.job_id, out)
+        await show_reply(follow(redis, conversation.platform, conversation.key, submitted.job_id, after), out)
 
 
-async def show_reply(reader: ReplyReader, job_id: str, out) -> None:
+async def show_reply(events: AsyncIterator[ReplyEvent], out) -> None:
     """Print the reply as it streams: each partial event holds the whole text so far."""
     print("bot> ", end="", file=out, flush=True)
     shown = ""
-    while True:
-        events = await reader.read(block_ms=1000)
-        await reader.ack(*(entry_id for entry_id, _ in events))
-        for _, event in events:
-            if event.job_id != job_id:
-                continue
-            if event.text.startswith(shown):
-                print(event.text[len(shown):], end="", file=out, flush=True)
-            else:
-                print(f"\n{event.text}", end="", file=out, flush=True)
-            shown = event.text
-            if event.kind != "partial":
-                print(file=out)
-                return
+    async for event in events:
+        if event.text.startswith(shown):
+            print(event.text[len(shown):], end="", file=out, flush=True)
+        else:
+            print(f"\n{event.text}", end="", file=out, flush=True)
+        shown = event.text
+    print(file=out)

@@ -24,9 +24,11 @@ History (contract/history.py):
   conv:<c>:epoch           reset count (history.ttl_seconds after the last reset or answer)
 
 Replies (contract/replies.py reads; the worker writes):
-  replies:<platform>       stream of ReplyEvents; trimmed below what every adapter acknowledged
+  replies:<platform>:<shard>          stream of ReplyEvents of the conversations in that shard; trimmed
+                                      below what its adapter acknowledged
+  replies:<platform>:<shard>:holder   the adapter process delivering that shard (a lease: adapter_lease_s)
+  replies:<platform>:holders          zset of the platform's live adapter processes (expiry as score)
   posted:<job>             platform message ids of a job's reply, for an adapter restarted mid-reply (1 day)
-  reply:<job>:owner        the adapter process delivering that job's reply (a lease, renewed while it works)
 
 Feedback (contract/feedback.py):
   feedback                 stream of votes (newest KEPT_VOTES)
@@ -94,16 +96,20 @@ def author(platform: str, user: str | None) -> str:
     return f"{PREFIX}author:{platform}:{user or '-'}"
 
 
-def replies(platform: str) -> str:
-    return f"{PREFIX}replies:{platform}"
+def replies(platform: str, shard: int) -> str:
+    return f"{PREFIX}replies:{platform}:{shard}"
+
+
+def reply_shard(platform: str, shard: int) -> str:
+    return f"{PREFIX}replies:{platform}:{shard}:holder"
+
+
+def reply_holders(platform: str) -> str:
+    return f"{PREFIX}replies:{platform}:holders"
 
 
 def posted(job_id: str) -> str:
     return f"{PREFIX}posted:{job_id}"
-
-
-def reply_owner(job_id: str) -> str:
-    return f"{PREFIX}reply:{job_id}:owner"
 
 
 def feedback_exchange(job_id: str) -> str:

@@ -1,16 +1,19 @@
-"""Reading a platform's reply stream.
+"""Reply streams: the worker writes each conversation's reply events to one of a platform's shards.
 
-Adapters read through a consumer group, so a reply read by an adapter that dies before
-delivering it stays pending and is read again by the restarted adapter; replies another
-consumer left pending too long (a container replaced under another name) are adopted while
-running. Scripts (`chatbot ask`) follow one job's events without a group.
+A platform's replies are spread over REPLY_SHARDS streams by conversation. Adapter processes
+share them out (contract/reply_shards.py): each shard is read by exactly one process at a
+time, through the consumer group as the group's one consumer, so a reply read by a process
+that dies before delivering it stays pending and is read again, once, by the next holder of
+its shard. All events of a conversation go to one shard, so one process delivers them, in
+order. Scripts (`chatbot ask`, the terminal chat) follow one job's events without a group.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import zlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -21,6 +24,11 @@ from contract.jobs import ReplyEvent
 
 log = logging.getLogger(__name__)
 GROUP = "adapters"
+# One consumer name for every process: a shard's holder reads as it, so the next holder finds
+# what its predecessor read but never acknowledged as its own pending backlog.
+CONSUMER = "delivery"
+# Fixed: the worker and every adapter process must agree on it.
+REPLY_SHARDS = 8
 
 # Lua, run after each XADD to a reply stream (contract/work.py): trim without dropping what an
 # adapter has not acknowledged. With consumer groups, only entries below every group's oldest
@@ -53,85 +61,99 @@ end
 """
 
 
+def shard_of(conversation: str) -> int:
+    return zlib.crc32(conversation.encode()) % REPLY_SHARDS
+
+
 def reply_stream(platform: str, conversation: str) -> str:
     """The stream a conversation's replies go to."""
-    return keys.replies(platform)
+    return keys.replies(platform, shard_of(conversation))
+
+
+@dataclass(frozen=True)
+class Entry:
+    stream: str
+    id: str
+    shard: int
+    event: ReplyEvent
 
 
 class ReplyReader:
-    def __init__(
-        self, redis: Redis, platform: str, consumer: str, take_over_after_ms: int = 30_000, adopt_every_s: float = 30.0
-    ):
+    """Reads a platform's shards that this process holds: each shard's pending backlog once, page by
+    page (what a previous holder read but never acknowledged), then new entries."""
+
+    def __init__(self, redis: Redis, platform: str):
         self.redis = redis
-        self.stream = keys.replies(platform)
-        self.consumer = consumer
-        self.take_over_after_ms = take_over_after_ms
-        self.adopt_every_s = adopt_every_s
-        self._backlog_done = False
-        self._adopted_at = 0.0
+        self.streams = [keys.replies(platform, shard) for shard in range(REPLY_SHARDS)]
+        self._backlog_after: dict[int, str] = {}  # shard -> the last backlog id returned
+        self._reading: set[int] = set()
 
-    async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-        except ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+    async def ensure_groups(self) -> None:
+        for stream in self.streams:
+            try:
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
 
-    async def read(self, block_ms: int = 1000, count: int = 100) -> list[tuple[str, ReplyEvent]]:
-        """Next events: first those this consumer read but never acknowledged (before a restart),
-        then, now and then, those other consumers left pending, then new ones.
+    async def read(self, shards: set[int], block_ms: int = 1000, count: int = 100) -> list[Entry]:
+        """Entries of the given shards: a newly given shard's backlog first, then new entries.
 
         An entry that cannot be read (trimmed while pending, or written by a newer worker) is
         logged and acknowledged, so it never blocks the ones behind it.
         """
-        while not self._backlog_done:
-            entries = await self._read("0", count, block_ms=None)
-            self._backlog_done = not entries
-            if events := await self._parse(entries):
-                return events
-        if time.monotonic() - self._adopted_at >= self.adopt_every_s:
-            self._adopted_at = time.monotonic()
-            adopted = await self._adopt(count)
-            if adopted:
-                return adopted
-        return await self._parse(await self._read(">", count, block_ms))
+        for shard in shards - self._reading:
+            self._backlog_after[shard] = "0"
+        for shard in self._reading - shards:
+            self._backlog_after.pop(shard, None)
+        self._reading = set(shards)
+        for shard, after in sorted(self._backlog_after.items()):
+            entries = await self._read({self.streams[shard]: after}, count, block_ms=None)
+            if not entries:
+                del self._backlog_after[shard]
+                continue
+            self._backlog_after[shard] = entries[-1][1]
+            return await self._parse(entries)
+        if not shards:
+            return []
+        return await self._parse(await self._read({self.streams[shard]: ">" for shard in sorted(shards)}, count, block_ms))
 
-    async def _read(self, start: str, count: int, block_ms: int | None) -> list:
-        response = await self.redis.xreadgroup(GROUP, self.consumer, {self.stream: start}, count=count, block=block_ms)
-        return response[0][1] if response else []
+    async def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[tuple[str, str, dict]]:
+        response = await self.redis.xreadgroup(GROUP, CONSUMER, streams, count=count, block=block_ms)
+        return [(stream, entry_id, fields) for stream, entries in response or [] for entry_id, fields in entries]
 
-    async def _adopt(self, count: int) -> list[tuple[str, ReplyEvent]]:
-        _, entries, *_ = await self.redis.xautoclaim(
-            self.stream, GROUP, self.consumer, self.take_over_after_ms, start_id="0-0", count=count
-        )
-        if entries:
-            log.info("adopted replies another adapter left undelivered", extra={"entries": len(entries)})
-        return await self._parse(entries)
-
-    async def _parse(self, entries) -> list[tuple[str, ReplyEvent]]:
-        events, unreadable = [], []
-        for entry_id, fields in entries:
+    async def _parse(self, entries: list[tuple[str, str, dict]]) -> list[Entry]:
+        parsed, unreadable = [], []
+        for stream, entry_id, fields in entries:
             try:
-                events.append((entry_id, ReplyEvent.model_validate_json((fields or {})["event"])))
+                event = ReplyEvent.model_validate_json((fields or {})["event"])
             except (KeyError, ValidationError) as error:
                 log.error("unreadable reply event skipped", extra={"entry": entry_id, "error": str(error)[:200]})
-                unreadable.append(entry_id)
-        await self.ack(*unreadable)
-        return events
+                unreadable.append((stream, entry_id))
+                continue
+            parsed.append(Entry(stream, entry_id, self.streams.index(stream), event))
+        for stream, entry_id in unreadable:
+            await self.redis.xack(stream, GROUP, entry_id)
+        return parsed
 
-    async def ack(self, *entry_ids: str) -> None:
-        if entry_ids:
-            await self.redis.xack(self.stream, GROUP, *entry_ids)
+    async def ack(self, entries: list[Entry]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for entry in entries:
+            by_stream.setdefault(entry.stream, []).append(entry.id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, GROUP, *ids)
+            await pipe.execute()
 
 
-async def last_entry_id(redis: Redis, platform: str) -> str:
-    newest = await redis.xrevrange(keys.replies(platform), count=1)
+async def last_entry_id(redis: Redis, platform: str, conversation: str) -> str:
+    newest = await redis.xrevrange(reply_stream(platform, conversation), count=1)
     return newest[0][0] if newest else "0-0"
 
 
-async def follow(redis: Redis, platform: str, job_id: str, after: str) -> AsyncIterator[ReplyEvent]:
+async def follow(redis: Redis, platform: str, conversation: str, job_id: str, after: str) -> AsyncIterator[ReplyEvent]:
     """Yield one job's events read after entry id `after`, until its final or error event."""
-    stream = keys.replies(platform)
+    stream = reply_stream(platform, conversation)
     while True:
         response = await redis.xread({stream: after}, block=1000, count=100)
         for _, entries in response or []:

@@ -80,6 +80,9 @@ class QueueSettings(Strict):
     reply_stream_maxlen: int = Field(
         10_000, ge=100, description="replies kept where no adapter reads (cli); an adapter's unread replies are never trimmed"
     )
+    adapter_lease_s: float = Field(
+        15.0, gt=0, description="an adapter process that stops leaves its conversations' replies to another after this long"
+    )
     step_timeout_s: float = Field(
         30.0, gt=0, description="a model step slower than this stops the worker (exit 3) so its supervisor restarts it"
     )

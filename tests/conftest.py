@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from contract import keys
 from contract.intake import Intake
 from contract.jobs import ReplyEvent
+from contract.replies import REPLY_SHARDS
 from contract.work import WorkQueue
 from engine.assets import resolve_model
 from service.config import LimitSettings, Settings
@@ -105,8 +106,15 @@ def settings() -> Settings:
 
 async def reply_events(redis, platform: str, job_id: str | None = None) -> list[ReplyEvent]:
     """What the worker published on a platform's reply stream (one job's, if given), oldest first."""
-    events = [ReplyEvent.model_validate_json(fields["event"]) for _, fields in await redis.xrange(keys.replies(platform))]
+    entries = [entry for shard in range(REPLY_SHARDS) for entry in await redis.xrange(keys.replies(platform, shard))]
+    entries.sort(key=lambda entry: tuple(map(int, entry[0].split("-"))))
+    events = [ReplyEvent.model_validate_json(fields["event"]) for _, fields in entries]
     return [event for event in events if job_id is None or event.job_id == job_id]
+
+
+async def reply_count(redis, platform: str) -> int:
+    """Entries on a platform's reply shards."""
+    return sum([await redis.xlen(keys.replies(platform, shard)) for shard in range(REPLY_SHARDS)])
 
 
 async def final_event(redis, platform: str, job_id: str, timeout: float = 60) -> ReplyEvent:

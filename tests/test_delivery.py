@@ -1,112 +1,202 @@
-"""Reply delivery bookkeeping that the platform tests do not reach."""
+"""Reply delivery across adapter processes, restarts and slow platforms, against fake outboxes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from bot.delivery import ABANDONED_AFTER_S, Delivery, Shown
-from contract import keys
 from contract.jobs import ReplyEvent
+from contract.replies import REPLY_SHARDS, ReplyReader, reply_stream, shard_of
 from service.redis_client import connect
 from service.redis_server import RedisServer
 from service.tasks import cancel_until_done
 
-
-class Nowhere:
-    limit = 2000
-    settles = False
-
-    async def post(self, part):
-        raise AssertionError("nothing should be posted")
-
-    async def edit(self, message_id, part):
-        raise AssertionError("nothing should be edited")
-
-    async def remove(self, message_id, reply_to):
-        raise AssertionError("nothing should be removed")
-
-
-def test_replies_whose_final_never_comes_are_forgotten(redis):
-    delivery = Delivery(redis, "slack", "adapter", Nowhere(), edit_interval_s=1.0)
-    now = time.monotonic()
-    delivery.shown = {
-        "slack:abandoned": Shown(message_ids=["1"], texts=["half"], edited_at=now - ABANDONED_AFTER_S - 1),
-        "slack:streaming": Shown(message_ids=["2"], texts=["still going"], edited_at=now),
-    }
-    delivery._forget_abandoned()
-    assert list(delivery.shown) == ["slack:streaming"]
+LEASE_S = 0.6  # adapter_lease_s in these tests: a process's shards change hands within a second
 
 
 class Recording:
     limit = 2000
     settles = False
 
-    def __init__(self):
-        self.posted: list[str] = []
+    def __init__(self, post_delay_s: float = 0.0):
+        self.post_delay_s = post_delay_s
+        self.posted: list[str | None] = []
+        self.jobs: list[str] = []  # the job of each posted message
+        self.edits = 0
 
     async def post(self, part):
+        await asyncio.sleep(self.post_delay_s)
         self.posted.append(part.text)
+        self.jobs.append(part.job_id)
         return str(len(self.posted))
 
     async def edit(self, message_id, part):
+        self.edits += 1
         self.posted[int(message_id) - 1] = part.text
 
     async def remove(self, message_id, reply_to):
         self.posted[int(message_id) - 1] = None
 
 
+class Nowhere(Recording):
+    async def post(self, part):
+        raise AssertionError("nothing should be posted")
+
+
+def event(n: int, kind: str = "final", text: str | None = None, conversation: str | None = None) -> ReplyEvent:
+    return ReplyEvent(
+        job_id=f"slack:{n}", conversation=conversation or f"slack:D{n}", kind=kind, text=text or f"answer {n}"
+    )
+
+
+async def publish(redis, reply: ReplyEvent) -> None:
+    await redis.xadd(reply_stream("slack", reply.conversation), {"event": reply.model_dump_json()})
+
+
+@contextlib.asynccontextmanager
+async def adapter_process(redis, outbox, name: str, edit_interval_s: float = 0.0, leaves: bool = True):
+    """One adapter process's delivery, running until the block ends; `leaves=False` dies without a word."""
+    delivery = Delivery(redis, "slack", outbox, edit_interval_s, LEASE_S, holder=name)
+    if not leaves:
+        async def die() -> None:
+            pass
+
+        delivery.shards.leave = die
+    task = asyncio.create_task(delivery.run())
+    try:
+        yield delivery
+    finally:
+        await cancel_until_done([task])
+
+
+async def until(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout:g} s"
+        await asyncio.sleep(0.02)
+
+
+def test_replies_whose_final_never_comes_are_forgotten(redis):
+    delivery = Delivery(redis, "slack", Nowhere(), edit_interval_s=1.0, lease_s=LEASE_S)
+    now = time.monotonic()
+    delivery.shown = {
+        "slack:abandoned": Shown(message_ids=["1"], texts=["half"], edited_at=now - ABANDONED_AFTER_S - 1),
+        "slack:streaming": Shown(message_ids=["2"], texts=["still going"], edited_at=now),
+    }
+    delivery._forget_old()
+    assert list(delivery.shown) == ["slack:streaming"]
+
+
+async def test_a_restarted_adapter_reads_its_backlog_once_while_delivery_waits_on_the_platform(redis):
+    """Before: 20 pending replies and a 2 s post gave 120,140 entries handed out and 6,009 XREADGROUPs in 3 s."""
+    reader = ReplyReader(redis, "slack")
+    await reader.ensure_groups()
+    for n in range(20):
+        await publish(redis, event(n))
+    while await reader.read(set(range(REPLY_SHARDS)), block_ms=10):
+        pass  # read by an adapter that died before delivering
+    await redis.config_resetstat()
+    outbox = Recording(post_delay_s=2.0)
+    async with adapter_process(redis, outbox, "restarted") as delivery:
+        queued = 0
+        original = delivery._lane
+
+        def counting(conversation):
+            nonlocal queued
+            queued += 1
+            return original(conversation)
+
+        delivery._lane = counting
+        await asyncio.sleep(3)
+        reads = (await redis.info("commandstats")).get("cmdstat_xreadgroup", {}).get("calls", 0)
+        assert queued == 20, queued  # each pending reply queued once, none again while in flight
+        # Two per shard for the backlog (a page, then the empty end), then one blocking read per lease round.
+        assert reads <= 2 * REPLY_SHARDS + 3 / (LEASE_S / 3) + 2, reads
+        await until(lambda: len(outbox.posted) == 20, what="20 answers shown")
+    assert sorted(outbox.jobs) == sorted(f"slack:{n}" for n in range(20))
+
+
+async def test_a_conversation_held_for_long_is_not_delivered_again_and_ends_with_its_answer(redis):
+    """Before: an adapter adopted its own replies idle for 30 s, so a stale partial followed the final."""
+    outbox = Recording(post_delay_s=LEASE_S * 4)  # a Retry-After longer than several lease rounds
+    async with adapter_process(redis, outbox, "only", edit_interval_s=0.0):
+        await publish(redis, event(1, "partial", "The answer is"))
+        await publish(redis, event(1, "final", "The answer is 42."))
+        await until(lambda: outbox.posted == ["The answer is 42."], what="the final shown")
+        await asyncio.sleep(LEASE_S * 3)
+        assert outbox.posted == ["The answer is 42."] and outbox.edits == 0
+
+
+async def test_a_partial_that_arrives_after_its_final_is_dropped(redis):
+    outbox = Recording()
+    async with adapter_process(redis, outbox, "only"):
+        await publish(redis, event(1, "final", "The answer is 42."))
+        await until(lambda: outbox.posted == ["The answer is 42."], what="the final shown")
+        await publish(redis, event(1, "partial", "The answer is"))  # a late one, from a worker that lost the job
+        await publish(redis, event(2, "final", "Marker."))  # same lane order: once shown, the partial was handled
+        await until(lambda: "Marker." in outbox.posted, what="the marker shown")
+        assert outbox.posted == ["The answer is 42.", "Marker."] and outbox.edits == 0
+
+
+async def test_two_adapter_processes_deliver_each_reply_once(redis):
+    """Before: two processes of one platform shared a consumer name and posted each of 10 answers twice."""
+    first, second = Recording(), Recording()
+    async with adapter_process(redis, first, "first"), adapter_process(redis, second, "second"):
+        await asyncio.sleep(LEASE_S)  # both registered: the shards are shared out
+        for n in range(40):
+            await publish(redis, event(n, "partial", f"answer {n} so"))
+            await publish(redis, event(n, "final"))
+        await until(lambda: len(first.posted) + len(second.posted) >= 40, what="40 answers shown")
+        await asyncio.sleep(LEASE_S)
+    jobs = first.jobs + second.jobs
+    assert sorted(jobs) == sorted(f"slack:{n}" for n in range(40))  # each once
+    assert first.jobs and second.jobs  # both did their share
+    for outbox in (first, second):  # a conversation's events all went to one process
+        assert all(text == f"answer {job.split(':')[1]}" for text, job in zip(outbox.posted, outbox.jobs))
+
+
+async def test_replies_a_dead_process_left_are_delivered_by_another_within_the_lease(redis):
+    doomed, survivor = Recording(post_delay_s=60), Recording()
+    async with adapter_process(redis, survivor, "survivor"):
+        async with adapter_process(redis, doomed, "doomed", leaves=False) as dying:
+            await until(lambda: len(dying.shards.held) == REPLY_SHARDS // 2, what="the shards shared out")
+            stranded = [n for n in range(40) if shard_of(f"slack:D{n}") in dying.shards.held][:3]
+            for n in stranded:
+                await publish(redis, event(n))
+            await until(lambda: len(dying.in_flight) == 3, what="the doomed process reading them")
+        died_at = time.monotonic()  # killed mid-post, its leases still on
+        await until(lambda: len(survivor.posted) == 3, timeout=LEASE_S * 4, what="the stranded replies delivered")
+        took = time.monotonic() - died_at
+    assert sorted(survivor.jobs) == sorted(f"slack:{n}" for n in stranded)
+    assert LEASE_S * 0.5 < took < LEASE_S * 2, took  # not before the lease lapsed, and soon after
+
+
 async def test_delivery_rides_out_a_redis_restart(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     redis = connect(server.url)
     outbox = Recording()
-    delivery = Delivery(redis, "slack", "slack-adapter", outbox, edit_interval_s=1.0)
-    task = asyncio.create_task(delivery.run())
-
-    async def shown(text: str) -> None:
-        deadline = time.monotonic() + 20
-        while text not in outbox.posted:
-            assert not task.done(), task.exception()
-            assert time.monotonic() < deadline, f"{text!r} never delivered"
-            await asyncio.sleep(0.02)
-
-    async def publish(text: str) -> None:
-        event = ReplyEvent(job_id=f"slack:{text}", conversation="slack:D1", kind="final", text=text)
-        await redis.xadd(keys.replies("slack"), {"event": event.model_dump_json()})
-
     try:
-        await publish("before")
-        await shown("before")
-        server.stop()
-        await asyncio.sleep(1.5)  # delivery polls a dead server meanwhile
-        server.start()
-        await publish("after")
-        await shown("after")
-        assert outbox.posted == ["before", "after"]
-        assert not task.done()
+        async with adapter_process(redis, outbox, "only"):
+            await publish(redis, event(1, text="before"))
+            await until(lambda: "before" in outbox.posted, timeout=20, what="before delivered")
+            server.stop()
+            await asyncio.sleep(1.5)  # delivery polls a dead server meanwhile
+            server.start()
+            await publish(redis, event(2, text="after"))
+            await until(lambda: "after" in outbox.posted, timeout=20, what="after delivered")
+            assert outbox.posted == ["before", "after"]
     finally:
-        await cancel_until_done([task])
         await redis.aclose()
         server.stop()
 
 
-class Counting(Recording):
-    """Records texts and counts edits; `settles` as a platform that stops streams would have it."""
-
-    def __init__(self, settles: bool):
-        super().__init__()
-        self.settles = settles
-        self.edits = 0
-
-    async def edit(self, message_id, part):
-        self.edits += 1
-        await super().edit(message_id, part)
-
-
 async def test_a_final_equal_to_the_last_partial_is_one_more_edit_only_where_messages_settle(redis):
     for settles, edits in ((False, 0), (True, 1)):
-        outbox = Counting(settles)
-        delivery = Delivery(redis, "slack", "adapter", outbox, edit_interval_s=0.0)
+        outbox = Recording()
+        outbox.settles = settles
+        delivery = Delivery(redis, "slack", outbox, edit_interval_s=0.0, lease_s=LEASE_S)
         for kind in ("partial", "final"):
             await delivery.deliver(ReplyEvent(job_id=f"slack:same-{settles}", conversation="slack:c", kind=kind, text="Hello.", reply_to={}))
         assert (outbox.posted, outbox.edits) == (["Hello."], edits)

@@ -20,11 +20,6 @@ from service.tasks import until_first_ends
 
 log = logging.getLogger(__name__)
 
-# One adapter runs per bot token, so one fixed consumer name: a restarted adapter, on any
-# host, takes over the replies its predecessor read but never delivered.
-CONSUMER = "discord-adapter"
-
-
 def gateway_check(client: discord.Client):
     async def check() -> str | None:
         return None if client.is_ready() and not client.is_closed() else "not connected to the Discord gateway"
@@ -38,8 +33,9 @@ async def run_discord(settings: Settings, secrets: Secrets, redis: Redis) -> Non
     typing = TypingIndicators()
     client = ChatClient(settings.discord, Intake(redis, settings.limits), typing)
     tree = command_tree(client, redis, settings.discord)
-    outbox = DiscordOutbox(client, redis, typing)
-    delivery = Delivery(redis, PLATFORM, CONSUMER, outbox, settings.discord.edit_interval_s)
+    delivery = Delivery(
+        redis, PLATFORM, DiscordOutbox(client), settings.discord.edit_interval_s, settings.queue.adapter_lease_s, waiting=typing
+    )
     async with client:
         try:
             # client.start() is login() then connect(); between the two, /reset is published

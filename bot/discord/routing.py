@@ -17,6 +17,11 @@ def job_id_of(message_id: int | str) -> str:
     return f"{PLATFORM}:{message_id}"
 
 
+def message_id_of(job_id: str) -> str:
+    """The Discord message a job answers (the inverse of job_id_of)."""
+    return job_id.removeprefix(f"{PLATFORM}:")
+
+
 def reply_route(channel_id: int, message_id: int) -> dict[str, str]:
     """A job's reply_to: the channel the answer goes to and the message it answers."""
     return {"channel": str(channel_id), "message": str(message_id)}

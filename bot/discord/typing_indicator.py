@@ -7,6 +7,8 @@ import logging
 
 import discord
 
+from bot.discord.routing import message_id_of
+
 log = logging.getLogger(__name__)
 
 # A reply that never comes (no worker running) must not leave the bot typing forever.
@@ -45,6 +47,10 @@ class TypingIndicators:
             task = self._tasks.pop(channel_id, None)
             if task:
                 task.cancel()
+
+    async def answered(self, job_id: str) -> None:
+        """Delivery's `Waiting` call: the answer to the job's message began (bot/delivery.py)."""
+        self.stop(message_id_of(job_id))
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())

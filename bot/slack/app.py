@@ -31,11 +31,6 @@ from service.tasks import until_first_ends
 
 log = logging.getLogger(__name__)
 
-# One fixed consumer name, whatever the host or container: a restarted or redeployed adapter
-# re-reads the replies its predecessor read but never delivered.
-CONSUMER = "slack-adapter"
-
-
 @dataclass(frozen=True)
 class SlackTokens:
     bot: str
@@ -79,7 +74,7 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
     slack = PacedSlack(app.client, SlackBudget(redis, settings.slack.rate_limits))
     feedback = FeedbackStore(redis)
     status = ThreadStatus(redis, slack, settings.slack)
-    outbox = SlackOutbox(slack, settings.slack, feedback, status)
+    outbox = SlackOutbox(slack, settings.slack)
     SlackListeners(app.client, settings.slack, Intake(redis, settings.limits), outbox, status, feedback).register(app)
     return SlackBot(app, outbox, status)
 
@@ -107,7 +102,9 @@ async def receiving(app: AsyncApp, settings: Settings, tokens: SlackTokens) -> A
 async def serve(bot: SlackBot, settings: Settings, secrets: Secrets, redis: Redis) -> None:
     """Receive messages and deliver replies until cancelled."""
     tokens = slack_tokens(settings, secrets)
-    delivery = Delivery(redis, PLATFORM, CONSUMER, bot.outbox, settings.slack.edit_interval_s)
+    delivery = Delivery(
+        redis, PLATFORM, bot.outbox, settings.slack.edit_interval_s, settings.queue.adapter_lease_s, waiting=bot.status
+    )
     async with receiving(bot.app, settings, tokens):
         await until_first_ends(delivery.run(), bot.status.keep_fresh())
 

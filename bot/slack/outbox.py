@@ -27,10 +27,7 @@ from bot.delivery import Deferred, Part
 from bot.slack.budget import CALL_FAILED, PacedSlack
 from bot.slack.messages import to_markdown
 from bot.slack.settings import SlackSettings
-from bot.slack.status import ThreadStatus
-from contract.feedback import FeedbackStore
 from service.observability import PLATFORM_ERRORS
-from service.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +80,13 @@ class SlackOutbox:
     limit = LIMIT
     settles = True  # a message whose text is complete is told so: its stream is stopped
 
-    def __init__(self, slack: PacedSlack, settings: SlackSettings, feedback: FeedbackStore, status: ThreadStatus):
+    def __init__(self, slack: PacedSlack, settings: SlackSettings):
         self.slack = slack
-        self.status = status
         self.settings = settings
-        self.feedback = feedback
         self.streams: dict[str, Stream] = {}  # by message ts, while the message streams
         self.no_streaming_until: dict[str, float] = {}  # team -> time.monotonic()
 
     async def post(self, part: Part) -> str:
-        ts = await self._post(part)
-        await self.status.answered(part.job_id)
-        return ts
-
-    async def _post(self, part: Part) -> str:
         reply_to = part.reply_to
         if not part.settled and self._may_stream(reply_to):
             markdown = to_markdown(part.text)
@@ -116,7 +106,7 @@ class SlackOutbox:
                 self._stream_failed(part, "chat.startStream", error)
         response = await self.slack.call(
             "chat.postMessage", reply_to, wait=part.settled,
-            channel=reply_to["channel"], thread_ts=reply_to.get("thread_ts"), **await self._content(part),
+            channel=reply_to["channel"], thread_ts=reply_to.get("thread_ts"), **self._content(part),
         )
         return response["ts"]
 
@@ -136,7 +126,7 @@ class SlackOutbox:
                     await stream.helper.stop()
             self.streams.pop(message_id, None)
         await self.slack.call(
-            "chat.update", part.reply_to, wait=part.settled, channel=part.reply_to["channel"], ts=message_id, **await self._content(part)
+            "chat.update", part.reply_to, wait=part.settled, channel=part.reply_to["channel"], ts=message_id, **self._content(part)
         )
 
     async def remove(self, message_id: str, reply_to: dict[str, str]) -> None:
@@ -146,7 +136,7 @@ class SlackOutbox:
     async def _stream_on(self, message_id: str, stream: Stream, part: Part, markdown: str) -> None:
         new_text, stream.given = markdown[len(stream.given):], markdown
         if part.settled:
-            blocks = [feedback_block(part.job_id)] if await self._asks_feedback(part) else None
+            blocks = [feedback_block(part.job_id)] if self._asks_feedback(part) else None
             await stream.helper.stop(markdown_text=new_text or None, blocks=blocks)
             del self.streams[message_id]
         elif await stream.helper.append(markdown_text=new_text) is None:
@@ -173,18 +163,12 @@ class SlackOutbox:
             extra={"job": part.job_id, "method": method, "error": reason, "team": team},
         )
 
-    async def _content(self, part: Part) -> dict:
+    def _content(self, part: Part) -> dict:
         markdown = to_markdown(part.text)
-        if not await self._asks_feedback(part):
+        if not self._asks_feedback(part):
             return {"markdown_text": markdown}
         # With blocks, `text` is only the notification; markdown_text cannot go with blocks.
         return {"text": markdown, "blocks": [{"type": "markdown", "text": markdown}, feedback_block(part.job_id)]}
 
-    async def _asks_feedback(self, part: Part) -> bool:
-        if part.answer is None or not self.settings.feedback:
-            return False
-        try:
-            await self.feedback.remember_answer(part.job_id, part.answer)
-        except REDIS_DOWN as error:  # the answer shows all the same; its rating will lack the text
-            log.warning("answer not kept for feedback", extra={"job": part.job_id, "error": str(error)})
-        return True
+    def _asks_feedback(self, part: Part) -> bool:
+        return part.feedback and self.settings.feedback

@@ -4,6 +4,7 @@ Slack removes a status after two minutes without a message in the thread, and a 
 can hold a message longer. Waiting messages are kept in Redis and their status set again
 every `slack.status_refresh_s` until the first text of the answer is shown (the outbox says
 so). Every adapter process shares the list; one of them refreshes per round.
+It is Slack's `Waiting` indicator (bot/delivery.py): delivery says when the answer began.
 """
 
 from __future__ import annotations
