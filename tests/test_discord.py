@@ -12,7 +12,7 @@ import yarl
 
 from bot.discord.app import CONSUMER, run_discord
 from bot.discord.attachments import NOT_READABLE
-from bot.discord.client import QUEUE_NOTICE
+from bot.discord.client import ATTACHMENT_CUT, QUEUE_NOTICE
 from bot.discord.commands import RESET_DONE, RESET_REFUSED
 from bot.discord.outbox import LIMIT
 from bot.discord.routing import reply_route
@@ -49,9 +49,9 @@ COLOUR_CONVERSATION = [
 ]
 
 
-def discord_settings(**discord_overrides):
+def discord_settings(limits: dict | None = None, **discord_overrides):
     wanted = {"guilds": [GUILD_ID], "channels": [GENERAL, QUIET], "mention_only_channels": [QUIET], **discord_overrides}
-    return tiny_settings(discord=wanted)
+    return tiny_settings(discord=wanted, limits=limits or {})
 
 
 @pytest.fixture
@@ -280,6 +280,23 @@ async def test_text_attachments_are_read_with_the_message_and_others_named(redis
         "What does this do?\n\n--- hello.py ---\nprint('hello')\n\n--- notes.md ---\n# Notes\nbuy milk\n\n"
         "(attached, not read: big.txt, too large)\n\n(attached, not read: cat.png, not a text file)"
     )
+
+
+async def test_a_text_attachment_over_the_message_limit_is_cut_to_fit_and_the_user_told(redis, fake):
+    source = "".join(f"print('line {n}')\n" for n in range(300))
+    async with adapter(redis, fake, discord_settings(limits={"max_message_chars": 1000})):
+        data = fake.message("What does this do?", files=(("big.py", "text/x-python", source.encode()),))
+        await fake.dispatch("MESSAGE_CREATE", data)
+        jobs = await jobs_for(redis, int(data["id"]))
+        [told] = await fake.wait_for(lambda: fake.replies_to(int(data["id"])))
+    text = jobs[f"discord:{data['id']}"].text
+    question, attached = text.split("\n\n", 1)
+    heading, kept = attached.split("\n", 1)
+    assert question == "What does this do?"
+    assert heading == f"--- big.py (cut: first {len(kept):,} of {len(source.strip()):,} characters) ---"
+    assert source.startswith(kept + "\n")  # whole lines
+    assert 1000 - len("print('line 299')\n") < len(text) <= 1000  # the room is filled
+    assert told.text == ATTACHMENT_CUT.format(files="big.py", limit=1000)
 
 
 async def test_a_message_of_only_an_image_or_a_sticker_is_ignored_unless_meant_for_the_bot(redis, fake):

@@ -7,14 +7,14 @@ import logging
 import discord
 from redis.exceptions import RedisError
 
-from bot.discord.attachments import NOT_READABLE, attachment_text
+from bot.discord.attachments import NOT_READABLE, SEPARATOR, attachment_text
 from bot.discord.routing import conversation_of, reply_route
 from bot.discord.rules import Seen, message_text, opens_thread, refusal
 from bot.discord.settings import DiscordSettings
 from bot.discord.typing_indicator import TypingIndicators
 from bot.titles import thread_title
 from contract.intake import Intake
-from contract.jobs import RejectedMessage
+from contract.jobs import RejectedMessage, Submitted
 from service.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 QUEUE_NOTICE = "Your message is number {position} in the queue; I will answer as soon as I can."
 UNAVAILABLE = "Sorry, I cannot take messages right now. Please try again in a minute."
+ATTACHMENT_CUT = "I read only the first part of {files}: a message may hold at most {limit:,} characters, attachments included."
 
 
 def intents() -> discord.Intents:
@@ -64,24 +65,29 @@ class ChatClient(discord.Client):
             return
         names = {user.id: user.display_name for user in message.mentions}
         text = message_text(message.content, self.user.id, names)
-        attached, read_any = await attachment_text(message.attachments, self.settings.attachment_max_bytes)
-        if not text and not read_any and (message.attachments or message.stickers):
+        limit = self.queue.limits.max_message_chars
+        attached = await attachment_text(message.attachments, self.settings.attachment_max_bytes, room=limit - len(text))
+        if not text and not attached.read_any and (message.attachments or message.stickers):
             if facts.guild_id is None or facts.mentions_me:
                 await self.tell(message, NOT_READABLE)
             else:  # an image or a sticker in a channel the bot answers: not meant for it
                 log.debug("message without text ignored", extra={"discord_message": message.id})
             return
-        text = "\n\n".join(part for part in (text, attached) if part)
+        text = SEPARATOR.join(part for part in (text, attached.text) if part)
         channel = message.channel
         if opens_thread(self.settings, facts):
             try:
                 channel = await message.create_thread(name=thread_title(text))
             except discord.HTTPException as error:  # no permission to create threads: answer in the channel
                 log.warning("could not open a thread", extra={"discord_message": message.id, "error": str(error)})
-        await self.submit(message, text, author=message.author.display_name if facts.guild_id else None, channel=channel)
+        author = message.author.display_name if facts.guild_id else None
+        submitted = await self.submit(message, text, author=author, channel=channel)
+        if submitted and not submitted.duplicate and attached.cut:
+            await self.tell(message, ATTACHMENT_CUT.format(files=", ".join(attached.cut), limit=limit))
 
-    async def submit(self, message: discord.Message, text: str, author: str | None, channel) -> None:
-        """Queue the message as a job of `channel`'s conversation (its own, or the thread opened on it)."""
+    async def submit(self, message: discord.Message, text: str, author: str | None, channel) -> Submitted | None:
+        """Queue the message as a job of `channel`'s conversation (its own, or the thread opened on it);
+        None if it was not queued (the user is told why)."""
         message_id = str(message.id)
         # Typing starts before the job exists: its reply can begin before submit returns.
         started = self.typing.start(channel, message_id)
@@ -93,23 +99,24 @@ class ChatClient(discord.Client):
         except RejectedMessage as rejected:
             self.typing.stop(message_id)
             await self.tell(message, str(rejected))
-            return
+            return None
         except (*REDIS_DOWN, RedisError) as error:  # down, or refusing writes (full, read-only)
             self.typing.stop(message_id)
             log.error("could not queue a message", extra={"discord_message": message.id, "error": str(error)})
             await self.tell(message, UNAVAILABLE)
-            return
+            return None
         if submitted.duplicate:
             # A redelivered gateway event: the first delivery is being answered.
             if started:
                 self.typing.stop(message_id)
-            return
+            return submitted
         log.info(
             "message queued",
             extra={"job": submitted.job_id, "conversation": conversation_of(channel.id).key, "ahead": submitted.ahead},
         )
         if submitted.ahead >= self.settings.queue_notice_threshold:
             await self.tell(message, QUEUE_NOTICE.format(position=submitted.ahead + 1))
+        return submitted
 
     async def tell(self, message: discord.Message, text: str) -> None:
         try:

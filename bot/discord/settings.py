@@ -17,6 +17,6 @@ class DiscordSettings(Strict):
     mention_only: bool = False
     edit_interval_s: float = Field(1.0, ge=1.0)
     queue_notice_threshold: int = Field(3, ge=1)
-    attachment_max_bytes: int = Field(100_000, ge=0, description="text attachments up to this size are read with the message")
+    attachment_max_bytes: int = Field(100_000, ge=0, description="text attachments up to this size are read with the message (cut to fit limits.max_message_chars)")
     threads: bool = Field(False, description="answer channel messages in a thread opened on them, everywhere")
     thread_channels: list[int] = Field(default_factory=list, description="channels where answers go in a new thread")
