@@ -10,7 +10,7 @@ import discord
 import pytest
 import yarl
 
-from bot.discord.app import CONSUMER, run_discord
+from bot.discord.app import run_discord
 from bot.discord.attachments import NOT_READABLE
 from bot.discord.client import ATTACHMENT_CUT, QUEUE_NOTICE
 from bot.discord.commands import RESET_DONE, RESET_REFUSED
@@ -19,7 +19,7 @@ from bot.discord.routing import reply_route
 from contract import history, keys
 from contract.history import Turn
 from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent
-from contract.replies import GROUP
+from contract.replies import CONSUMER, GROUP, reply_stream
 from service.config import ConfigError, Secrets
 from service.tasks import cancel_until_done
 from tests.conftest import reply_events, running_worker, tiny_settings
@@ -422,7 +422,7 @@ async def test_reset_follows_the_rules_of_chatting(redis, fake, overrides, used,
 async def publish(redis, message_id: int, kind: str, text: str, channel_id: int = GENERAL) -> None:
     job_id = f"discord:{message_id}"
     event = ReplyEvent(job_id=job_id, conversation=f"discord:{channel_id}", kind=kind, text=text, reply_to=reply_route(channel_id, message_id))
-    await redis.xadd(keys.replies("discord"), {"event": event.model_dump_json()})
+    await redis.xadd(reply_stream("discord", event.conversation), {"event": event.model_dump_json()})
 
 
 async def test_a_slow_channel_never_delays_the_replies_of_another(redis, fake):
@@ -478,7 +478,7 @@ async def test_a_reply_read_but_not_delivered_is_delivered_once_after_a_restart(
     async with adapter(redis, fake, settings):
         await publish(redis, 4444, "final", "The answer that was in flight.")
         await fake.wait_for(lambda: fake.held == 1)
-    pending = await redis.xpending(keys.replies("discord"), GROUP)
+    pending = await redis.xpending(reply_stream("discord", f"discord:{GENERAL}"), GROUP)
     assert pending["pending"] == 1 and pending["consumers"][0]["name"] == CONSUMER
 
     fake.hold_posts = False
@@ -493,7 +493,7 @@ async def test_a_reply_read_but_not_delivered_is_delivered_once_after_a_restart(
         await shown_answer(fake, 4646, "Marker.")
 
     assert len(fake.requests("POST", f"/channels/{GENERAL}/messages")) == 3
-    assert (await redis.xpending(keys.replies("discord"), GROUP))["pending"] == 0
+    assert (await redis.xpending(reply_stream("discord", f"discord:{GENERAL}"), GROUP))["pending"] == 0
 
 
 async def test_a_channel_the_bot_may_not_post_in_does_not_stop_delivery(redis, fake):

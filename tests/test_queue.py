@@ -9,6 +9,7 @@ import pytest
 from contract import history, keys
 from contract.history import Turn
 from contract.jobs import Conversation, RejectedMessage, ReplyEvent
+from contract.replies import reply_stream
 from service.config import LimitSettings
 from tests.conftest import Queues
 
@@ -93,7 +94,7 @@ async def test_expired_lease_is_delivered_again_and_answered_once(redis):
     assert again.id == taken.id and again.attempts == 2
     assert await queue.complete(again, final(again), exchange("hello"), 10, 60)
     assert not await queue.complete(taken, final(taken), exchange("hello"), 10, 60)  # the late original
-    replies = await redis.xrange(keys.replies("local"))
+    replies = await redis.xrange(reply_stream("local", ALICE.key))
     assert len(replies) == 1
     assert len(await history.load_exchanges(redis, ALICE.key)) == 1
 

@@ -26,6 +26,7 @@ from bot.slack.outbox import LIMIT
 from bot.slack.settings import SlackSettings
 from contract import history, keys
 from contract.jobs import EMPTY_MESSAGE, ReplyEvent
+from contract.replies import reply_stream
 from service.config import ConfigError, LimitSettings, Secrets, Settings
 from service.tasks import cancel_until_done
 from tests.conftest import final_event, free_port, reply_events, running_worker, tiny_settings
@@ -183,7 +184,7 @@ async def send_dm(settings: Settings, text: str, **fields) -> Sent:
 
 async def publish(redis, event: ReplyEvent) -> None:
     """A reply event as the worker publishes it."""
-    await redis.xadd(keys.replies("slack"), {"event": event.model_dump_json()})
+    await redis.xadd(reply_stream("slack", event.conversation), {"event": event.model_dump_json()})
 
 
 async def answer_shown(fake: FakeSlack, redis, job_id: str, before: int, channel: str = DM) -> ReplyEvent:

@@ -18,7 +18,7 @@ from contract.replies import follow, last_entry_id
 from engine.prompts import PromptBuilder
 from service.redis_client import connect
 from service.redis_server import RedisServer
-from tests.conftest import Queues, engine_for, final_event, reply_events, running_worker, tiny_settings
+from tests.conftest import Queues, engine_for, final_event, reply_count, reply_events, running_worker, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = Conversation(platform="local", channel="chat")
@@ -30,10 +30,10 @@ COLOUR_CONVERSATION = [
 
 
 async def ask(redis, text: str, conversation: Conversation = CHAT, message_id: str | None = None) -> ReplyEvent:
-    after = await last_entry_id(redis, conversation.platform)
+    after = await last_entry_id(redis, conversation.platform, conversation.key)
     submitted = await Queues(redis).submit(conversation, message_id or f"m{abs(hash(text))}", text)
     async def final():
-        async for event in follow(redis, conversation.platform, submitted.job_id, after):
+        async for event in follow(redis, conversation.platform, conversation.key, submitted.job_id, after):
             if event.kind != "partial":
                 return event
     return await asyncio.wait_for(final(), 60)
@@ -121,7 +121,7 @@ async def worker_mid_answer(redis, redis_url: str, run_dir: Path, **env) -> subp
     await Queues(redis).submit(CHAT, "m1", "Write a long answer.")
     process = worker_process(redis_url, run_dir, **env)
     try:
-        while not await redis.xlen(keys.replies("local")):
+        while not await reply_count(redis, "local"):
             if process.poll() is not None:
                 raise AssertionError(f"the worker exited with {process.returncode}; see {run_dir / 'worker.log'}")
             await asyncio.sleep(0.01)
@@ -324,7 +324,7 @@ async def test_three_workers_answer_every_job_once_and_a_killed_one_loses_nothin
         async def victim_mid_answer() -> None:
             while True:
                 owners = [await redis.hget(f"chatbot:job:{job_id}", "owner") for job_id in await redis.zrange("chatbot:leases", 0, -1)]
-                if any((owner or "").startswith(victim) for owner in owners) and await redis.xlen(keys.replies("local")):
+                if any((owner or "").startswith(victim) for owner in owners) and await reply_count(redis, "local"):
                     return
                 await asyncio.sleep(0.01)
 
