@@ -1,11 +1,8 @@
 """Users' ratings of answers, in Redis: who rated which answer how, and when.
 
-Layout (under `chatbot:`):
-  feedback                 stream of votes: job, user, rating, at (newest 10,000 kept)
-  feedback:exchange:<job>  hash: conversation, question, answer (kept EXCHANGE_TTL_S)
-  feedback:vote:<job>:<user>  that user's current rating of that answer: a retried click is not
-                           counted twice, a changed mind moves the count
-  feedback:counts          hash: rating -> current votes
+A retried click is not counted twice, a changed mind moves the count. The question and answer
+are copied out of the conversation's history when an answer is first rated, and only then:
+the copy is deleted when the conversation is reset (contract/history.py). Keys: contract/keys.py.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from typing import Literal
 from redis.asyncio import Redis
 
 from contract import keys
+from contract.history import load_exchanges
 
 EXCHANGE_TTL_S = 30 * 24 * 3600
 KEPT_VOTES = 10_000
@@ -50,23 +48,27 @@ class FeedbackStore:
         self.redis = redis
         self._record = redis.register_script(_RECORD)
 
-    async def remember_question(self, job_id: str, conversation: str, text: str) -> None:
-        await self._remember(job_id, conversation=conversation, question=text)
-
-    async def remember_answer(self, job_id: str, text: str) -> None:
-        await self._remember(job_id, answer=text)
-
-    async def _remember(self, job_id: str, **fields: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.feedback_exchange(job_id), mapping=fields)
-            pipe.expire(keys.feedback_exchange(job_id), EXCHANGE_TTL_S)
-            await pipe.execute()
-
-    async def record(self, job_id: str, user: str, rating: Rating) -> bool:
-        """Store a user's rating of an answer; False when it is the rating they gave already (a retried click)."""
+    async def record(self, job_id: str, user: str, rating: Rating, conversation: str | None) -> bool:
+        """Store a user's rating of an answer of `conversation`; False when it is the rating they gave already."""
         script_keys = [keys.feedback_vote(job_id, user), keys.FEEDBACK, keys.FEEDBACK_COUNTS]
         args = [job_id, user, rating, f"{time.time():.3f}", EXCHANGE_TTL_S, KEPT_VOTES]
-        return bool(await self._record(keys=script_keys, args=args))
+        recorded = bool(await self._record(keys=script_keys, args=args))
+        if recorded and conversation and not await self.redis.exists(keys.feedback_exchange(job_id)):
+            await self._copy_exchange(job_id, conversation)
+        return recorded
+
+    async def _copy_exchange(self, job_id: str, conversation: str) -> None:
+        """Keep the rated question and answer beyond the history (a history may be trimmed or expire)."""
+        for exchange in await load_exchanges(self.redis, conversation):
+            if exchange.assistant.job == job_id:
+                fields = {"conversation": conversation, "question": exchange.user.text, "answer": exchange.assistant.text}
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(keys.feedback_exchange(job_id), mapping=fields)
+                    pipe.expire(keys.feedback_exchange(job_id), EXCHANGE_TTL_S)
+                    pipe.sadd(keys.rated(conversation), job_id)
+                    pipe.expire(keys.rated(conversation), EXCHANGE_TTL_S)
+                    await pipe.execute()
+                return
 
     async def counts(self) -> dict[str, int]:
         stored = await self.redis.hgetall(keys.FEEDBACK_COUNTS)

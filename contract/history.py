@@ -17,6 +17,23 @@ from redis.asyncio import Redis
 
 from contract import keys
 
+# A job submitted before a reset must still see the new epoch when it is answered; a job is never
+# answered later than a done-mark lasts, so the epoch need not outlive that.
+EPOCH_TTL_S = 7 * 24 * 3600
+
+_RESET = """
+local epoch_key, turns_key, rated_key = KEYS[1], KEYS[2], KEYS[3]
+local prefix, epoch_ttl_s = ARGV[1], ARGV[2]
+local epoch = redis.call('INCR', epoch_key)
+redis.call('EXPIRE', epoch_key, epoch_ttl_s)
+redis.call('DEL', turns_key)
+for _, job_id in ipairs(redis.call('SMEMBERS', rated_key)) do
+  redis.call('DEL', prefix .. 'feedback:exchange:' .. job_id)
+end
+redis.call('DEL', rated_key)
+return epoch
+"""
+
 # Lua, run inside the worker's answer script (contract/work.py): append a job's turns if the
 # conversation was not reset since the job was submitted, keep the newest max_turns.
 APPEND_TURNS = """
@@ -34,6 +51,7 @@ class Turn(BaseModel):
     text: str
     name: str | None = None  # the author's display name, for user turns in shared channels
     tokens: int = Field(ge=0)  # what this turn adds to a prompt; an exchange's template overhead is booked on its reply
+    job: str | None = None  # the job that wrote it: a rating of that answer finds its question and answer here
     at: float = Field(default_factory=time.time)
 
 
@@ -62,9 +80,7 @@ async def load_exchanges(redis: Redis, conversation: str) -> list[Exchange]:
 
 
 async def reset(redis: Redis, conversation: str) -> int:
-    """Forget the conversation; returns the new epoch."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.incr(keys.epoch(conversation))
-        pipe.delete(keys.turns(conversation))
-        epoch, _ = await pipe.execute()
-    return int(epoch)
+    """Forget the conversation, and the copies of its rated answers; returns the new epoch."""
+    return int(await redis.eval(
+        _RESET, 3, keys.epoch(conversation), keys.turns(conversation), keys.rated(conversation), keys.PREFIX, EPOCH_TTL_S
+    ))

@@ -187,7 +187,7 @@ class WorkQueue:
         ]
         args = [
             job.id, job.conversation, str(job.epoch), event.model_dump_json(), max_turns, ttl_s, DONE_TTL_S,
-            self.reply_stream_maxlen, len(turns), *(turn.model_dump_json() for turn in turns),
+            self.reply_stream_maxlen, len(turns), *(turn.model_copy(update={"job": job.id}).model_dump_json() for turn in turns),
         ]
         return bool(await self._complete(keys=script_keys, args=args))
 

@@ -9,22 +9,16 @@ import json
 import time
 from urllib.parse import urlencode
 
-from bot.delivery import Part
-from bot.slack.app import web_client
-from bot.slack.budget import PacedSlack, SlackBudget
-from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox
+from bot.slack.outbox import FEEDBACK_ACTION
 from bot.slack.settings import SLACK_RATE_LIMITS, SlackSettings
-from bot.slack.status import ThreadStatus
 from contract.feedback import FeedbackStore
 from contract.jobs import ReplyEvent
-from service.redis_client import connect
-from tests.conftest import free_port, running_worker
+from tests.conftest import running_worker
 from tests.fakes.slack_server import APP_ID, TEAM_ID
 from tests.test_cli import chatbot
 from tests.test_slack import (
     ALICE,
     DM,
-    SECRETS,
     adapter,
     answer_shown,
     event_callback,
@@ -117,12 +111,12 @@ async def test_suggested_prompts_when_the_messages_tab_opens(redis, fake):
     assert len(fake.calls_to("assistant.threads.setSuggestedPrompts")) == 1  # not for the Home tab
 
 
-def feedback_click(job_id: str, rating: str, action_ts: str) -> str:
-    """The block_actions request Slack POSTs when a feedback button is clicked."""
-    return urlencode({"payload": json.dumps(feedback_payload(job_id, rating, action_ts))})
+def feedback_click(value: str, action_ts: str) -> str:
+    """The block_actions request Slack POSTs when a feedback button (with that value) is clicked."""
+    return urlencode({"payload": json.dumps(feedback_payload(value, action_ts))})
 
 
-def feedback_payload(job_id: str, rating: str, action_ts: str) -> dict:
+def feedback_payload(value: str, action_ts: str) -> dict:
     return {
         "type": "block_actions", "api_app_id": APP_ID, "token": "legacy-verification-token",
         "team": {"id": TEAM_ID, "domain": "fake"}, "user": {"id": ALICE, "username": "alice", "team_id": TEAM_ID},
@@ -130,7 +124,7 @@ def feedback_payload(job_id: str, rating: str, action_ts: str) -> dict:
         "container": {"type": "message", "message_ts": "1700000001.000001", "channel_id": DM, "is_ephemeral": False},
         "actions": [{
             "type": "feedback_buttons", "action_id": FEEDBACK_ACTION, "block_id": "feedback",
-            "value": f"{rating} {job_id}", "action_ts": action_ts,
+            "value": value, "action_ts": action_ts,
         }],
     }
 
@@ -140,7 +134,8 @@ async def test_a_feedback_click_is_stored_once_and_listed_with_question_and_answ
     async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings):
         sent = await send_dm(settings, "What is the capital of France?")
         final = await answer_shown(fake, redis, sent.job_id, before=0)
-        click = feedback_click(sent.job_id, "good", action_ts="1700000100.000001")
+        [buttons] = fake.messages_in(DM)[-1].feedback_buttons
+        click = feedback_click(buttons["positive_button"]["value"], action_ts="1700000100.000001")
         answers = [await post_to_app(settings, click, "application/x-www-form-urlencoded") for _ in range(2)]  # Slack retried it
         assert [answer.status for answer in answers] == [200, 200] and all(answer.seconds < 3 for answer in answers)
         [vote] = await FeedbackStore(redis).recent(10)
@@ -148,7 +143,7 @@ async def test_a_feedback_click_is_stored_once_and_listed_with_question_and_answ
         assert (vote.question, vote.answer, vote.conversation) == ("What is the capital of France?", final.text, sent.conversation)
         assert await FeedbackStore(redis).counts() == {"good": 1, "bad": 0}
         # A changed mind replaces the rating rather than adding one.
-        changed = feedback_click(sent.job_id, "bad", action_ts="1700000200.000001")
+        changed = feedback_click(buttons["negative_button"]["value"], action_ts="1700000200.000001")
         assert (await post_to_app(settings, changed, "application/x-www-form-urlencoded")).status == 200
     assert await FeedbackStore(redis).counts() == {"good": 0, "bad": 1}
     assert [vote.rating for vote in await FeedbackStore(redis).recent(10)] == ["bad", "good"]
@@ -249,25 +244,10 @@ async def test_a_channel_over_its_post_limit_does_not_delay_another_channel(redi
     assert calm_s < 2 and busy_s >= 3
 
 
-async def test_redis_down_while_the_answer_is_kept_for_feedback_still_shows_the_answer(fake):
-    settings = slack_settings()
-    dead = connect(f"redis://127.0.0.1:{free_port()}")  # nothing listens there
-    client = web_client(SECRETS.get("SLACK_BOT_TOKEN"), base_url=fake.api_url)
-    slack = PacedSlack(client, SlackBudget(dead, settings.slack.rate_limits))
-    outbox = SlackOutbox(slack, settings.slack, FeedbackStore(dead), ThreadStatus(dead, slack, settings.slack))
-    thread = new_ts()
-    try:
-        ts = await outbox.post(Part("slack:kept", thread_reply(thread), "The answer.", settled=True, answer="The answer."))
-    finally:
-        await dead.aclose()
-    [message] = fake.messages_in(DM)
-    assert (message.ts, message.text, message.thread_ts) == (ts, "The answer.", thread) and message.feedback_buttons
-
-
 async def test_a_feedback_click_over_socket_mode_is_acknowledged_and_stored(redis, fake):
     settings = slack_settings(mode="socket")
     async with adapter(fake, redis, settings):
-        envelope = await fake.send_envelope("interactive", feedback_payload("slack:D0DM-1", "bad", "1700000300.000001"))
+        envelope = await fake.send_envelope("interactive", feedback_payload("bad slack:D0DM-1", "1700000300.000001"))
         await fake.wait_for(lambda: fake.ack_of(envelope))  # acknowledged once the click is stored
     [vote] = await FeedbackStore(redis).recent(10)
     assert (vote.job_id, vote.rating, vote.user) == ("slack:D0DM-1", "bad", ALICE)

@@ -12,7 +12,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.delivery import Part
 from bot.slack.budget import SLACK_FAILED
 from bot.slack.messages import PLATFORM, Incoming, direct_message, mention
-from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox
+from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox, feedback_value
 from bot.slack.settings import SlackSettings
 from bot.slack.status import ThreadStatus
 from bot.titles import thread_title
@@ -129,13 +129,13 @@ class SlackListeners:
 
     async def on_feedback(self, ack: AsyncAck, body: dict, action: dict) -> None:
         await ack()
-        rating, _, job_id = action.get("value", "").partition(" ")
+        rating, job_id, conversation = feedback_value(action.get("value", ""))
         user = body.get("user", {}).get("id", "")
         if rating not in RATINGS or not job_id:
             log.warning("feedback click not understood", extra={"value": action.get("value")})
             return
         # A click Slack delivers again carries the same rating: stored once. Another rating replaces it.
-        if not await self.feedback.record(job_id, user, rating):
+        if not await self.feedback.record(job_id, user, rating, conversation):
             log.info("repeated feedback click ignored", extra={"job": job_id, "user": user})
             return
         FEEDBACK.labels(PLATFORM, rating).inc()
@@ -180,8 +180,6 @@ class SlackListeners:
         )
         if submitted.duplicate:
             return
-        if self.settings.feedback:
-            await self.feedback.remember_question(submitted.job_id, incoming.conversation.key, incoming.text)
         # Slack wants the event acknowledged within 3 s: its status and title go on after.
         self.background.run("status", self.status.show(submitted.job_id, reply_to, submitted.ahead))
         if incoming.starts_thread:

@@ -68,12 +68,22 @@ class Stream:
     given: str  # the markdown handed to the helper so far: Slack has it, or the helper's buffer does
 
 
-def feedback_block(job_id: str) -> dict:
+def feedback_block(job_id: str, conversation: str) -> dict:
+    """Good/bad buttons; a click's value says how, which answer, and of which conversation (see feedback_value)."""
+
     def button(text: str, rating: str) -> dict:
-        return {"text": {"type": "plain_text", "text": text}, "accessibility_label": f"{text} answer", "value": f"{rating} {job_id}"}
+        value = f"{rating} {job_id} {conversation}"
+        return {"text": {"type": "plain_text", "text": text}, "accessibility_label": f"{text} answer", "value": value}
 
     buttons = {"positive_button": button("Good", "good"), "negative_button": button("Bad", "bad")}
     return {"type": "context_actions", "elements": [{"type": "feedback_buttons", "action_id": FEEDBACK_ACTION, **buttons}]}
+
+
+def feedback_value(value: str) -> tuple[str, str, str | None]:
+    """Rating, job id and conversation of a feedback click (buttons posted before conversations were added lack it)."""
+    parts = value.split(" ", 2)
+    rating, job_id = (parts + ["", ""])[:2]
+    return rating, job_id, parts[2] if len(parts) == 3 else None
 
 
 class SlackOutbox:
@@ -136,7 +146,7 @@ class SlackOutbox:
     async def _stream_on(self, message_id: str, stream: Stream, part: Part, markdown: str) -> None:
         new_text, stream.given = markdown[len(stream.given):], markdown
         if part.settled:
-            blocks = [feedback_block(part.job_id)] if self._asks_feedback(part) else None
+            blocks = [feedback_block(part.job_id, part.conversation)] if self._asks_feedback(part) else None
             await stream.helper.stop(markdown_text=new_text or None, blocks=blocks)
             del self.streams[message_id]
         elif await stream.helper.append(markdown_text=new_text) is None:
@@ -168,7 +178,7 @@ class SlackOutbox:
         if not self._asks_feedback(part):
             return {"markdown_text": markdown}
         # With blocks, `text` is only the notification; markdown_text cannot go with blocks.
-        return {"text": markdown, "blocks": [{"type": "markdown", "text": markdown}, feedback_block(part.job_id)]}
+        return {"text": markdown, "blocks": [{"type": "markdown", "text": markdown}, feedback_block(part.job_id, part.conversation)]}
 
     def _asks_feedback(self, part: Part) -> bool:
         return part.feedback and self.settings.feedback

@@ -1,0 +1,58 @@
+"""Nothing a conversation leaves in Redis lives forever: after a session of asks, ratings and resets,
+every key either expires or is one of the bounded structures the service shares."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from contract import history, keys
+from contract.feedback import FeedbackStore
+from tests.conftest import running_worker
+from tests.test_slack import DM, adapter, answer_shown, fake, post_to_app, send_dm, slack_settings, slash_command
+from tests.test_slack_agent import feedback_click
+
+__all__ = ["fake"]  # the fixture, shared with test_slack
+
+# Shared by all conversations, each bounded: by trimming (streams), by pruning, or by what is in flight.
+BOUNDED = [
+    r"ready", r"active", r"leases", r"suspects", r"queued", r"wake",  # what is queued or being answered
+    r"replies:[a-z]+:\d+",  # trimmed below what the adapters acknowledged
+    r"feedback", r"feedback:counts",  # the newest KEPT_VOTES votes; one count per rating
+    r"slack:waiting",  # entries pruned once answered or after GIVE_UP_S
+]
+
+
+async def unbounded_keys(redis) -> list[str]:
+    shared = re.compile("|".join(f"(?:{keys.PREFIX}{pattern})" for pattern in BOUNDED))
+    found = []
+    async for key in redis.scan_iter(match=f"{keys.PREFIX}*"):
+        if not shared.fullmatch(key) and await redis.ttl(key) < 0:
+            found.append(f"{key} ({await redis.type(key)})")
+    return sorted(found)
+
+
+async def test_a_session_of_asks_ratings_and_resets_leaves_only_expiring_keys(redis, fake, tiny_engine):
+    settings = slack_settings()
+    async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings):
+        first = await send_dm(settings, "What is the capital of France?")
+        await answer_shown(fake, redis, first.job_id, before=0)
+        [buttons] = fake.messages_in(DM)[-1].feedback_buttons
+        click = feedback_click(buttons["positive_button"]["value"], action_ts="1700000100.000001")
+        assert (await post_to_app(settings, click, "application/x-www-form-urlencoded")).status == 200
+        [vote] = await FeedbackStore(redis).recent(1)
+        assert vote.question == "What is the capital of France?" and vote.answer  # copied when rated
+        follow_up = await send_dm(settings, "And of Spain?", thread_ts=first.ts)
+        await answer_shown(fake, redis, follow_up.job_id, before=1)
+        second = await send_dm(settings, "Tell me about strawberries.")
+        await answer_shown(fake, redis, second.job_id, before=2)
+
+        reset = await post_to_app(settings, slash_command(), "application/x-www-form-urlencoded")
+        assert reset.status == 200 and json.loads(reset.body)["text"].startswith("Done")
+        [vote] = await FeedbackStore(redis).recent(1)
+        assert (vote.rating, vote.question, vote.answer) == ("good", None, None)  # "I have forgotten our conversations"
+        assert await history.load_exchanges(redis, first.conversation) == []
+
+        again = await send_dm(settings, "Hello again.", thread_ts=first.ts)
+        await answer_shown(fake, redis, again.job_id, before=3)
+    assert await unbounded_keys(redis) == []
