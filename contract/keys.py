@@ -21,7 +21,7 @@ Queue (contract/intake.py writes, contract/work.py serves):
 
 History (contract/history.py):
   conv:<c>:turns           list of turns (history.ttl_seconds after the last answer)
-  conv:<c>:epoch           reset count (history.ttl_seconds after the last reset or answer)
+  conv:<c>:epoch           reset count (EPOCH_TTL_S after the last reset)
 
 Replies (contract/replies.py reads; the worker writes):
   replies:<platform>:<shard>          stream of ReplyEvents of the conversations in that shard; trimmed
@@ -33,9 +33,10 @@ Replies (contract/replies.py reads; the worker writes):
 Feedback (contract/feedback.py):
   feedback                 stream of votes (newest KEPT_VOTES)
   feedback:counts          hash rating -> votes
-  feedback:exchange:<job>  question and answer of a rated answer (history.ttl_seconds; deleted on reset)
+  feedback:exchange:<job>  question and answer of a rated answer, copied from the history when first
+                           rated (EXCHANGE_TTL_S; deleted when the conversation is reset)
   feedback:vote:<job>:<user>  that user's current rating of that answer (EXCHANGE_TTL_S)
-  conv:<c>:rated           set of job ids rated in the conversation, for reset (history.ttl_seconds)
+  conv:<c>:rated           set of job ids rated in the conversation, for reset (EXCHANGE_TTL_S)
 
 Slack (bot/slack/):
   slack:dm:<channel>:threads   set of a DM's conversations (threads), for /reset (history.ttl_seconds)
