@@ -337,6 +337,34 @@ async def test_in_thread_channels_the_answer_goes_in_a_thread_opened_on_the_mess
     assert await history.load_exchanges(redis, f"discord:{GENERAL}") == []
 
 
+async def test_in_thread_channels_a_message_refused_for_its_own_text_opens_no_thread_and_reads_no_file(redis, fake):
+    settings = discord_settings(thread_channels=[GENERAL], limits={"max_message_chars": 100})
+    async with adapter(redis, fake, settings):
+        too_long = fake.message("Why? " * 30, files=(("notes.md", "text/markdown", b"# Notes"),))
+        await fake.dispatch("MESSAGE_CREATE", too_long)
+        empty = await say(fake, f"<@{BOT.id}>", mentions=(BOT,))
+        [refused] = await fake.wait_for(lambda: fake.replies_to(int(too_long["id"])))
+        [emptied] = await fake.wait_for(lambda: fake.replies_to(empty))
+    assert refused.text == "Your message is 149 characters long; the limit is 100."
+    assert emptied.text == EMPTY_MESSAGE
+    assert {refused.channel_id, emptied.channel_id} == {GENERAL}
+    assert fake.requests("POST", f"/channels/{GENERAL}/messages/") == []  # no thread opened
+    assert fake.requests("GET", "/attachments/") == []
+    assert await queued_jobs(redis) == {}
+
+
+async def test_in_thread_channels_a_message_the_queue_refuses_leaves_no_thread_behind(redis, fake):
+    settings = discord_settings(thread_channels=[GENERAL], limits={"max_queued_per_author": 1})
+    async with adapter(redis, fake, settings):
+        first = await say(fake, "A first question")
+        await jobs_for(redis, first)
+        second = await say(fake, "A second question")  # Alice has one waiting already
+        [refused] = await fake.wait_for(lambda: fake.replies_to(second))
+    assert refused.channel_id == GENERAL and refused.text.startswith("You already have 1 messages waiting")
+    assert list(fake.threads) == [first]
+    assert len(fake.requests("DELETE", f"/channels/{second}")) == 1
+
+
 # --- /reset -----------------------------------------------------------------------------
 
 

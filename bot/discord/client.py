@@ -9,7 +9,7 @@ from redis.exceptions import RedisError
 
 from bot.discord.attachments import NOT_READABLE, SEPARATOR, attachment_text
 from bot.discord.routing import conversation_of, reply_route
-from bot.discord.rules import Seen, message_text, opens_thread, refusal
+from bot.discord.rules import Seen, message_text, opens_thread, refusal, text_refusal
 from bot.discord.settings import DiscordSettings
 from bot.discord.typing_indicator import TypingIndicators
 from bot.titles import thread_title
@@ -66,28 +66,51 @@ class ChatClient(discord.Client):
         names = {user.id: user.display_name for user in message.mentions}
         text = message_text(message.content, self.user.id, names)
         limit = self.queue.limits.max_message_chars
+        has_attachments = bool(message.attachments or message.stickers)
+        refused = text_refusal(text, has_attachments, limit)
+        if refused:
+            await self.tell(message, refused)
+            return
         attached = await attachment_text(message.attachments, self.settings.attachment_max_bytes, room=limit - len(text))
-        if not text and not attached.read_any and (message.attachments or message.stickers):
+        if not text and not attached.read_any and has_attachments:
             if facts.guild_id is None or facts.mentions_me:
                 await self.tell(message, NOT_READABLE)
             else:  # an image or a sticker in a channel the bot answers: not meant for it
                 log.debug("message without text ignored", extra={"discord_message": message.id})
             return
         text = SEPARATOR.join(part for part in (text, attached.text) if part)
-        channel = message.channel
-        if opens_thread(self.settings, facts):
-            try:
-                channel = await message.create_thread(name=thread_title(text))
-            except discord.HTTPException as error:  # no permission to create threads: answer in the channel
-                log.warning("could not open a thread", extra={"discord_message": message.id, "error": str(error)})
+        thread = await self.open_thread(message, text) if opens_thread(self.settings, facts) else None
         author = message.author.display_name if facts.guild_id else None
-        submitted = await self.submit(message, text, author=author, channel=channel)
-        if submitted and not submitted.duplicate and attached.cut:
+        try:
+            submitted = await self.submit(message, text, author=author, channel=thread or message.channel)
+        except RejectedMessage as rejected:
+            if thread:
+                await self.delete_thread(thread)
+            await self.tell(message, str(rejected))
+            return
+        if not submitted.duplicate and attached.cut:
             await self.tell(message, ATTACHMENT_CUT.format(files=", ".join(attached.cut), limit=limit))
 
-    async def submit(self, message: discord.Message, text: str, author: str | None, channel) -> Submitted | None:
-        """Queue the message as a job of `channel`'s conversation (its own, or the thread opened on it);
-        None if it was not queued (the user is told why)."""
+    async def open_thread(self, message: discord.Message, text: str) -> discord.Thread | None:
+        """A thread opened on the message, or None when Discord refuses (then the answer goes in the channel)."""
+        try:
+            return await message.create_thread(name=thread_title(text))
+        except discord.HTTPException as error:  # no permission to create threads
+            log.warning("could not open a thread", extra={"discord_message": message.id, "error": str(error)})
+            return None
+
+    async def delete_thread(self, thread: discord.Thread) -> None:
+        """Delete the thread opened for a message that was then refused: it would stay empty for good."""
+        try:
+            await thread.delete()
+        except discord.HTTPException as error:  # deleting a thread, even its own, needs Manage Threads
+            log.warning("could not delete an unused thread", extra={"thread": thread.id, "error": str(error)})
+
+    async def submit(self, message: discord.Message, text: str, author: str | None, channel) -> Submitted:
+        """Queue the message as a job of `channel`'s conversation (its own, or the thread opened on it).
+
+        Raises RejectedMessage, with the sentence for the user, when it is not queued.
+        """
         message_id = str(message.id)
         # Typing starts before the job exists: its reply can begin before submit returns.
         started = self.typing.start(channel, message_id)
@@ -96,15 +119,13 @@ class ChatClient(discord.Client):
                 conversation_of(channel.id), message_id, text, author=author,
                 reply_to=reply_route(channel.id, message.id), author_id=str(message.author.id),
             )
-        except RejectedMessage as rejected:
+        except RejectedMessage:
             self.typing.stop(message_id)
-            await self.tell(message, str(rejected))
-            return None
+            raise
         except (*REDIS_DOWN, RedisError) as error:  # down, or refusing writes (full, read-only)
             self.typing.stop(message_id)
             log.error("could not queue a message", extra={"discord_message": message.id, "error": str(error)})
-            await self.tell(message, UNAVAILABLE)
-            return None
+            raise RejectedMessage(UNAVAILABLE) from error
         if submitted.duplicate:
             # A redelivered gateway event: the first delivery is being answered.
             if started:

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from bot.discord.settings import DiscordSettings
+from contract.jobs import RejectedMessage, clean_text, is_blank
 
 _SPACES = re.compile(r"[ \t]{2,}")
 _USER_MENTION = re.compile(r"<@!?(\d+)>")
@@ -50,6 +51,21 @@ def refusal(settings: DiscordSettings, seen: Seen) -> str | None:
 def reset_refusal(settings: DiscordSettings, seen: Seen) -> str | None:
     """Why /reset is refused, or None: the rules of chatting, with `reset_roles` (when set) in place of `roles`."""
     return refusal(settings.model_copy(update={"roles": settings.reset_roles or settings.roles}), seen)
+
+
+def text_refusal(text: str, has_attachments: bool, max_chars: int) -> str | None:
+    """The Intake's refusal of the message's own text (empty, or too long), or None.
+
+    Asked before a file is downloaded or a thread opened for the message. Attachments (and stickers)
+    are not counted: files are cut to fit, and a message of nothing else is judged once they are read.
+    """
+    if has_attachments and is_blank(text):
+        return None
+    try:
+        clean_text(text, max_chars)
+    except RejectedMessage as refused:
+        return str(refused)
+    return None
 
 
 def message_text(content: str, bot_id: int, names: dict[int, str]) -> str:

@@ -146,6 +146,7 @@ class FakeDiscord:
         self.hold_posts = False  # POST /messages waits (unrecorded) until the server stops
         self.forbidden: set[int] = set()  # channels where the bot lacks Send Messages
         self.files: dict[str, bytes] = {}  # attachment id/file name -> content
+        self.threads: dict[int, dict[str, Any]] = {}  # the threads the bot opened and has not deleted, by id
         self.slow_channels: set[int] = set()  # posts and edits there are answered once the channel leaves the set
         self.held = 0
         self._ids = itertools.count(500_000)
@@ -326,7 +327,14 @@ class FakeDiscord:
         if request.method == "POST" and parts[0] == "channels" and parts[2::2] == ["messages", "threads"]:
             # A thread started from a message takes the message's id; the gateway announces it too.
             thread = thread_payload(int(parts[3]), body["name"], parent_id=int(parts[1]), owner=BOT)
+            self.threads[int(thread["id"])] = thread
             await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
+            return _json(thread)
+        if request.method == "DELETE" and parts[0] == "channels" and len(parts) == 2:
+            thread = self.threads.pop(int(parts[1]), None)
+            if thread is None:
+                return _json({"message": "Unknown Channel", "code": 10003}, status=404)
+            await self.dispatch("THREAD_DELETE", {key: thread[key] for key in ("id", "type", "guild_id", "parent_id")})
             return _json(thread)
         return self._answer(request.method, parts, body)
 
