@@ -217,7 +217,7 @@ async def test_dm_gets_status_title_and_a_native_stream_with_feedback_in_its_thr
     [stop] = fake.calls_to("chat.stopStream")
     [message] = fake.messages_in(DM)
     assert message.thread_ts == sent.ts and message.text == final.text and not message.streaming
-    assert [button["positive_button"]["value"] for button in message.feedback_buttons] == [f"good {sent.job_id}"]
+    assert [button["positive_button"]["value"] for button in message.feedback_buttons] == [f"good {sent.job_id} {sent.conversation}"]
     assert fake.calls_to("chat.postMessage") == fake.calls_to("chat.update") == []
     assert {call.token for call in fake.calls} == {"xoxb-test-token"}
     [exchange] = await history.load_exchanges(redis, sent.conversation)
