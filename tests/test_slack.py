@@ -17,6 +17,8 @@ from urllib.parse import parse_qsl, urlencode
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
+from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 
 from bot.slack.app import build_app, run_slack, serve, web_client
@@ -30,7 +32,8 @@ from contract.replies import reply_stream
 from service.config import ConfigError, LimitSettings, Secrets, Settings
 from service.tasks import cancel_until_done
 from tests.conftest import final_event, free_port, reply_events, running_worker, tiny_settings
-from tests.fakes.slack_server import APP_ID, BOT_ID, BOT_USER_ID, TEAM_ID, FakeSlack
+from tests.fakes.local_server import serve_locally, shut_down
+from tests.fakes.slack_server import APP_ID, BOT_ID, BOT_USER_ID, SOCKET_PATH, TEAM_ID, Answer, FakeSlack
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGNING_SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
@@ -64,7 +67,8 @@ def new_ts() -> str:
 
 @pytest.fixture
 async def fake():
-    fake = await FakeSlack().start()
+    # Slack retries a failed event after a minute and after five: here at once, so a test hears them.
+    fake = await FakeSlack(signing_secret=SIGNING_SECRET, retry_delays_s=(0.0, 0.2, 0.5)).start()
     yield fake
     await fake.stop()
 
@@ -75,6 +79,7 @@ async def adapter(fake: FakeSlack, redis, settings: Settings):
     client = web_client(SECRETS.get("SLACK_BOT_TOKEN"), base_url=fake.api_url)
     bot = build_app(settings, SECRETS, redis, client=client)
     connections = fake.connections
+    fake.request_url = f"http://127.0.0.1:{settings.slack.http_port}/slack/events"
     task = asyncio.create_task(serve(bot, settings, SECRETS, redis))
 
     async def ready() -> bool:
@@ -104,31 +109,11 @@ async def cancel(task: asyncio.Task) -> None:
         task.result()  # the adapter stopped on its own: show why
 
 
-@dataclass
-class Answer:
-    status: int
-    body: str
-    seconds: float
-
-
-async def post_to_app(
-    settings: Settings,
-    body: str,
-    content_type: str = "application/json",
-    *,
-    timestamp: int | None = None,
-    secret: str = SIGNING_SECRET,
-    headers: dict[str, str] | None = None,
-) -> Answer:
-    """POST a request the way Slack does: signed with the signing secret over timestamp and body."""
-    stamp = str(int(time.time()) if timestamp is None else timestamp)
-    signature = SignatureVerifier(secret).generate_signature(timestamp=stamp, body=body)
-    sent = {"Content-Type": content_type, "X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": signature, **(headers or {})}
-    started = time.monotonic()
-    async with aiohttp.ClientSession() as session:
-        url = f"http://127.0.0.1:{settings.slack.http_port}/slack/events"
-        async with session.post(url, data=body.encode(), headers=sent) as response:
-            return Answer(response.status, await response.text(), time.monotonic() - started)
+async def send_event(fake: FakeSlack, event: dict) -> Answer:
+    """Deliver an event over HTTP as Slack does; the app acknowledges it the first time."""
+    [answer] = await fake.deliver(event_callback(event))
+    assert answer.status == 200, answer.body
+    return answer
 
 
 async def adapter_health(settings: Settings) -> int:
@@ -174,11 +159,10 @@ class Sent:
         return f"slack:{DM}:{self.thread}"
 
 
-async def send_dm(settings: Settings, text: str, **fields) -> Sent:
+async def send_dm(fake: FakeSlack, text: str, **fields) -> Sent:
     """Deliver a DM over HTTP; says which job it should create, in which thread."""
     event = dm(text, **fields)
-    answer = await post_to_app(settings, json.dumps(event_callback(event)))
-    assert answer.status == 200, answer.body
+    await send_event(fake, event)
     return Sent(f"slack:{DM}-{event['ts']}", event["ts"], event.get("thread_ts") or event["ts"])
 
 
@@ -204,7 +188,7 @@ async def job_keys(redis) -> list[str]:
 async def test_dm_gets_status_title_and_a_native_stream_with_feedback_in_its_thread(redis, fake, tiny_engine):
     settings = slack_settings()
     async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings):
-        sent = await send_dm(settings, "Hello there, who are you?")
+        sent = await send_dm(fake, "Hello there, who are you?")
         final = await answer_shown(fake, redis, sent.job_id, before=0)
         assert fake.status_now[(DM, sent.ts)] == ""  # cleared by the answer
     assert final.kind == "final" and final.conversation == sent.conversation == f"slack:{DM}:{sent.ts}"
@@ -228,13 +212,12 @@ async def test_unsigned_forged_and_stale_requests_are_refused(redis, fake):
     settings = slack_settings()
     body = json.dumps(event_callback(dm("Hello")))
     async with adapter(fake, redis, settings):
-        forged = await post_to_app(settings, body, secret="not-the-signing-secret")
-        stale = await post_to_app(settings, body, timestamp=int(time.time()) - 6 * 60)
+        forged = await fake.post(body, secret="not-the-signing-secret")
+        stale = await fake.post(body, timestamp=int(time.time()) - 6 * 60)
         async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{settings.slack.http_port}/slack/events"
-            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+            async with session.post(fake.request_url, data=body, headers={"Content-Type": "application/json"}) as response:
                 unsigned = response.status
-        challenge = await post_to_app(settings, json.dumps({"type": "url_verification", "challenge": "c-42", "token": "x"}))
+        challenge = await fake.post(json.dumps({"type": "url_verification", "challenge": "c-42", "token": "x"}))
     assert (forged.status, stale.status, unsigned) == (401, 401, 401)
     assert await job_keys(redis) == []
     assert challenge.status == 200 and json.loads(challenge.body)["challenge"] == "c-42"
@@ -244,14 +227,13 @@ async def test_malformed_requests_get_400_or_401_without_a_traceback_and_no_job(
     settings = slack_settings()
     async with adapter(fake, redis, settings):
         answers = [
-            await post_to_app(settings, json.dumps(event_callback(dm("hi"))), headers={"X-Slack-Request-Timestamp": "soon"}),
-            await post_to_app(settings, '{"type": "event_callback", "event": '),  # signed, but not JSON
-            await post_to_app(settings, json.dumps([event_callback(dm("hi"))])),  # signed JSON array
+            await fake.post(json.dumps(event_callback(dm("hi"))), headers={"X-Slack-Request-Timestamp": "soon"}),
+            await fake.post('{"type": "event_callback", "event": '),  # signed, but not JSON
+            await fake.post(json.dumps([event_callback(dm("hi"))])),  # signed JSON array
         ]
         async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{settings.slack.http_port}/slack/events"
             binary = bytes(range(256)) * 4
-            async with session.post(url, data=binary, headers={"Content-Type": "application/octet-stream"}) as response:
+            async with session.post(fake.request_url, data=binary, headers={"Content-Type": "application/octet-stream"}) as response:
                 answers.append(Answer(response.status, await response.text(), 0))
         health = await adapter_health(settings)
     assert [answer.status for answer in answers] == [400, 400, 400, 401]
@@ -264,7 +246,7 @@ async def test_past_a_persons_limit_the_message_gets_one_sentence_and_nothing_is
     settings = slack_settings().model_copy(update={"limits": LimitSettings(max_queued_per_author=2)})
     async with adapter(fake, redis, settings):  # no worker: the messages wait
         for text in ("one", "two", "three"):
-            assert (await post_to_app(settings, json.dumps(event_callback(dm(text))))).status == 200
+            await send_event(fake, dm(text))
         await fake.wait_for(lambda: fake.calls_to("chat.postMessage"))
     [told] = fake.calls_to("chat.postMessage")
     assert told.body["markdown_text"] == "You already have 2 messages waiting for an answer: please wait for them before sending more."
@@ -274,19 +256,22 @@ async def test_past_a_persons_limit_the_message_gets_one_sentence_and_nothing_is
 async def test_retried_delivery_gets_no_second_job_or_reply(redis, fake, tiny_engine):
     settings = slack_settings()
     event = dm("Tell me about strawberries.")
-    body = json.dumps(event_callback(event))
+    payload = event_callback(event)
+    body = json.dumps(payload)
     job_id = f"slack:{DM}-{event['ts']}"
     retry = {"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}
     async with adapter(fake, redis, settings):
-        assert (await post_to_app(settings, body)).status == 200
-        assert (await post_to_app(settings, body, headers=retry)).status == 200
+        [first] = await fake.deliver(payload)
+        assert first.status == 200
+        # Slack sends it again when the acknowledgement is lost on the way.
+        assert (await fake.post(body, headers=retry)).status == 200
         assert await job_keys(redis) == [f"chatbot:job:{job_id}"]
         assert await redis.llen(keys.conv_jobs(f"slack:{DM}:{event['ts']}")) == 1
         async with running_worker(redis, tiny_engine, settings):
             await answer_shown(fake, redis, job_id, before=0)
             # A retry after the answer is a no-op too: the job id is remembered as done.
             retry["X-Slack-Retry-Num"] = "2"
-            assert (await post_to_app(settings, body, headers=retry)).status == 200
+            assert (await fake.post(body, headers=retry)).status == 200
             assert await job_keys(redis) == []
     assert [e.kind for e in await reply_events(redis, "slack", job_id) if e.kind != "partial"] == ["final"]
     assert len(fake.messages_in(DM)) == 1 and len(fake.calls_to("assistant.threads.setStatus")) == 1
@@ -307,8 +292,7 @@ async def test_bot_edited_deleted_and_channel_messages_are_ignored(redis, fake):
     ]
     async with adapter(fake, redis, settings):
         for event in ignored:
-            answer = await post_to_app(settings, json.dumps(event_callback(event)))
-            assert answer.status == 200, (event, answer.body)
+            await send_event(fake, event)
     assert await job_keys(redis) == []
     assert fake.calls_to("chat.postMessage") == []
 
@@ -317,7 +301,7 @@ async def test_empty_message_is_answered_with_one_sentence_where_it_was_asked(re
     settings = slack_settings()
     thread = new_ts()
     async with adapter(fake, redis, settings):
-        await send_dm(settings, "   ", thread_ts=thread)
+        await send_dm(fake, "   ", thread_ts=thread)
         await fake.wait_for(lambda: fake.messages_in(DM))
     assert [(m.text, m.thread_ts) for m in fake.messages_in(DM)] == [(EMPTY_MESSAGE, thread)]
     assert await job_keys(redis) == []
@@ -326,15 +310,15 @@ async def test_empty_message_is_answered_with_one_sentence_where_it_was_asked(re
 async def test_two_threads_in_one_dm_are_two_conversations_and_reset_forgets_both(redis, fake, tiny_engine):
     settings = slack_settings()
     async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings) as worker:
-        first = await send_dm(settings, COLOUR_CONVERSATION[0])
+        first = await send_dm(fake, COLOUR_CONVERSATION[0])
         await answer_shown(fake, redis, first.job_id, before=0)
-        second = await send_dm(settings, "Tell me about strawberries.")  # a new top-level message: a new thread
+        second = await send_dm(fake, "Tell me about strawberries.")  # a new top-level message: a new thread
         await answer_shown(fake, redis, second.job_id, before=1)
         assert [m.thread_ts for m in fake.messages_in(DM)] == [first.ts, second.ts]
         assert [e.user.text for e in await history.load_exchanges(redis, first.conversation)] == [COLOUR_CONVERSATION[0]]
         assert [e.user.text for e in await history.load_exchanges(redis, second.conversation)] == ["Tell me about strawberries."]
 
-        reset = await post_to_app(settings, slash_command(), "application/x-www-form-urlencoded")
+        reset = await fake.post(slash_command(), "application/x-www-form-urlencoded")
         assert reset.status == 200 and reset.seconds < 3
         assert json.loads(reset.body) == {"response_type": "ephemeral", "text": RESET_DONE}
         assert await history.load_exchanges(redis, first.conversation) == []
@@ -343,11 +327,11 @@ async def test_two_threads_in_one_dm_are_two_conversations_and_reset_forgets_bot
         question = "What is my favorite color?"
         prompt = worker.builder.build(await history.load_exchanges(redis, first.conversation), question)
         assert prompt.kept_exchanges == 0 and "strawberry" not in prompt.text
-        later = await send_dm(settings, question, thread_ts=first.ts)  # the old thread, after the reset
+        later = await send_dm(fake, question, thread_ts=first.ts)  # the old thread, after the reset
         await answer_shown(fake, redis, later.job_id, before=2)
         assert [e.user.text for e in await history.load_exchanges(redis, first.conversation)] == [question]
 
-        in_channel = await post_to_app(settings, slash_command(CHANNEL, "general"), "application/x-www-form-urlencoded")
+        in_channel = await fake.post(slash_command(CHANNEL, "general"), "application/x-www-form-urlencoded")
         assert json.loads(in_channel.body) == {"response_type": "ephemeral", "text": RESET_IN_CHANNEL}
     assert fake.calls_to("chat.postEphemeral") == []  # the answer rode on the acknowledgement
 
@@ -355,9 +339,9 @@ async def test_two_threads_in_one_dm_are_two_conversations_and_reset_forgets_bot
 async def test_colour_conversation_keeps_its_history_in_its_thread(redis, fake, tiny_engine):
     settings = slack_settings()
     async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings) as worker:
-        first = await send_dm(settings, COLOUR_CONVERSATION[0])
+        first = await send_dm(fake, COLOUR_CONVERSATION[0])
         await answer_shown(fake, redis, first.job_id, before=0)
-        second = await send_dm(settings, COLOUR_CONVERSATION[1], thread_ts=first.ts)
+        second = await send_dm(fake, COLOUR_CONVERSATION[1], thread_ts=first.ts)
         await answer_shown(fake, redis, second.job_id, before=1)
         exchanges = await history.load_exchanges(redis, first.conversation)
         assert [e.user.text for e in exchanges] == COLOUR_CONVERSATION[:2]
@@ -365,7 +349,7 @@ async def test_colour_conversation_keeps_its_history_in_its_thread(redis, fake, 
         assert third.kept_exchanges == 2 and third.dropped_exchanges == 0
         for exchange in exchanges:
             assert exchange.user.text in third.text and exchange.assistant.text in third.text
-        await answer_shown(fake, redis, (await send_dm(settings, COLOUR_CONVERSATION[2], thread_ts=first.ts)).job_id, before=2)
+        await answer_shown(fake, redis, (await send_dm(fake, COLOUR_CONVERSATION[2], thread_ts=first.ts)).job_id, before=2)
     assert len(await history.load_exchanges(redis, first.conversation)) == 3
     assert {m.thread_ts for m in fake.messages_in(DM)} == {first.ts}
     assert list(fake.titles) == [(DM, first.ts)]  # titled once, when the thread started
@@ -380,7 +364,7 @@ async def test_mentions_are_answered_in_their_thread_with_the_author_named(redis
     ]
     async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings):
         for index, event in enumerate(mentions):
-            assert (await post_to_app(settings, json.dumps(event_callback(event)))).status == 200
+            await send_event(fake, event)
             await answer_shown(fake, redis, f"slack:{CHANNEL}-{event['ts']}", before=index, channel=CHANNEL)
     assert {m.thread_ts for m in fake.messages_in(CHANNEL)} == {first}
     exchanges = await history.load_exchanges(redis, f"slack:{CHANNEL}:{first}")
@@ -517,3 +501,67 @@ async def test_missing_tokens_fail_at_start_by_name(redis):
 def test_slack_markup_reads_as_plain_text():
     assert from_slack(f"<@{BOT_USER_ID}>  what is   <https://a.test/x|this> &amp; &lt;b&gt;?", drop_user=BOT_USER_ID) == "what is this (https://a.test/x) & <b>?"
     assert from_slack("ask <@U2BOB> in <#C1|general>, <!here> <https://a.test>") == "ask @U2BOB in #general, @here https://a.test"
+
+
+# --- the fake is as strict as Slack where the adapter could get it wrong ----------------------
+
+
+async def test_fake_slack_retries_an_event_the_app_fails_or_answers_late(fake):
+    answers = iter([web.Response(status=500), None, web.Response(status=200)])  # None: too late
+    received: list[dict[str, str]] = []
+
+    async def app(request: web.Request) -> web.Response:
+        assert SignatureVerifier(SIGNING_SECRET).is_valid_request(await request.read(), dict(request.headers))
+        received.append(dict(request.headers))
+        answer = next(answers)
+        if answer is None:
+            await asyncio.sleep(fake.ack_timeout_s * 2)
+            return web.Response(status=200)
+        return answer
+
+    server = web.Application()
+    server.router.add_post("/slack/events", app)
+    runner, port = await serve_locally(server)
+    fake.ack_timeout_s, fake.retry_delays_s = 0.3, (0.0, 0.1, 0.1)
+    fake.request_url = f"http://127.0.0.1:{port}/slack/events"
+    try:
+        answers_seen = await fake.deliver(event_callback(dm("Hello")))
+    finally:
+        await shut_down(runner, set())
+    assert [answer.status for answer in answers_seen] == [500, None, 200]
+    assert [(h.get("X-Slack-Retry-Num"), h.get("X-Slack-Retry-Reason")) for h in received] == [
+        (None, None), ("1", "http_error"), ("2", "http_timeout")
+    ]
+
+
+async def test_fake_slack_sends_an_unacknowledged_envelope_again(fake):
+    fake.ack_timeout_s, fake.retry_delays_s = 0.3, (0.0, 0.1, 0.1)
+    async with aiohttp.ClientSession() as session, session.ws_connect(f"ws://127.0.0.1:{fake.port}{SOCKET_PATH}") as socket:
+        assert (await socket.receive_json(timeout=5))["type"] == "hello"
+        sent = await fake.send_envelope("events_api", event_callback(dm("Hello")))
+        first = await socket.receive_json(timeout=5)
+        again = await socket.receive_json(timeout=5)  # not acknowledged: Slack sends it again
+        await socket.send_json({"envelope_id": again["envelope_id"]})
+        await fake.wait_for(lambda: fake.ack_of(again["envelope_id"]))
+    assert first["envelope_id"] == sent and (first["retry_attempt"], again["retry_attempt"]) == (0, 1)
+    assert again["retry_reason"] == "timeout" and again["payload"] == first["payload"]
+    assert len(fake.envelopes) == 2  # acknowledged: no third
+
+
+async def test_fake_slack_refuses_a_status_on_an_unknown_thread_and_blocks_it_does_not_know(fake):
+    client = web_client(SECRETS.get("SLACK_BOT_TOKEN"), base_url=fake.api_url)
+    with pytest.raises(SlackApiError, match="invalid_thread_ts"):
+        await client.assistant_threads_setStatus(channel_id=DM, thread_ts=new_ts(), status="is thinking…")
+    for blocks in (
+        [{"type": "carousel", "text": "x"}],  # not a block type
+        [{"type": "markdown"}],  # without its text
+        [{"type": "context_actions", "elements": [{"type": "feedback_buttons", "positive_button": {"value": "good 1"}}]}],
+        [{"type": "section", "text": {"type": "html", "text": "x"}}],  # not a text object
+    ):
+        with pytest.raises(SlackApiError, match="invalid_blocks"):
+            await client.chat_postMessage(channel=DM, text="x", blocks=blocks)
+    posted = await client.chat_postMessage(channel=DM, text="x", blocks=[
+        {"type": "section", "text": {"type": "mrkdwn", "text": "*x*"}}, {"type": "markdown", "text": "**x**"},
+    ])
+    await client.assistant_threads_setStatus(channel_id=DM, thread_ts=posted["ts"], status="is thinking…")
+    assert fake.status_now[(DM, posted["ts"])] == "is thinking…"

@@ -21,12 +21,11 @@ from tests.test_slack import (
     DM,
     adapter,
     answer_shown,
-    event_callback,
     fake,
     new_ts,
-    post_to_app,
     publish,
     send_dm,
+    send_event,
     slack_settings,
 )
 
@@ -103,7 +102,7 @@ async def test_suggested_prompts_when_the_messages_tab_opens(redis, fake):
     home = {**opened, "tab": "home", "event_ts": new_ts()}
     async with adapter(fake, redis, settings):
         for event in (home, opened):
-            assert (await post_to_app(settings, json.dumps(event_callback(event)))).status == 200
+            await send_event(fake, event)
         await fake.wait_for(lambda: fake.suggested)
     [suggested] = fake.suggested
     assert suggested["channel_id"] == DM and suggested["title"] == SlackSettings().prompts_title
@@ -132,11 +131,11 @@ def feedback_payload(value: str, action_ts: str) -> dict:
 async def test_a_feedback_click_is_stored_once_and_listed_with_question_and_answer(redis, redis_server, fake, tiny_engine, tmp_path):
     settings = slack_settings()
     async with adapter(fake, redis, settings), running_worker(redis, tiny_engine, settings):
-        sent = await send_dm(settings, "What is the capital of France?")
+        sent = await send_dm(fake, "What is the capital of France?")
         final = await answer_shown(fake, redis, sent.job_id, before=0)
         [buttons] = fake.messages_in(DM)[-1].feedback_buttons
         click = feedback_click(buttons["positive_button"]["value"], action_ts="1700000100.000001")
-        answers = [await post_to_app(settings, click, "application/x-www-form-urlencoded") for _ in range(2)]  # Slack retried it
+        answers = [await fake.post(click, "application/x-www-form-urlencoded") for _ in range(2)]  # sent twice
         assert [answer.status for answer in answers] == [200, 200] and all(answer.seconds < 3 for answer in answers)
         [vote] = await FeedbackStore(redis).recent(10)
         assert (vote.job_id, vote.user, vote.rating) == (sent.job_id, ALICE, "good")
@@ -144,7 +143,7 @@ async def test_a_feedback_click_is_stored_once_and_listed_with_question_and_answ
         assert await FeedbackStore(redis).counts() == {"good": 1, "bad": 0}
         # A changed mind replaces the rating rather than adding one.
         changed = feedback_click(buttons["negative_button"]["value"], action_ts="1700000200.000001")
-        assert (await post_to_app(settings, changed, "application/x-www-form-urlencoded")).status == 200
+        assert (await fake.post(changed, "application/x-www-form-urlencoded")).status == 200
     assert await FeedbackStore(redis).counts() == {"good": 0, "bad": 1}
     assert [vote.rating for vote in await FeedbackStore(redis).recent(10)] == ["bad", "good"]
 
@@ -198,8 +197,8 @@ def test_rate_limits_default_to_slacks_tiers_and_take_overrides():
 async def test_status_shows_the_queue_position_and_is_kept_until_the_answer_begins(redis, fake):
     settings = slack_settings(status_refresh_s=1)  # Slack drops a status after 2 minutes; 1 s here
     async with adapter(fake, redis, settings):  # no worker: the messages wait
-        first = await send_dm(settings, "First question")
-        second = await send_dm(settings, "Second question")
+        first = await send_dm(fake, "First question")
+        second = await send_dm(fake, "Second question")
 
         def statuses(sent) -> list[tuple[float, str]]:
             return [(call.at, call.body["status"]) for call in fake.calls_to("assistant.threads.setStatus") if call.body["thread_ts"] == sent.ts]
@@ -220,7 +219,7 @@ async def test_a_status_that_lands_after_the_answer_began_is_cleared(redis, fake
     settings = slack_settings()
     fake.delay("assistant.threads.setStatus", 2.0)  # the status is still on its way when the answer starts
     async with adapter(fake, redis, settings):
-        sent = await send_dm(settings, "Quick question")
+        sent = await send_dm(fake, "Quick question")
         await fake.wait_for(lambda: fake.calls_to("assistant.threads.setStatus"))
         await publish(redis, reply(sent.job_id.removeprefix("slack:"), "final", "Quick answer.", thread_reply(sent.ts)))
         await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == ["Quick answer."])

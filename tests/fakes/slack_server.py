@@ -9,22 +9,35 @@ markdown as written, edits applied. Streams follow the chat.startStream / append
 stopStream references: only in threads, with a recipient outside DMs, 12,000 characters a
 call, `message_not_in_streaming_state` once stopped or expired (a test sets after how many
 appends). The agent methods (assistant.threads.setStatus / setTitle / setSuggestedPrompts)
-are recorded, and a reply in a thread clears its status, as Slack does. `apps.connections.open`
-hands out this server's websocket URL; the socket greets with `hello`, a test pushes
-envelopes with `send_envelope`, and the client's acknowledgements are recorded.
+are recorded, and a reply in a thread clears its status, as Slack does; a status or title for a
+thread Slack has not seen (no message of that ts in that channel) is `invalid_thread_ts`. Blocks
+are checked against the Block Kit types the adapter uses: an unknown type or a missing required
+field is `invalid_blocks`.
+
+Events reach the app as Slack sends them. Over HTTP (`deliver`), a request signed with the
+app's signing secret goes to its Request URL and is retried, with X-Slack-Retry-Num and
+X-Slack-Retry-Reason, when the app answers non-2xx or not within `ack_timeout_s` (Slack's 3 s).
+Over Socket Mode, `apps.connections.open` hands out this server's websocket URL, the socket
+greets with `hello`, a test pushes envelopes with `send_envelope`, the client's acknowledgements
+are recorded, and an events_api envelope not acknowledged within `ack_timeout_s` is sent again
+with `retry_attempt` counting. Slack retries three times: at once, after a minute, after five
+(`retry_delays_s`, shorter in tests).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import WSMsgType, web
+from slack_sdk.signature import SignatureVerifier
 
 from tests.fakes.local_server import serve_locally, shut_down, wait_until
 
@@ -34,11 +47,22 @@ BOT_USER_ID = "U0BOT"
 BOT_ID = "B0BOT"
 USERS = {"U1ALICE": "Alice", "U2BOB": "Bob"}
 SOCKET_PATH = "/link"
+ACK_TIMEOUT_S = 3.0  # Slack retries an event the app has not acknowledged within this
+RETRY_DELAYS_S = (0.0, 60.0, 300.0)  # Slack's three retries: at once, after a minute, after five
 
 
 def shown(text: str) -> str:
     """What Slack displays for message text: its three escaped characters decoded."""
     return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+@dataclass
+class Answer:
+    """What the app answered one request Slack sent it."""
+
+    status: int | None  # None: no answer within the acknowledgement timeout
+    body: str
+    seconds: float
 
 
 @dataclass
@@ -104,11 +128,45 @@ def _content(body: dict) -> tuple[str, bool] | None:
     return None
 
 
+def _text_object(value: Any, types: tuple[str, ...] = ("plain_text", "mrkdwn")) -> bool:
+    return isinstance(value, dict) and value.get("type") in types and isinstance(value.get("text"), str) and bool(value["text"])
+
+
+def _feedback_button(value: Any) -> bool:
+    return isinstance(value, dict) and _text_object(value.get("text"), ("plain_text",)) and isinstance(value.get("value"), str)
+
+
+# Each Block Kit type the adapter sends, with what Slack requires of it.
+_ELEMENTS: dict[str, Callable[[dict], bool]] = {
+    "feedback_buttons": lambda e: _feedback_button(e.get("positive_button")) and _feedback_button(e.get("negative_button")),
+}
+_BLOCKS: dict[str, Callable[[dict], bool]] = {
+    "markdown": lambda b: isinstance(b.get("text"), str) and bool(b["text"]),
+    "section": lambda b: _text_object(b.get("text")) or bool(b.get("fields")),
+    "context_actions": lambda b: bool(b.get("elements")) and all(
+        isinstance(e, dict) and _ELEMENTS.get(e.get("type"), lambda _: False)(e) for e in b["elements"]
+    ),
+}
+
+
+def valid_blocks(blocks: Any) -> bool:
+    return isinstance(blocks, list) and all(
+        isinstance(block, dict) and _BLOCKS.get(block.get("type"), lambda _: False)(block) for block in blocks
+    )
+
+
 class FakeSlack:
-    def __init__(self) -> None:
+    def __init__(self, signing_secret: str = "", retry_delays_s: tuple[float, ...] = RETRY_DELAYS_S) -> None:
         self.calls: list[Call] = []
         self.messages: list[Message] = []
         self.acks: list[dict[str, Any]] = []
+        self.envelopes: list[dict[str, Any]] = []  # every envelope pushed, sent again ones included
+        self.signing_secret = signing_secret
+        self.request_url: str | None = None  # the app's Request URL, for HTTP mode
+        self.ack_timeout_s = ACK_TIMEOUT_S
+        self.retry_delays_s = retry_delays_s
+        self._seen: set[tuple[str, str]] = set()  # (channel, ts) of the messages Slack knows
+        self._redeliveries: set[asyncio.Task] = set()
         self.connections = 0
         self.port = 0
         self._ts = itertools.count(1)
@@ -135,6 +193,9 @@ class FakeSlack:
         return self
 
     async def stop(self) -> None:
+        for task in self._redeliveries:
+            task.cancel()
+        await asyncio.gather(*self._redeliveries, return_exceptions=True)
         await shut_down(self._runner, self._sockets)
 
     @property
@@ -220,6 +281,7 @@ class FakeSlack:
         ts = f"{1_700_000_000 + number}.{number:06d}"
         message = Message(channel, ts, thread_ts, raw, [time.monotonic()], markdown, blocks)
         self.messages.append(message)
+        self._seen.add((channel, ts))
         if thread_ts:
             self.status_now[(channel, thread_ts)] = ""  # Slack clears a thread's status when the app replies in it
         return message
@@ -238,6 +300,8 @@ class FakeSlack:
             return {"ok": False, "error": "msg_too_long"}
         if markdown and body.get("blocks"):
             return {"ok": False, "error": "invalid_arguments"}  # markdown_text cannot go with blocks
+        if body.get("blocks") and not valid_blocks(body["blocks"]):
+            return {"ok": False, "error": "invalid_blocks"}
         message = self._new_message(body["channel"], body.get("thread_ts"), raw, markdown, body.get("blocks") or [])
         return {"ok": True, "channel": message.channel, "ts": message.ts, "message": {"type": "message", "text": raw, "ts": message.ts}}
 
@@ -248,6 +312,8 @@ class FakeSlack:
         raw, markdown = _content(body) or ("", False)
         if len(raw) > 40_000:
             return {"ok": False, "error": "msg_too_long"}
+        if body.get("blocks") and not valid_blocks(body["blocks"]):
+            return {"ok": False, "error": "invalid_blocks"}
         message.raw, message.markdown, message.blocks = raw, markdown, body.get("blocks") or []
         message.streaming = False
         message.writes.append(time.monotonic())
@@ -296,6 +362,8 @@ class FakeSlack:
             return {"ok": False, "error": "message_not_found"}
         if not message.streaming:
             return {"ok": False, "error": "message_not_in_streaming_state"}
+        if body.get("blocks") and not valid_blocks(body["blocks"]):
+            return {"ok": False, "error": "invalid_blocks"}
         raw, _ = _content(body) or ("", True)
         message.raw += raw
         message.blocks = body.get("blocks") or []
@@ -306,6 +374,8 @@ class FakeSlack:
     def _assistant_threads_setStatus(self, body: dict) -> dict:
         if not body.get("channel_id") or not body.get("thread_ts") or "status" not in body:
             return {"ok": False, "error": "invalid_arguments"}
+        if (body["channel_id"], body["thread_ts"]) not in self._seen:
+            return {"ok": False, "error": "invalid_thread_ts"}
         self.statuses.append((body["channel_id"], body["thread_ts"], body["status"]))
         self.status_now[(body["channel_id"], body["thread_ts"])] = body["status"]
         return {"ok": True}
@@ -313,6 +383,8 @@ class FakeSlack:
     def _assistant_threads_setTitle(self, body: dict) -> dict:
         if not body.get("channel_id") or not body.get("thread_ts") or not body.get("title"):
             return {"ok": False, "error": "invalid_arguments"}
+        if (body["channel_id"], body["thread_ts"]) not in self._seen:
+            return {"ok": False, "error": "invalid_thread_ts"}
         self.titles[(body["channel_id"], body["thread_ts"])] = body["title"]
         return {"ok": True}
 
@@ -328,17 +400,77 @@ class FakeSlack:
     def _chat_postEphemeral(self, body: dict) -> dict:
         return {"ok": True, "message_ts": f"{time.time():.6f}"}
 
+    def _remember(self, payload: dict[str, Any]) -> None:
+        """A person's message Slack sends the app is one Slack knows, and so is the thread it is in."""
+        event = payload.get("event") or {}
+        for ts in (event.get("ts"), event.get("thread_ts")):
+            if event.get("channel") and ts:
+                self._seen.add((event["channel"], ts))
+
+    # --- HTTP mode ------------------------------------------------------------------------
+
+    async def post(
+        self, body: str, content_type: str = "application/json", *,
+        timestamp: int | None = None, secret: str | None = None, headers: dict[str, str] | None = None,
+    ) -> Answer:
+        """One request to the app's Request URL, signed as Slack signs it (another secret or timestamp: a forgery)."""
+        stamp = str(int(time.time()) if timestamp is None else timestamp)
+        signature = SignatureVerifier(self.signing_secret if secret is None else secret).generate_signature(timestamp=stamp, body=body)
+        sent = {"Content-Type": content_type, "X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": signature, **(headers or {})}
+        started = time.monotonic()
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.ack_timeout_s)) as session:
+                async with session.post(self.request_url, data=body.encode(), headers=sent) as response:
+                    return Answer(response.status, await response.text(), time.monotonic() - started)
+        except asyncio.TimeoutError:
+            return Answer(None, "", time.monotonic() - started)
+
+    async def deliver(self, payload: dict[str, Any]) -> list[Answer]:
+        """Send an Events API payload as Slack does over HTTP; returns every attempt's answer, retries included."""
+        self._remember(payload)
+        body = json.dumps(payload)
+        answers = [await self.post(body)]
+        for retry, delay in enumerate(self.retry_delays_s, start=1):
+            if answers[-1].status is not None and answers[-1].status < 300:
+                break
+            await asyncio.sleep(delay)
+            reason = "http_timeout" if answers[-1].status is None else "http_error"
+            answers.append(await self.post(body, headers={"X-Slack-Retry-Num": str(retry), "X-Slack-Retry-Reason": reason}))
+        return answers
+
     # --- Socket Mode ----------------------------------------------------------------------
 
     async def send_envelope(self, kind: str, payload: dict[str, Any]) -> str:
-        """Push one envelope (events_api, slash_commands, ...) to every connected client."""
+        """Push one envelope (events_api, slash_commands, ...) to every connected client.
+
+        Slack sends an event again until it is acknowledged; commands and clicks it does not
+        (the person sees an error instead).
+        """
+        self._remember(payload)
+        envelope_id = await self._push(kind, payload, retry_attempt=0, retry_reason="")
+        if kind == "events_api":
+            task = asyncio.create_task(self._send_again_unless_acknowledged(kind, payload, envelope_id))
+            self._redeliveries.add(task)
+            task.add_done_callback(self._redeliveries.discard)
+        return envelope_id
+
+    async def _push(self, kind: str, payload: dict[str, Any], retry_attempt: int, retry_reason: str) -> str:
         envelope_id = str(uuid.uuid4())
-        envelope = {"envelope_id": envelope_id, "type": kind, "payload": payload,
-                    "accepts_response_payload": kind != "events_api", "retry_attempt": 0, "retry_reason": ""}
+        envelope = {"envelope_id": envelope_id, "type": kind, "payload": payload, "accepts_response_payload": kind != "events_api",
+                    "retry_attempt": retry_attempt, "retry_reason": retry_reason}
         await self.wait_for(lambda: self._sockets)
+        self.envelopes.append(envelope)
         for socket in list(self._sockets):
             await socket.send_json(envelope)
         return envelope_id
+
+    async def _send_again_unless_acknowledged(self, kind: str, payload: dict[str, Any], envelope_id: str) -> None:
+        for attempt, delay in enumerate(self.retry_delays_s, start=1):
+            await asyncio.sleep(self.ack_timeout_s)
+            if self.ack_of(envelope_id):
+                return
+            await asyncio.sleep(delay)
+            envelope_id = await self._push(kind, payload, retry_attempt=attempt, retry_reason="timeout")
 
     def ack_of(self, envelope_id: str) -> dict[str, Any] | None:
         return next((ack for ack in self.acks if ack.get("envelope_id") == envelope_id), None)
