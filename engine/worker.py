@@ -27,7 +27,7 @@ from contract.work import Claim, WorkQueue
 from engine.prompts import Prompt, PromptBuilder
 from engine.serving.engine import Engine, on_model_thread
 from engine.serving.scheduler import Scheduler, Slot
-from service.config import Settings
+from service.config import HistorySettings, Settings
 from service.observability import (
     ACTIVE_SLOTS,
     GENERATED_TOKENS,
@@ -70,15 +70,99 @@ class StepTimedOut(Stuck):
 
 
 @dataclass
-class Task:
-    """What the worker keeps about a job while it holds a slot."""
+class Answer:
+    """What the worker keeps about a job while its answer is written in a slot (the slot keeps the tokens)."""
 
     job: Job
     prompt: Prompt
     claimed_at: float  # wall clock, comparable with job.submitted_at
     published_at: float  # monotonic: when the last partial went out
     first_token_at: float | None = None  # wall clock
-    partial_failed: bool = False
+    partial_failed: bool = False  # a failed partial is logged once, not once per step
+
+
+def shown_text(answer: Answer, text: str) -> str:
+    """The reply as posted: the user is told when their message was cut to fit the context."""
+    return f"{answer.prompt.cut.notice()}\n\n{text}" if answer.prompt.cut else text
+
+
+def record_answered(slot: Slot[Answer], done: float) -> None:
+    """Metrics and the log line of an answered job, its times measured from submission."""
+    answer, job = slot.payload, slot.payload.job
+    first = answer.first_token_at or done
+    GENERATED_TOKENS.inc(len(slot.tokens))
+    TIME_TO_FIRST_TOKEN.observe(max(0.0, first - job.submitted_at))
+    TIME_TO_FINAL.observe(max(0.0, done - job.submitted_at))
+    log.info(
+        "job answered",
+        extra={
+            "job": job.id,
+            "conversation": job.conversation,
+            "prompt_tokens": len(answer.prompt.ids),
+            "dropped_turns": 2 * answer.prompt.dropped_exchanges,
+            "cut": bool(answer.prompt.cut),
+            "new_tokens": len(slot.tokens),
+            "queue_s": round(answer.claimed_at - job.submitted_at, 3),
+            "ttft_s": round(first - job.submitted_at, 3),
+            "total_s": round(done - job.submitted_at, 3),
+            "tokens_per_s": round(len(slot.tokens) / (done - first), 1) if done > first else None,
+            "attempt": job.attempts,
+        },
+    )
+
+
+class Publisher:
+    """A worker's writes to Redis: answers, partials while the lease is its own, jobs handed back."""
+
+    def __init__(self, queue: WorkQueue, owner: str, history: HistorySettings, stopping: asyncio.Event):
+        self.queue = queue
+        self.owner = owner
+        self.history = history
+        self.stopping = stopping
+
+    async def answer(self, job: Job, kind: str, text: str, turns=()) -> None:
+        event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind=kind, text=text, reply_to=job.reply_to)
+        try:
+            # Keep trying while serving: the answer is worth the wait. Once stopping, the lease
+            # runs out instead and the job is answered again by the next worker.
+            answered = await with_backoff(
+                lambda: self.queue.complete(job, event, list(turns), self.history.max_turns, self.history.ttl_seconds),
+                "complete",
+                give_up=self.stopping.is_set,
+            )
+        except REDIS_DOWN:
+            log.warning("answer not recorded before shutdown; the job will be delivered again", extra={"job": job.id})
+            return
+        except RedisError:
+            # Only this job fails (Redis refused the write: OOM, READONLY, MISCONF, a damaged key); it stays
+            # leased to this worker until the lease expires, then is delivered again.
+            log.exception("redis refused the answer", extra={"job": job.id})
+            return
+        if not answered:
+            log.info("job was answered before; reply not repeated", extra={"job": job.id})
+        else:
+            JOBS.labels("answered" if kind == "final" else "failed").inc()
+
+    async def partial(self, answer: Answer, text: str) -> bool:
+        """Stream the answer so far; False once the job is no longer this worker's (answered or taken over)."""
+        try:
+            return await self.queue.publish_partial(answer.job, text, self.owner)
+        except REDIS_DOWN:
+            return True  # a partial is only a preview: the final reply carries the whole text
+        except RedisError as error:
+            if not answer.partial_failed:
+                log.error("could not stream a partial answer", extra={"job": answer.job.id, "error": str(error)})
+                answer.partial_failed = True
+            return True
+
+    async def hand_back(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        try:
+            await with_backoff(lambda: self.queue.release(jobs), "release", give_up=after(RELEASE_PATIENCE_S))
+            log.info("handed jobs back on shutdown", extra={"jobs": [job.id for job in jobs]})
+        except REDIS_DOWN:
+            log.warning("could not hand jobs back; their leases expire instead", extra={"jobs": [job.id for job in jobs]})
 
 
 class Worker:
@@ -89,10 +173,11 @@ class Worker:
         self.owner = owner
         self.queue = WorkQueue(redis, settings.queue.visibility_timeout_s, settings.queue.reply_stream_maxlen)
         self.builder = PromptBuilder(engine.tokenizer, settings.system_prompt, settings.model.max_prompt_tokens)
-        self.scheduler = Scheduler(
+        self.scheduler: Scheduler[Answer] = Scheduler(
             engine, settings.generation.max_new_tokens, settings.model.admission, settings.model.max_prefills_per_step
         )
         self.stopping = asyncio.Event()
+        self.publisher = Publisher(self.queue, owner, settings.history, self.stopping)
         self._heartbeat_at = 0.0
         self._turn_at = time.monotonic()  # when the serving loop last came round
         room = engine.sequence_length - settings.model.max_prompt_tokens
@@ -143,7 +228,7 @@ class Worker:
                         self._claim(self.scheduler.room_after_step()), self._model_call(self.scheduler.step)
                     )
                     await self._after_step(ended)
-            await self._hand_back([slot.payload.job for slot in self.scheduler.live] + [claim.job for claim in claims])
+            await self.publisher.hand_back([slot.payload.job for slot in self.scheduler.live] + [claim.job for claim in claims])
         finally:
             for slot in self.scheduler.live:
                 self.scheduler.free(slot)
@@ -171,22 +256,22 @@ class Worker:
             JOBS.labels("redelivered").inc()
         if job.attempts > MAX_ATTEMPTS:
             log.error("job failed too often", extra={"job": job.id, "attempts": job.attempts})
-            await self._answer(job, "error", GAVE_UP)
+            await self.publisher.answer(job, "error", GAVE_UP)
             return
         if is_blank(job.text):
-            await self._answer(job, "error", EMPTY_MESSAGE)
+            await self.publisher.answer(job, "error", EMPTY_MESSAGE)
             return
         try:
             prompt = self.builder.build(claim.history, job.text, job.author)
-            task = Task(job, prompt, claimed_at=claimed_at, published_at=time.monotonic())
-            slot = await self._model_call(self.scheduler.admit, prompt.ids, task)
+            answer = Answer(job, prompt, claimed_at=claimed_at, published_at=time.monotonic())
+            slot = await self._model_call(self.scheduler.admit, prompt.ids, answer)
         except StepTimedOut:
             raise
         except Exception:
             log.exception("could not start generating", extra={"job": job.id})
-            await self._answer(job, "error", MODEL_FAILED)
+            await self.publisher.answer(job, "error", MODEL_FAILED)
             return
-        task.first_token_at = time.time()
+        answer.first_token_at = time.time()
         if slot.ended:
             await self._finish(slot)
 
@@ -230,7 +315,7 @@ class Worker:
 
     # --- after each step --------------------------------------------------------------------
 
-    async def _after_step(self, ended: list[Slot]) -> None:
+    async def _after_step(self, ended: list[Slot[Answer]]) -> None:
         for slot in ended:
             await self._finish(slot)
         await self._heartbeat()
@@ -240,94 +325,23 @@ class Worker:
         if due:
             await asyncio.gather(*(self._publish_partial(slot, now) for slot in due))
 
-    async def _publish_partial(self, slot: Slot, now: float) -> None:
-        task: Task = slot.payload
-        task.published_at = now
+    async def _publish_partial(self, slot: Slot[Answer], now: float) -> None:
+        slot.payload.published_at = now
         text = readable_text(self.engine.tokenizer, slot.tokens)
-        if not text:
-            return
-        try:
-            still_ours = await self.queue.publish_partial(task.job, text, self.owner)
-        except REDIS_DOWN:
-            return  # a partial is only a preview: the final reply carries the whole text
-        except RedisError as error:
-            if not task.partial_failed:
-                log.error("could not stream a partial answer", extra={"job": task.job.id, "error": str(error)})
-                task.partial_failed = True
-            return
-        if not still_ours:
-            log.warning("job answered or taken over elsewhere; generation dropped", extra={"job": task.job.id})
+        if text and not await self.publisher.partial(slot.payload, text):
+            log.warning("job answered or taken over elsewhere; generation dropped", extra={"job": slot.payload.job.id})
             self.scheduler.free(slot)
 
-    async def _finish(self, slot: Slot) -> None:
+    async def _finish(self, slot: Slot[Answer]) -> None:
+        answer = slot.payload
         try:
-            await self._answer_slot(slot)
+            text = readable_text(self.engine.tokenizer, slot.tokens)
+            if not text:
+                await self.publisher.answer(answer.job, "error", EMPTY_ANSWER)
+                return
+            turns = list(self.builder.exchange_turns(answer.prompt.user_content, text, answer.job.author))
+            await self.publisher.answer(answer.job, "final", shown_text(answer, text), turns)
+            record_answered(slot, time.time())
         except Exception:
             # Only this job fails; it stays leased to this worker until the lease expires, then is delivered again.
-            log.exception("could not finish the answer", extra={"job": slot.payload.job.id})
-
-    async def _answer_slot(self, slot: Slot) -> None:
-        task: Task = slot.payload
-        text = readable_text(self.engine.tokenizer, slot.tokens)
-        if not text:
-            await self._answer(task.job, "error", EMPTY_ANSWER)
-            return
-        turns = list(self.builder.exchange_turns(task.prompt.user_content, text, task.job.author))
-        shown = f"{task.prompt.cut.notice()}\n\n{text}" if task.prompt.cut else text
-        await self._answer(task.job, "final", shown, turns)
-        done = time.time()
-        first = task.first_token_at or done
-        GENERATED_TOKENS.inc(len(slot.tokens))
-        TIME_TO_FIRST_TOKEN.observe(max(0.0, first - task.job.submitted_at))
-        TIME_TO_FINAL.observe(max(0.0, done - task.job.submitted_at))
-        log.info(
-            "job answered",
-            extra={
-                "job": task.job.id,
-                "conversation": task.job.conversation,
-                "prompt_tokens": len(task.prompt.ids),
-                "dropped_turns": 2 * task.prompt.dropped_exchanges,
-                "cut": bool(task.prompt.cut),
-                "new_tokens": len(slot.tokens),
-                "queue_s": round(task.claimed_at - task.job.submitted_at, 3),
-                "ttft_s": round(first - task.job.submitted_at, 3),
-                "total_s": round(done - task.job.submitted_at, 3),
-                "tokens_per_s": round(len(slot.tokens) / (done - first), 1) if done > first else None,
-                "attempt": task.job.attempts,
-            },
-        )
-
-    # --- Redis ------------------------------------------------------------------------------
-
-    async def _hand_back(self, jobs: list[Job]) -> None:
-        if not jobs:
-            return
-        try:
-            await with_backoff(lambda: self.queue.release(jobs), "release", give_up=after(RELEASE_PATIENCE_S))
-            log.info("handed jobs back on shutdown", extra={"jobs": [job.id for job in jobs]})
-        except REDIS_DOWN:
-            log.warning("could not hand jobs back; their leases expire instead", extra={"jobs": [job.id for job in jobs]})
-
-    async def _answer(self, job: Job, kind: str, text: str, turns=()) -> None:
-        event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind=kind, text=text, reply_to=job.reply_to)
-        history = self.settings.history
-        try:
-            # Keep trying while serving: the answer is worth the wait. Once stopping, the lease
-            # runs out instead and the job is answered again by the next worker.
-            answered = await with_backoff(
-                lambda: self.queue.complete(job, event, list(turns), history.max_turns, history.ttl_seconds),
-                "complete",
-                give_up=self.stopping.is_set,
-            )
-        except REDIS_DOWN:
-            log.warning("answer not recorded before shutdown; the job will be delivered again", extra={"job": job.id})
-            return
-        except RedisError:
-            # Only this job fails (Redis refused the write: OOM, READONLY, MISCONF, a damaged key); it stays
-            # leased to this worker until the lease expires, then is delivered again.
-            log.exception("redis refused the answer", extra={"job": job.id})
-            return
-        if not answered:
-            log.info("job was answered before; reply not repeated", extra={"job": job.id})
-        else:
-            JOBS.labels("answered" if kind == "final" else "failed").inc()
+            log.exception("could not finish the answer", extra={"job": answer.job.id})

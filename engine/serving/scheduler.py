@@ -2,17 +2,18 @@
 
 Modelled on optimum-neuron's vLLM runner: a fixed table of slots, a new prompt takes the first
 free one, a sequence leaves the moment it ends and its slot is reused by the next prompt.
-The caller (the worker) decides what a sequence is for; here it is an opaque `payload`.
+The caller decides what a sequence is for: each slot carries the caller's `payload`, of its own type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Generic, Literal, TypeVar
 
 from engine.serving.engine import Engine
 
 Admission = Literal["continuous", "whole_batch"]
+P = TypeVar("P")
 
 
 class OutOfContext(ValueError):
@@ -28,25 +29,25 @@ def clamp_new_tokens(prompt_tokens: int, requested: int, sequence_length: int) -
 
 
 @dataclass
-class Slot:
+class Slot(Generic[P]):
     index: int
-    payload: Any
+    payload: P
     limit: int  # most new tokens this sequence may have
     tokens: list[int] = field(default_factory=list)  # the output so far, end-of-turn token excluded
     ended: bool = False
 
 
-class Scheduler:
+class Scheduler(Generic[P]):
     def __init__(self, engine: Engine, max_new_tokens: int, admission: Admission = "continuous", max_prefills_per_step: int = 1):
         self.engine = engine
         self.max_new_tokens = max_new_tokens
         self.admission = admission
         self.max_prefills_per_step = max_prefills_per_step
-        self.slots: list[Slot | None] = [None] * engine.batch_size
+        self.slots: list[Slot[P] | None] = [None] * engine.batch_size
         self._prefills_since_step = 0
 
     @property
-    def live(self) -> list[Slot]:
+    def live(self) -> list[Slot[P]]:
         return [slot for slot in self.slots if slot is not None]
 
     def room(self) -> int:
@@ -62,7 +63,7 @@ class Scheduler:
             return 0  # a batch still runs; once it has ended, room() says so
         return min(self.slots.count(None), self.max_prefills_per_step)
 
-    def admit(self, prompt: list[int], payload: Any) -> Slot:
+    def admit(self, prompt: list[int], payload: P) -> Slot[P]:
         """Prefill `prompt` into the first free slot; the returned slot holds its first token (or has ended)."""
         index = self.slots.index(None)
         slot = Slot(index, payload, clamp_new_tokens(len(prompt), self.max_new_tokens, self.engine.sequence_length))
@@ -75,7 +76,7 @@ class Scheduler:
             raise
         return slot
 
-    def step(self) -> list[Slot]:
+    def step(self) -> list[Slot[P]]:
         """One decode step for every live slot; returns the slots whose sequences ended (already freed)."""
         live = self.live
         self._prefills_since_step = 0
@@ -85,13 +86,13 @@ class Scheduler:
             self._advance(slot, token)
         return [slot for slot in live if slot.ended]
 
-    def free(self, slot: Slot) -> None:
+    def free(self, slot: Slot[P]) -> None:
         """Take a sequence out of the batch, ended or not (its job was handed back or taken over)."""
         if self.slots[slot.index] is slot:
             self.slots[slot.index] = None
             self.engine.release(slot.index)
 
-    def _advance(self, slot: Slot, token: int) -> None:
+    def _advance(self, slot: Slot[P], token: int) -> None:
         if token in self.engine.end_ids:
             slot.ended = True
         else:
