@@ -21,8 +21,8 @@ from aiohttp import web
 from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 
-from bot.slack.app import build_app, run_slack, serve, web_client
-from bot.slack.handlers import RESET_DONE, RESET_IN_CHANNEL
+from bot.slack.app import build_app, receiving, run_slack, serve, slack_tokens, web_client
+from bot.slack.handlers import RESET_DONE, RESET_IN_CHANNEL, UNAVAILABLE
 from bot.slack.messages import from_slack
 from bot.slack.outbox import LIMIT
 from bot.slack.settings import SlackSettings
@@ -30,6 +30,7 @@ from contract import history, keys
 from contract.jobs import EMPTY_MESSAGE, ReplyEvent
 from contract.replies import reply_stream
 from service.config import ConfigError, LimitSettings, Secrets, Settings
+from service.redis_client import connect
 from service.tasks import cancel_until_done
 from tests.conftest import final_event, free_port, reply_events, running_worker, tiny_settings
 from tests.fakes.local_server import serve_locally, shut_down
@@ -74,13 +75,14 @@ async def fake():
 
 
 @contextlib.asynccontextmanager
-async def adapter(fake: FakeSlack, redis, settings: Settings):
-    """The real adapter (`serve`), its Web API client pointed at the fake, until the block ends."""
+async def adapter(fake: FakeSlack, redis, settings: Settings, delivering: bool = True):
+    """The real adapter (`serve`), its Web API client pointed at the fake, until the block ends;
+    without `delivering`, only its listeners: bolt receiving Slack's requests."""
     client = web_client(SECRETS.get("SLACK_BOT_TOKEN"), base_url=fake.api_url)
     bot = build_app(settings, SECRETS, redis, client=client)
     connections = fake.connections
     fake.request_url = f"http://127.0.0.1:{settings.slack.http_port}/slack/events"
-    task = asyncio.create_task(serve(bot, settings, SECRETS, redis))
+    task = asyncio.create_task(serve(bot, settings, SECRETS, redis) if delivering else listening(bot.app, settings))
 
     async def ready() -> bool:
         if task.done():
@@ -101,6 +103,11 @@ async def adapter(fake: FakeSlack, redis, settings: Settings):
         yield bot
     finally:
         await cancel(task)
+
+
+async def listening(app, settings: Settings) -> None:
+    async with receiving(app, settings, slack_tokens(settings, SECRETS)):
+        await asyncio.Event().wait()  # until cancelled
 
 
 async def cancel(task: asyncio.Task) -> None:
@@ -251,6 +258,47 @@ async def test_past_a_persons_limit_the_message_gets_one_sentence_and_nothing_is
     [told] = fake.calls_to("chat.postMessage")
     assert told.body["markdown_text"] == "You already have 2 messages waiting for an answer: please wait for them before sending more."
     assert len(await job_keys(redis)) == 2
+
+
+@contextlib.asynccontextmanager
+async def redis_refusing_writes(redis):
+    """Redis full: past maxmemory, with nothing to evict, it refuses every write (OOM) until the block ends."""
+    saved = await redis.config_get("maxmemory*")
+    await redis.config_set("maxmemory-policy", "noeviction")
+    await redis.config_set("maxmemory", 1)
+    try:
+        yield
+    finally:
+        await redis.config_set("maxmemory", saved["maxmemory"])
+        await redis.config_set("maxmemory-policy", saved["maxmemory-policy"])
+
+
+async def test_with_redis_full_a_message_gets_one_apology_and_is_acknowledged(redis, fake):
+    settings = slack_settings()
+    event = dm("Hello while Redis is full")
+    # Listeners only: a full Redis also stops reply delivery (contract/reply_shards.py), a defect of its own.
+    async with adapter(fake, redis, settings, delivering=False):
+        async with redis_refusing_writes(redis):
+            answers = await fake.deliver(event_callback(event))
+            await fake.wait_for(lambda: fake.messages_in(DM))
+    assert [answer.status for answer in answers] == [200]  # acknowledged: Slack does not send it again
+    assert [(m.text, m.thread_ts) for m in fake.messages_in(DM)] == [(UNAVAILABLE, event["ts"])]
+    assert await job_keys(redis) == []
+
+
+async def test_with_redis_down_a_message_gets_one_apology_and_is_acknowledged(fake):
+    settings = slack_settings(mode="socket")
+    down = connect(f"redis://127.0.0.1:{free_port()}")  # nothing listens there
+    event = dm("Hello while Redis is down")
+    try:
+        async with adapter(fake, down, settings):
+            envelope = await fake.send_envelope("events_api", event_callback(event))
+            await fake.wait_for(lambda: fake.ack_of(envelope), timeout=fake.ack_timeout_s)  # before Slack sends it again
+            await fake.wait_for(lambda: fake.messages_in(DM))
+    finally:
+        await down.aclose()
+    assert len(fake.envelopes) == 1
+    assert [(m.text, m.thread_ts) for m in fake.messages_in(DM)] == [(UNAVAILABLE, event["ts"])]
 
 
 async def test_retried_delivery_gets_no_second_job_or_reply(redis, fake, tiny_engine):

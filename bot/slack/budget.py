@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 CALL_FAILED = (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError)
 # What a best-effort call (a status, a title, a name lookup) may meet; the caller logs it and goes on.
 SLACK_FAILED = (*CALL_FAILED, Deferred)
+REDIS_FAILED = (*REDIS_DOWN, RedisError)  # Redis down, or refusing writes (full, read-only)
 BURST_MINUTES = 0.25  # a bucket holds this much of a minute's calls
 
 # Returns 0 when a call was taken, else the milliseconds until one will be there.
@@ -71,7 +73,7 @@ class SlackBudget:
         while True:
             try:
                 wait_ms = int(await self._take(keys=[keys.slack_budget(scope, method)], args=[rate / 60_000, capacity]))
-            except REDIS_DOWN as error:
+            except REDIS_FAILED as error:
                 # The budget only paces calls: without Redis, Slack's own 429s still do.
                 log.warning("rate budget unavailable", extra={"method": method, "error": str(error)})
                 return True
@@ -87,7 +89,7 @@ class SlackBudget:
         PLATFORM_ERRORS.labels("slack", f"ratelimited:{method}").inc()
         try:
             await self._pause(keys=[keys.slack_budget(scope, method)], args=[int(retry_after_s * 1000)])
-        except REDIS_DOWN as error:
+        except REDIS_FAILED as error:
             log.warning("rate budget unavailable", extra={"method": method, "error": str(error)})
 
 

@@ -10,7 +10,7 @@ from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.delivery import Part
-from bot.slack.budget import SLACK_FAILED
+from bot.slack.budget import REDIS_FAILED, SLACK_FAILED
 from bot.slack.messages import PLATFORM, Incoming, direct_message, mention
 from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox, feedback_value
 from bot.slack.settings import SlackSettings
@@ -19,12 +19,12 @@ from bot.titles import thread_title
 from contract import history, keys
 from contract.feedback import RATINGS, FeedbackStore
 from contract.intake import Intake
-from contract.jobs import RejectedMessage
+from contract.jobs import Conversation, RejectedMessage
 from service.observability import FEEDBACK
-from service.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
+UNAVAILABLE = "Sorry, I cannot take messages right now. Please try again in a minute."
 RESET_DONE = "Done: I have forgotten our conversations."
 RESET_IN_CHANNEL = "In channels every thread is its own conversation: mention me in a new thread to start afresh."
 RESET_FAILED = "Sorry, the conversations could not be reset right now. Please try again later."
@@ -71,7 +71,7 @@ class Background:
     async def _best_effort(what: str, call: Awaitable) -> None:
         try:
             await call
-        except (*SLACK_FAILED, *REDIS_DOWN) as error:
+        except (*SLACK_FAILED, *REDIS_FAILED) as error:
             log.info("slack call skipped", extra={"what": what, "error": str(error) or type(error).__name__})
 
 
@@ -106,11 +106,6 @@ class SlackListeners:
         if incoming is None:
             log.debug("message event ignored", extra={"subtype": event.get("subtype"), "channel_type": event.get("channel_type")})
             return
-        # Remembered before queueing: a /reset racing this message must find its thread.
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(keys.slack_dm_threads(incoming.conversation.channel), incoming.conversation.key)
-            pipe.expire(keys.slack_dm_threads(incoming.conversation.channel), DM_THREADS_TTL_S)
-            await pipe.execute()
         await self.submit(incoming, author=None)
 
     async def on_mention(self, event: dict, context: AsyncBoltContext) -> None:
@@ -148,7 +143,7 @@ class SlackListeners:
             return
         try:
             forgotten = await asyncio.wait_for(self.reset_dm(command["channel_id"]), RESET_TIMEOUT_S)
-        except (asyncio.TimeoutError, *REDIS_DOWN) as error:
+        except (asyncio.TimeoutError, *REDIS_FAILED) as error:
             log.error("reset failed", extra={**who, "error": str(error) or type(error).__name__})
             await ack(response_type="ephemeral", text=RESET_FAILED)
             return
@@ -163,16 +158,28 @@ class SlackListeners:
             await self.redis.srem(keys.slack_dm_threads(channel), conversation)
         return len(conversations)
 
+    async def remember_dm_thread(self, conversation: Conversation) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(keys.slack_dm_threads(conversation.channel), conversation.key)
+            pipe.expire(keys.slack_dm_threads(conversation.channel), DM_THREADS_TTL_S)
+            await pipe.execute()
+
     async def submit(self, incoming: Incoming, author: str | None) -> None:
         reply_to = incoming.reply_to
         try:
+            if incoming.in_dm:  # remembered before queueing: a /reset racing this message must find its thread
+                await self.remember_dm_thread(incoming.conversation)
             submitted = await self.queue.submit(
                 incoming.conversation, incoming.message_id, incoming.text, author, reply_to, author_id=incoming.user
             )
         except RejectedMessage as rejected:
             log.info("message refused", extra={"slack_message": incoming.message_id, "reason": str(rejected)})
-            # After the acknowledgement: a post held by Slack's rate limit must not make Slack redeliver the event.
-            self.background.run("refusal", self.outbox.post(Part(f"{PLATFORM}:{incoming.message_id}", reply_to, str(rejected))))
+            self.tell(incoming, str(rejected))
+            return
+        except REDIS_FAILED as error:
+            # Answered and acknowledged: an error would make Slack send the event again, into a second apology.
+            log.error("could not queue a message", extra={"slack_message": incoming.message_id, "error": str(error)})
+            self.tell(incoming, UNAVAILABLE)
             return
         log.info(
             "retried delivery ignored" if submitted.duplicate else "message queued",
@@ -186,3 +193,8 @@ class SlackListeners:
             self.background.run("title", self.client.assistant_threads_setTitle(
                 channel_id=reply_to["channel"], thread_ts=reply_to["thread_ts"], title=thread_title(incoming.text)
             ))
+
+    def tell(self, incoming: Incoming, text: str) -> None:
+        """One sentence in the message's thread, after the acknowledgement: a post held by Slack's rate
+        limit must not make Slack deliver the event again."""
+        self.background.run("reply", self.outbox.post(Part(f"{PLATFORM}:{incoming.message_id}", incoming.reply_to, text)))

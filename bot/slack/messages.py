@@ -24,6 +24,7 @@ class Incoming:
     text: str
     user: str | None
     reply_to: dict[str, str]  # channel and thread_ts; team and user, for streaming and rate budgets
+    in_dm: bool
     starts_thread: bool  # a top-level DM message: it opens a new thread, and a new conversation
 
 
@@ -35,13 +36,15 @@ def _answerable(event: dict) -> bool:
 def _incoming(event: dict, team: str | None, text: str) -> Incoming:
     channel, thread = event["channel"], event.get("thread_ts") or event["ts"]
     user = event.get("user")
+    in_dm = event.get("channel_type") == "im"
     return Incoming(
         conversation=Conversation(platform=PLATFORM, channel=channel, thread=thread),
         message_id=f"{channel}-{event['ts']}",
         text=text,
         user=user,
         reply_to={"channel": channel, "thread_ts": thread, **({"team": team} if team else {}), **({"user": user} if user else {})},
-        starts_thread=event.get("channel_type") == "im" and "thread_ts" not in event,
+        in_dm=in_dm,
+        starts_thread=in_dm and "thread_ts" not in event,
     )
 
 
