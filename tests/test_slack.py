@@ -22,12 +22,13 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 
 from bot.slack.app import build_app, receiving, run_slack, serve, slack_tokens, web_client
+from bot.slack.files import NOT_READABLE
 from bot.slack.handlers import RESET_DONE, RESET_IN_CHANNEL, UNAVAILABLE
 from bot.slack.messages import from_slack
 from bot.slack.outbox import LIMIT
 from bot.slack.settings import SlackSettings
 from contract import history, keys
-from contract.jobs import EMPTY_MESSAGE, ReplyEvent
+from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent
 from contract.replies import reply_stream
 from service.config import ConfigError, LimitSettings, Secrets, Settings
 from service.redis_client import connect
@@ -345,6 +346,43 @@ async def test_bot_edited_deleted_and_channel_messages_are_ignored(redis, fake):
     assert fake.calls_to("chat.postMessage") == []
 
 
+async def queued_text(redis, job_id: str) -> str:
+    return Job.model_validate_json(await redis.hget(keys.job(job_id), "data")).text
+
+
+async def test_a_dm_with_files_reads_text_files_names_the_others_and_keeps_under_the_limit(redis, fake):
+    settings = slack_settings().model_copy(update={"limits": LimitSettings(max_message_chars=2_000)})
+    script = "\n".join(f"print({n})" for n in range(500))  # 5,389 characters: it is cut to fit
+    files = [
+        fake.share_file("notes", b"Remember the milk.", "text/plain"),
+        fake.share_file("photo.png", b"\x89PNG\r\n\x1a\n", "image/png"),
+        fake.share_file("huge.log", b"x" * 100_001, "text/plain"),
+        fake.share_file("script.py", script.encode(), "text/x-python"),
+    ]
+    async with adapter(fake, redis, settings):  # no worker: the job waits
+        sent = await send_dm(fake, "What does this do?", subtype="file_share", files=files, upload=True)
+        text = await queued_text(redis, sent.job_id)
+    assert text.startswith(
+        "What does this do?\n\n--- notes ---\nRemember the milk.\n\n(attached, not read: photo.png, not a text file)\n\n"
+        "(attached, not read: huge.log, too large)\n\n--- script.py (cut: first "
+    )
+    assert "print(0)\nprint(1)\n" in text and len(text) <= 2_000
+    assert [(call.body["path"].rsplit("/", 1)[-1], call.token) for call in fake.downloads] == [
+        ("notes", "xoxb-test-token"), ("script.py", "xoxb-test-token")
+    ]
+    assert fake.titles == {(DM, sent.ts): "What does this do?"}
+
+
+async def test_files_none_readable_get_one_sentence_and_a_broadcast_thread_reply_is_answered(redis, fake):
+    settings = slack_settings()
+    async with adapter(fake, redis, settings):
+        image = await send_dm(fake, "", subtype="file_share", files=[fake.share_file("photo.png", b"\x89PNG", "image/png")])
+        await fake.wait_for(lambda: fake.messages_in(DM))
+        broadcast = await send_dm(fake, "Also in the chat, please", subtype="thread_broadcast", thread_ts=image.ts)
+    assert [(m.text, m.thread_ts) for m in fake.messages_in(DM)] == [(NOT_READABLE, image.ts)]
+    assert await job_keys(redis) == [f"chatbot:job:{broadcast.job_id}"]
+
+
 async def test_empty_message_is_answered_with_one_sentence_where_it_was_asked(redis, fake):
     settings = slack_settings()
     thread = new_ts()
@@ -525,7 +563,8 @@ def test_manifest_matches_the_adapter():
     assert [c["command"] for c in features["slash_commands"]] == [SlackSettings().reset_command]
     # The agent surface's events; assistant_thread_started belongs to the legacy assistant_view.
     assert set(manifest["settings"]["event_subscriptions"]["bot_events"]) == {"message.im", "app_mention", "app_home_opened"}
-    assert {"assistant:write", "chat:write", "im:history", "commands", "users:read"} <= set(manifest["oauth_config"]["scopes"]["bot"])
+    scopes = {"assistant:write", "chat:write", "im:history", "commands", "users:read", "files:read"}
+    assert scopes <= set(manifest["oauth_config"]["scopes"]["bot"])
     assert manifest["settings"]["socket_mode_enabled"] and SlackSettings().mode == "socket"
     assert manifest["settings"]["interactivity"]["is_enabled"]  # the feedback buttons
     assert features["app_home"]["messages_tab_enabled"]

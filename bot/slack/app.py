@@ -18,6 +18,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.delivery import Delivery
 from bot.slack.budget import PacedSlack, SlackBudget
+from bot.slack.files import SlackFiles
 from bot.slack.handlers import SlackListeners
 from bot.slack.http import http_server
 from bot.slack.messages import PLATFORM
@@ -75,7 +76,8 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
     feedback = FeedbackStore(redis)
     status = ThreadStatus(redis, slack, settings.slack)
     outbox = SlackOutbox(slack, settings.slack)
-    SlackListeners(app.client, settings.slack, Intake(redis, settings.limits), outbox, status, feedback).register(app)
+    files = SlackFiles(tokens.bot, app.client.base_url, settings.slack.file_max_bytes)
+    SlackListeners(app.client, settings.slack, Intake(redis, settings.limits), outbox, status, feedback, files).register(app)
     return SlackBot(app, outbox, status)
 
 

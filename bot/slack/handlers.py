@@ -11,6 +11,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.delivery import Part
 from bot.slack.budget import REDIS_FAILED, SLACK_FAILED
+from bot.slack.files import NOT_READABLE, SlackFiles
 from bot.slack.messages import PLATFORM, Incoming, direct_message, mention
 from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox, feedback_value
 from bot.slack.settings import SlackSettings
@@ -80,7 +81,7 @@ class SlackListeners:
 
     def __init__(
         self, client: AsyncWebClient, settings: SlackSettings, queue: Intake, outbox: SlackOutbox, status: ThreadStatus,
-        feedback: FeedbackStore,
+        feedback: FeedbackStore, files: SlackFiles,
     ):
         self.client = client
         self.settings = settings
@@ -89,6 +90,7 @@ class SlackListeners:
         self.outbox = outbox
         self.status = status
         self.feedback = feedback
+        self.files = files
         self.names = DisplayNames(client)
         self.background = Background()
         self.prompts = [prompt.model_dump() for prompt in settings.suggested_prompts]
@@ -166,11 +168,16 @@ class SlackListeners:
 
     async def submit(self, incoming: Incoming, author: str | None) -> None:
         reply_to = incoming.reply_to
+        text = await self.files.message_text(incoming.text, incoming.files, self.queue.limits.max_message_chars)
+        if text is None:
+            log.info("message without readable text", extra={"slack_message": incoming.message_id})
+            self.tell(incoming, NOT_READABLE)
+            return
         try:
             if incoming.in_dm:  # remembered before queueing: a /reset racing this message must find its thread
                 await self.remember_dm_thread(incoming.conversation)
             submitted = await self.queue.submit(
-                incoming.conversation, incoming.message_id, incoming.text, author, reply_to, author_id=incoming.user
+                incoming.conversation, incoming.message_id, text, author, reply_to, author_id=incoming.user
             )
         except RejectedMessage as rejected:
             log.info("message refused", extra={"slack_message": incoming.message_id, "reason": str(rejected)})
@@ -190,8 +197,9 @@ class SlackListeners:
         # Slack wants the event acknowledged within 3 s: its status and title go on after.
         self.background.run("status", self.status.show(submitted.job_id, reply_to, submitted.ahead))
         if incoming.starts_thread:
+            title = thread_title(incoming.text or ", ".join(file.name for file in incoming.files))
             self.background.run("title", self.client.assistant_threads_setTitle(
-                channel_id=reply_to["channel"], thread_ts=reply_to["thread_ts"], title=thread_title(incoming.text)
+                channel_id=reply_to["channel"], thread_ts=reply_to["thread_ts"], title=title
             ))
 
     def tell(self, incoming: Incoming, text: str) -> None:

@@ -11,8 +11,21 @@ from dataclasses import dataclass
 from contract.jobs import Conversation
 
 PLATFORM = "slack"
+# Plain messages, those that share files, and thread replies also shown in the channel. Edits,
+# deletions, joins... carry other subtypes.
+ANSWERED_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
 _ANGLE = re.compile(r"<([^<>]*)>")
 _SPACES = re.compile(r"[ \t]{2,}")
+
+
+@dataclass(frozen=True)
+class SharedFile:
+    """A file shared with a message, as the event describes it."""
+
+    name: str
+    mimetype: str
+    size: int
+    url: str  # url_private_download, read with the bot token; empty when Slack gives none (a Slack Connect file)
 
 
 @dataclass(frozen=True)
@@ -26,11 +39,22 @@ class Incoming:
     reply_to: dict[str, str]  # channel and thread_ts; team and user, for streaming and rate budgets
     in_dm: bool
     starts_thread: bool  # a top-level DM message: it opens a new thread, and a new conversation
+    files: tuple[SharedFile, ...] = ()
 
 
 def _answerable(event: dict) -> bool:
-    # Edits, deletions, joins, file shares... all carry a subtype; bots would answer each other.
-    return not event.get("subtype") and not event.get("bot_id") and "ts" in event and "channel" in event
+    # Bots would answer each other.
+    return event.get("subtype") in ANSWERED_SUBTYPES and not event.get("bot_id") and "ts" in event and "channel" in event
+
+
+def shared_files(event: dict) -> tuple[SharedFile, ...]:
+    return tuple(
+        SharedFile(
+            name=file.get("name") or file.get("title") or file.get("id", "file"), mimetype=file.get("mimetype", ""),
+            size=int(file.get("size") or 0), url=file.get("url_private_download", ""),
+        )
+        for file in event.get("files") or []
+    )
 
 
 def _incoming(event: dict, team: str | None, text: str) -> Incoming:
@@ -45,6 +69,7 @@ def _incoming(event: dict, team: str | None, text: str) -> Incoming:
         reply_to={"channel": channel, "thread_ts": thread, **({"team": team} if team else {}), **({"user": user} if user else {})},
         in_dm=in_dm,
         starts_thread=in_dm and "thread_ts" not in event,
+        files=shared_files(event),
     )
 
 

@@ -48,6 +48,7 @@ class SlackSettings(Strict):
         max_length=4,  # Slack shows at most four
     )
     feedback: bool = Field(True, description="thumbs up/down buttons on each finished answer")
+    file_max_bytes: int = Field(100_000, ge=0, description="text files shared with a message are read with it up to this size")
     rate_limits: dict[str, float] = Field(
         default_factory=lambda: dict(SLACK_RATE_LIMITS), description="calls per minute per workspace and method"
     )

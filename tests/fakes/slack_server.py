@@ -12,7 +12,9 @@ appends). The agent methods (assistant.threads.setStatus / setTitle / setSuggest
 are recorded, and a reply in a thread clears its status, as Slack does; a status or title for a
 thread Slack has not seen (no message of that ts in that channel) is `invalid_thread_ts`. Blocks
 are checked against the Block Kit types the adapter uses: an unknown type or a missing required
-field is `invalid_blocks`.
+field is `invalid_blocks`. Files a test shares (`share_file`, for a `file_share` event) are served
+at their `url_private_download` to a bearer bot token only, as Slack serves them; anyone else is
+redirected to a sign-in page.
 
 Events reach the app as Slack sends them. Over HTTP (`deliver`), a request signed with the
 app's signing secret goes to its Request URL and is retried, with X-Slack-Retry-Num and
@@ -47,6 +49,7 @@ BOT_USER_ID = "U0BOT"
 BOT_ID = "B0BOT"
 USERS = {"U1ALICE": "Alice", "U2BOB": "Bob"}
 SOCKET_PATH = "/link"
+FILES_PATH = "/files-pri"
 ACK_TIMEOUT_S = 3.0  # Slack retries an event the app has not acknowledged within this
 RETRY_DELAYS_S = (0.0, 60.0, 300.0)  # Slack's three retries: at once, after a minute, after five
 
@@ -166,6 +169,8 @@ class FakeSlack:
         self.ack_timeout_s = ACK_TIMEOUT_S
         self.retry_delays_s = retry_delays_s
         self._seen: set[tuple[str, str]] = set()  # (channel, ts) of the messages Slack knows
+        self.downloads: list[Call] = []  # shared files fetched, with the token shown
+        self._files: dict[str, bytes] = {}  # by path
         self._redeliveries: set[asyncio.Task] = set()
         self.connections = 0
         self.port = 0
@@ -186,6 +191,8 @@ class FakeSlack:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)  # a few methods (users.info) are GETs
         app.router.add_get(SOCKET_PATH, self._socket)
+        app.router.add_get(FILES_PATH + "/{path:.*}", self._file)
+        app.router.add_get("/signin", self._sign_in)
         self._app = app
 
     async def start(self) -> FakeSlack:
@@ -217,6 +224,15 @@ class FakeSlack:
     def throttle(self, seconds: float, *, team: str | None = None, channel: str | None = None, method: str | None = None) -> None:
         """Answer 429 for `seconds` to the chat and assistant calls of a workspace, or of one channel and method."""
         self._throttles.append(Throttle(time.monotonic() + seconds, team, channel, method))
+
+    def share_file(self, name: str, content: bytes, mimetype: str) -> dict[str, Any]:
+        """A file as a message event's `files` describes it, served at its url_private_download."""
+        file_id = f"F{next(self._ts):08d}"
+        path = f"{FILES_PATH}/{TEAM_ID}-{file_id}/download/{name}"
+        self._files[path] = content
+        url = f"http://127.0.0.1:{self.port}{path}"
+        return {"id": file_id, "name": name, "title": name, "mimetype": mimetype, "size": len(content), "mode": "hosted",
+                "url_private": url.replace("/download/", "/"), "url_private_download": url}
 
     # --- what tests read ------------------------------------------------------------------
 
@@ -257,6 +273,17 @@ class FakeSlack:
         if answer is None:
             return web.json_response({"ok": False, "error": "unknown_method"})
         return web.json_response(answer(body))
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        self.downloads.append(Call("files", {"path": request.path}, token or None, time.monotonic()))
+        if not token.startswith("xoxb-"):
+            raise web.HTTPFound("/signin")
+        content = self._files.get(request.path)
+        return web.Response(body=content) if content is not None else web.Response(status=404)
+
+    async def _sign_in(self, request: web.Request) -> web.Response:
+        return web.Response(text="<html><body>Sign in to Slack</body></html>", content_type="text/html")
 
     def _auth_test(self, body: dict) -> dict:
         return {"ok": True, "url": "https://fake.slack.test/", "team": "Fake", "user": "llama", "team_id": TEAM_ID,
