@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 from urllib.parse import urlencode
 
+from bot.slack.budget import BURST_MINUTES
 from bot.slack.outbox import FEEDBACK_ACTION
 from bot.slack.settings import SLACK_RATE_LIMITS, SlackSettings
 from contract.feedback import FeedbackStore
 from contract.jobs import ReplyEvent
+from service.config import LimitSettings
 from tests.conftest import running_worker
 from tests.fakes.slack_server import APP_ID, TEAM_ID
 from tests.test_cli import chatbot
@@ -163,10 +166,42 @@ async def test_ten_answers_at_once_keep_within_the_workspace_budget(redis, fake)
         ))
         await fake.wait_for(lambda: sorted(m.text for m in fake.messages_in(DM)) == sorted(texts), timeout=60)
     for method, per_minute in rates.items():
-        times = [call.at for call in fake.calls_to(method)]
-        capacity, per_second = per_minute / 4, per_minute / 60
-        for index, at in enumerate(times):  # calls so far never exceed a full bucket plus its refill
-            assert index + 1 <= capacity + per_second * (at - times[0]) + 1, (method, index, at - times[0])
+        assert_within_budget(fake, method, per_minute)
+
+
+def assert_within_budget(fake, method: str, per_minute: float) -> None:
+    """The calls of `method` so far never exceed a full bucket plus its refill (bot/slack/budget.py)."""
+    times = [call.at for call in fake.calls_to(method)]
+    capacity, per_second = max(1.0, per_minute * BURST_MINUTES), per_minute / 60
+    for index, at in enumerate(times):
+        assert index + 1 <= capacity + per_second * (at - times[0]) + 1, (method, index, at - times[0])
+
+
+async def test_messages_tab_opens_and_new_threads_keep_within_the_workspace_budget(redis, fake, caplog):
+    caplog.set_level(logging.INFO, logger="bot.slack.handlers")
+    rates = {"assistant.threads.setTitle": 8, "assistant.threads.setSuggestedPrompts": 8}  # per minute: buckets of 2
+    settings = slack_settings(rate_limits=rates).model_copy(update={"limits": LimitSettings(max_queued_per_author=20)})
+    people = [ALICE] * 10 + [f"U{n}PERSON" for n in range(5)]  # Alice opens the Messages tab ten times
+
+    def skipped(what: str) -> int:
+        return len([r for r in caplog.records if r.getMessage() == "slack call skipped" and r.what == what])
+
+    def prompts_calls() -> int:
+        return len(fake.calls_to("assistant.threads.setSuggestedPrompts"))
+
+    async with adapter(fake, redis, settings):  # no worker: the messages wait
+        for person in people:
+            opened = {"type": "app_home_opened", "user": person, "channel": f"D{person}", "tab": "messages", "event_ts": new_ts()}
+            await send_event(fake, opened)
+        for n in range(10):
+            await send_dm(fake, f"Question {n}")  # each a new thread, titled
+        await fake.wait_for(lambda: prompts_calls() + skipped("suggested prompts") >= 1 + 5)
+        await fake.wait_for(lambda: len(fake.calls_to("assistant.threads.setTitle")) + skipped("title") >= 10)
+    opened_for = [call.body["channel_id"] for call in fake.calls_to("assistant.threads.setSuggestedPrompts")]
+    assert opened_for.count(f"D{ALICE}") == 1  # once per person, however often the tab is opened
+    for method, per_minute in rates.items():
+        assert_within_budget(fake, method, per_minute)
+    assert 2 <= len(fake.calls_to("assistant.threads.setTitle")) < 10  # a full bucket's worth: the rest skipped
 
 
 async def test_a_throttled_workspace_does_not_delay_another(redis, fake):

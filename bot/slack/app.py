@@ -77,7 +77,7 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
     status = ThreadStatus(redis, slack, settings.slack)
     outbox = SlackOutbox(slack, settings.slack)
     files = SlackFiles(tokens.bot, app.client.base_url, settings.slack.file_max_bytes)
-    SlackListeners(app.client, settings.slack, Intake(redis, settings.limits), outbox, status, feedback, files).register(app)
+    SlackListeners(slack, settings.slack, Intake(redis, settings.limits), outbox, status, feedback, files).register(app)
     return SlackBot(app, outbox, status)
 
 

@@ -7,10 +7,9 @@ import logging
 from collections.abc import Awaitable
 
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
-from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.delivery import Part
-from bot.slack.budget import REDIS_FAILED, SLACK_FAILED
+from bot.slack.budget import REDIS_FAILED, SLACK_FAILED, PacedSlack
 from bot.slack.files import NOT_READABLE, SlackFiles
 from bot.slack.messages import PLATFORM, Incoming, direct_message, mention
 from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox, feedback_value
@@ -35,19 +34,24 @@ RESET_TIMEOUT_S = 2.0
 DM_THREADS_TTL_S = 90 * 24 * 3600  # longer than any history is kept
 
 
+def prompts_set_key(team: str | None, user: str) -> str:
+    """Set while a person's suggested prompts need not be set again (slack.prompts_interval_s)."""
+    return f"{keys.PREFIX}slack:prompts:{team or '-'}:{user}"
+
+
 class DisplayNames:
     """Authors' names for prompts in shared channels, looked up once per user per process."""
 
-    def __init__(self, client: AsyncWebClient):
-        self.client = client
+    def __init__(self, slack: PacedSlack):
+        self.slack = slack
         self.known: dict[str, str] = {}
 
-    async def of(self, user_id: str | None) -> str | None:
+    async def of(self, user_id: str | None, reply_to: dict[str, str]) -> str | None:
         if not user_id:
             return None
         if user_id not in self.known:
-            try:
-                response = await self.client.users_info(user=user_id)
+            try:  # not waiting for the budget: without the name, the prompt still has the message
+                response = await self.slack.call("users.info", reply_to, wait=False, user=user_id)
             except SLACK_FAILED as error:
                 log.warning("user name lookup failed", extra={"user": user_id, "error": str(error)})
                 return None
@@ -80,10 +84,10 @@ class SlackListeners:
     """One method per kind of request bolt delivers; `register` wires them to the app."""
 
     def __init__(
-        self, client: AsyncWebClient, settings: SlackSettings, queue: Intake, outbox: SlackOutbox, status: ThreadStatus,
+        self, slack: PacedSlack, settings: SlackSettings, queue: Intake, outbox: SlackOutbox, status: ThreadStatus,
         feedback: FeedbackStore, files: SlackFiles,
     ):
-        self.client = client
+        self.slack = slack
         self.settings = settings
         self.queue = queue
         self.redis = queue.redis
@@ -91,7 +95,7 @@ class SlackListeners:
         self.status = status
         self.feedback = feedback
         self.files = files
-        self.names = DisplayNames(client)
+        self.names = DisplayNames(slack)
         self.background = Background()
         self.prompts = [prompt.model_dump() for prompt in settings.suggested_prompts]
 
@@ -114,15 +118,33 @@ class SlackListeners:
         incoming = mention(event, context.team_id, context.bot_user_id) if self.settings.answer_mentions else None
         if incoming is None:
             return
-        await self.submit(incoming, await self.names.of(incoming.user))
+        await self.submit(incoming, await self.names.of(incoming.user, incoming.reply_to))
 
-    async def on_home_opened(self, event: dict) -> None:
+    async def on_home_opened(self, event: dict, context: AsyncBoltContext) -> None:
         # An agent app sets its prompts for the chat, never for a thread (with thread_ts the call
-        # silently fails): each time the user opens it, they are there for the next new thread.
-        if event.get("tab") == "messages" and self.prompts:
-            self.background.run("suggested prompts", self.client.assistant_threads_setSuggestedPrompts(
-                channel_id=event["channel"], title=self.settings.prompts_title or None, prompts=self.prompts
-            ))
+        # silently fails), where they stay for the next new thread: Slack sends this event on every
+        # open of the Messages tab, and the prompts are set again only after prompts_interval_s.
+        if event.get("tab") != "messages" or not self.prompts:
+            return
+        key = prompts_set_key(context.team_id, event["user"])
+        try:
+            due = await self.redis.set(key, 1, nx=True, ex=int(self.settings.prompts_interval_s))
+        except REDIS_FAILED as error:
+            log.info("suggested prompts skipped", extra={"user": event["user"], "error": str(error) or type(error).__name__})
+            return
+        if due:
+            chat = {"channel": event["channel"], **({"team": context.team_id} if context.team_id else {})}
+            self.background.run("suggested prompts", self.set_prompts(chat, key))
+
+    async def set_prompts(self, chat: dict[str, str], key: str) -> None:
+        try:
+            await self.slack.call(
+                "assistant.threads.setSuggestedPrompts", chat, wait=False,
+                channel_id=chat["channel"], title=self.settings.prompts_title or None, prompts=self.prompts,
+            )
+        except SLACK_FAILED:
+            await self.redis.delete(key)  # not set: the next open tries again
+            raise
 
     async def on_feedback(self, ack: AsyncAck, body: dict, action: dict) -> None:
         await ack()
@@ -198,8 +220,8 @@ class SlackListeners:
         self.background.run("status", self.status.show(submitted.job_id, reply_to, submitted.ahead))
         if incoming.starts_thread:
             title = thread_title(incoming.text or ", ".join(file.name for file in incoming.files))
-            self.background.run("title", self.client.assistant_threads_setTitle(
-                channel_id=reply_to["channel"], thread_ts=reply_to["thread_ts"], title=title
+            self.background.run("title", self.slack.call(
+                "assistant.threads.setTitle", reply_to, wait=False, channel_id=reply_to["channel"], thread_ts=reply_to["thread_ts"], title=title
             ))
 
     def tell(self, incoming: Incoming, text: str) -> None:

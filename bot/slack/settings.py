@@ -14,7 +14,8 @@ class SuggestedPrompt(Strict):
     message: str = Field(min_length=1)
 
 
-# Calls per minute per workspace at Slack's published tiers (chat.postMessage: per channel).
+# Calls per minute per workspace at Slack's published tiers (chat.postMessage: per channel); the
+# three Tier 4 methods at the bottom are best-effort (a title, the suggested prompts, a name).
 SLACK_RATE_LIMITS = {
     "chat.postMessage": 60,
     "chat.update": 50,
@@ -23,6 +24,9 @@ SLACK_RATE_LIMITS = {
     "chat.appendStream": 100,
     "chat.stopStream": 20,
     "assistant.threads.setStatus": 50,
+    "assistant.threads.setTitle": 100,
+    "assistant.threads.setSuggestedPrompts": 100,
+    "users.info": 100,
 }
 
 
@@ -39,6 +43,7 @@ class SlackSettings(Strict):
     status_refresh_s: float = Field(90.0, ge=1, le=95, description="Slack drops a status after 2 minutes: set again this often")
     loading_messages: list[str] = Field(default_factory=lambda: ["Reading your message…", "Thinking it over…"], max_length=10)
     prompts_title: str = "Try one of these:"
+    prompts_interval_s: float = Field(600.0, ge=1, description="suggested prompts are set for a person at most this often")
     suggested_prompts: list[SuggestedPrompt] = Field(
         default_factory=lambda: [
             SuggestedPrompt(title="Explain a concept", message="Explain how a transformer language model works, simply."),
