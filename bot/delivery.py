@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from bot.split import split_message
 from contract import keys
@@ -35,7 +36,7 @@ from contract.jobs import ReplyEvent
 from contract.replies import Entry, ReplyReader
 from contract.reply_shards import ShardLeases
 from service.observability import DELIVERIES, PLATFORM_ERRORS
-from service.redis_client import REDIS_DOWN, with_backoff
+from service.redis_client import REDIS_FAILED, with_backoff
 from service.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
@@ -130,20 +131,22 @@ class Delivery:
         self.lanes: dict[str, tuple[asyncio.Queue[Entry], asyncio.Task[None]]] = {}
 
     async def run(self) -> None:
-        await with_backoff(self.reader.ensure_groups, "create the reply groups")
-        round_at = 0.0
+        groups_made, round_at = False, 0.0
         try:
             while True:
                 for _, task in self.lanes.values():
                     if task.done():
                         task.result()  # a lane that failed stops the adapter, loudly
                 try:
+                    if not groups_made:
+                        await self.reader.ensure_groups()
+                        groups_made = True
                     if time.monotonic() - round_at >= self.shards.round_s:
                         await self.shards.round(busy=self._busy)
                         round_at = time.monotonic()
                     # Blocks no longer than a round, so the leases are renewed in time.
                     entries = await self.reader.read(self.shards.reading, block_ms=int(min(1.0, self.shards.round_s) * 1000))
-                except REDIS_DOWN as error:
+                except REDIS_FAILED as error:  # down, or refusing writes (full): the leases outlive a few rounds
                     log.warning("redis unavailable", extra={"error": str(error)})
                     await asyncio.sleep(1)
                     continue
@@ -156,7 +159,7 @@ class Delivery:
                 self._forget_old()
         finally:
             await cancel_until_done([task for _, task in self.lanes.values()])
-            with contextlib.suppress(*REDIS_DOWN):
+            with contextlib.suppress(*REDIS_FAILED):
                 await asyncio.wait_for(self.shards.leave(), GIVE_UP_PATIENCE_S)
 
     def _busy(self, shard: int) -> bool:
@@ -184,7 +187,7 @@ class Delivery:
                     del self.in_flight[entry.stream, entry.id]
             for event in self._latest_per_job(ours):
                 await self.deliver(event)
-            await with_backoff(functools.partial(self.reader.ack, ours), "acknowledge replies")
+            await self._redis(functools.partial(self.reader.ack, ours), "acknowledge replies")
             for entry in ours:
                 del self.in_flight[entry.stream, entry.id]
 
@@ -264,7 +267,7 @@ class Delivery:
                     await self.outbox.edit(shown.message_ids[index], part)
             else:
                 shown.message_ids.append(await self.outbox.post(part))
-                await with_backoff(self._record_posted(event.job_id, shown), "record posted ids")
+                await self._redis(self._record_posted(event.job_id, shown), "record posted ids")
             shown.texts[index:index + 1] = [chunk]
             if part.settled:
                 shown.settled = index + 1
@@ -275,11 +278,21 @@ class Delivery:
             for message_id in shown.message_ids[len(chunks):]:
                 await self.outbox.remove(message_id, event.reply_to)
             del shown.message_ids[len(chunks):]
-            await with_backoff(self._record_posted(event.job_id, shown), "record posted ids")
+            await self._redis(self._record_posted(event.job_id, shown), "record posted ids")
 
     def _record_posted(self, job_id: str, shown: Shown):
         return functools.partial(self.redis.set, keys.posted(job_id), json.dumps(shown.message_ids), ex=POSTED_TTL_S)
 
     async def _recall(self, job_id: str) -> Shown:
-        raw = await with_backoff(lambda: self.redis.get(keys.posted(job_id)), "read posted ids")
+        raw = await self._redis(lambda: self.redis.get(keys.posted(job_id)), "read posted ids")
         return Shown(message_ids=json.loads(raw)) if raw else Shown()
+
+    @staticmethod
+    async def _redis(operation, what: str):
+        """Wait out Redis being down; a write it refuses (full, read-only) is logged and skipped, so
+        answers still reach the platform (a reply left unacknowledged is read again by the next holder)."""
+        try:
+            return await with_backoff(operation, what)
+        except RedisError as error:
+            log.error("redis refused a delivery write", extra={"operation": what, "error": str(error)})
+            return None

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 EMPTY_MESSAGE = "Your message is empty, so there is nothing to answer."
+UNAVAILABLE = "Sorry, I cannot take messages right now. Please try again in a minute."  # Redis down or full
 
 
 class Conversation(BaseModel):

@@ -12,7 +12,8 @@ Queue (contract/intake.py writes, contract/work.py serves):
   ready                    list of conversations whose head job waits for a worker (round robin)
   active                   set of conversations with queued jobs (in `ready` or leased)
   leases                   zset job id -> lease deadline (ms)
-  suspects                 set of job ids delivered again after their worker died: served alone (work.py)
+  suspects                 set of job ids whose lease fell due (their worker died): served alone, each such
+                           delivery charged an attempt (work.py); an id leaves when its job is answered
   queued                   counter of jobs waiting or being answered
   wake                     one-element list an idle worker blocks on
   worker:<owner>           a live worker's key (expires after the visibility timeout)
@@ -39,7 +40,10 @@ Feedback (contract/feedback.py):
   conv:<c>:rated           set of job ids rated in the conversation, for reset (EXCHANGE_TTL_S)
 
 Slack (bot/slack/):
-  slack:dm:<channel>:threads   set of a DM's conversations (threads), for /reset (history.ttl_seconds)
+  slack:dm-threads:<channel>   zset of a DM's conversations (threads) by last message, for /reset; threads
+                           quiet longer than history.ttl_seconds are dropped, the key expires after it
+  slack:prompts:<team>:<user>  set while that person's suggested prompts need not be set again
+                           (slack.prompts_interval_s)
   slack:waiting            hash job id -> thread waiting for its answer (entries pruned after GIVE_UP_S)
   slack:waiting:round      lock of one status refresh round (lapses within the round)
   slack:begun:<job>        the answer's first text is shown (GIVE_UP_S)
@@ -122,7 +126,11 @@ def feedback_vote(job_id: str, user: str) -> str:
 
 
 def slack_dm_threads(channel: str) -> str:
-    return f"{PREFIX}slack:dm:{channel}:threads"
+    return f"{PREFIX}slack:dm-threads:{channel}"
+
+
+def slack_prompts_set(team: str | None, user: str) -> str:
+    return f"{PREFIX}slack:prompts:{team or '-'}:{user}"
 
 
 def slack_begun(job_id: str) -> str:

@@ -11,12 +11,13 @@ from typing import TypeVar
 
 from redis.asyncio import Redis
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 REDIS_DOWN = (ConnectionError, TimeoutError, OSError)
+REDIS_FAILED = (*REDIS_DOWN, RedisError)  # down, or refusing writes (full, read-only)
 
 
 def connect(url: str) -> Redis:

@@ -200,3 +200,20 @@ async def test_a_final_equal_to_the_last_partial_is_one_more_edit_only_where_mes
         for kind in ("partial", "final"):
             await delivery.deliver(ReplyEvent(job_id=f"slack:same-{settles}", conversation="slack:c", kind=kind, text="Hello.", reply_to={}))
         assert (outbox.posted, outbox.edits) == (["Hello."], edits)
+
+
+async def test_a_full_redis_does_not_stop_delivery(redis, caplog):
+    """Found with the Slack adapter: a lease renewal refused with OOM ended the whole adapter."""
+    await publish(redis, event(1, text="written before Redis filled up"))
+    outbox = Recording()
+    await redis.config_set("maxmemory-policy", "noeviction")
+    await redis.config_set("maxmemory", 1)  # every write that needs memory is refused from here on
+    try:
+        async with adapter_process(redis, outbox, "only"):
+            await asyncio.sleep(LEASE_S)  # lease rounds refused meanwhile
+            assert outbox.posted == []  # no lease could be taken: nothing is read, and nothing stopped
+            await redis.config_set("maxmemory", 0)
+            await until(lambda: outbox.posted == ["written before Redis filled up"], what="delivered once Redis has room")
+    finally:
+        await redis.config_set("maxmemory", 0)
+    assert any("redis unavailable" in record.getMessage() for record in caplog.records)

@@ -23,12 +23,12 @@ from slack_sdk.signature import SignatureVerifier
 
 from bot.slack.app import build_app, receiving, run_slack, serve, slack_tokens, web_client
 from bot.slack.files import NOT_READABLE
-from bot.slack.handlers import RESET_DONE, RESET_IN_CHANNEL, UNAVAILABLE
+from bot.slack.handlers import RESET_DONE, RESET_IN_CHANNEL
 from bot.slack.messages import from_slack
 from bot.slack.outbox import LIMIT
 from bot.slack.settings import SlackSettings
 from contract import history, keys
-from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent
+from contract.jobs import EMPTY_MESSAGE, UNAVAILABLE, Job, ReplyEvent
 from contract.replies import reply_stream
 from service.config import ConfigError, LimitSettings, Secrets, Settings
 from service.redis_client import connect

@@ -14,14 +14,13 @@ from bot.discord.settings import DiscordSettings
 from bot.discord.typing_indicator import TypingIndicators
 from bot.titles import thread_title
 from contract.intake import Intake
-from contract.jobs import RejectedMessage, Submitted
+from contract.jobs import UNAVAILABLE, RejectedMessage, Submitted
 from service.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
 ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 QUEUE_NOTICE = "Your message is number {position} in the queue; I will answer as soon as I can."
-UNAVAILABLE = "Sorry, I cannot take messages right now. Please try again in a minute."
 ATTACHMENT_CUT = "I read only the first part of {files}: a message may hold at most {limit:,} characters, attachments included."
 
 

@@ -18,6 +18,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.delivery import Delivery
 from bot.slack.budget import PacedSlack, SlackBudget
+from bot.slack.dm_threads import DmThreads
 from bot.slack.files import SlackFiles
 from bot.slack.handlers import SlackListeners
 from bot.slack.http import http_server
@@ -68,8 +69,8 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
         client=client or web_client(tokens.bot),
         signing_secret=tokens.signing_secret or "",
         request_verification_enabled=tokens.signing_secret is not None,
-        # Slack hears the acknowledgement only once the job is in Redis: if queueing fails, Slack
-        # delivers the event again (and the job id makes a second success a no-op).
+        # Slack hears the acknowledgement only once the job is in Redis (or the person was told
+        # that it could not be): a retried event then finds the job, and the job id makes it a no-op.
         process_before_response=True,
     )
     slack = PacedSlack(app.client, SlackBudget(redis, settings.slack.rate_limits))
@@ -77,7 +78,8 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
     status = ThreadStatus(redis, slack, settings.slack)
     outbox = SlackOutbox(slack, settings.slack)
     files = SlackFiles(tokens.bot, app.client.base_url, settings.slack.file_max_bytes)
-    SlackListeners(slack, settings.slack, Intake(redis, settings.limits), outbox, status, feedback, files).register(app)
+    dm_threads = DmThreads(redis, keep_s=settings.history.ttl_seconds)
+    SlackListeners(slack, settings.slack, Intake(redis, settings.limits), outbox, status, feedback, files, dm_threads).register(app)
     return SlackBot(app, outbox, status)
 
 

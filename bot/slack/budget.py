@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
@@ -23,14 +22,13 @@ from slack_sdk.web.async_slack_response import AsyncSlackResponse
 from bot.delivery import Deferred
 from contract import keys
 from service.observability import PLATFORM_ERRORS
-from service.redis_client import REDIS_DOWN
+from service.redis_client import REDIS_FAILED
 
 log = logging.getLogger(__name__)
 # A Web API call that did not go through: Slack's error, or the network's.
 CALL_FAILED = (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError)
 # What a best-effort call (a status, a title, a name lookup) may meet; the caller logs it and goes on.
 SLACK_FAILED = (*CALL_FAILED, Deferred)
-REDIS_FAILED = (*REDIS_DOWN, RedisError)  # Redis down, or refusing writes (full, read-only)
 BURST_MINUTES = 0.25  # a bucket holds this much of a minute's calls
 
 # Returns 0 when a call was taken, else the milliseconds until one will be there.

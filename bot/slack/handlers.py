@@ -9,34 +9,29 @@ from collections.abc import Awaitable
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
 
 from bot.delivery import Part
-from bot.slack.budget import REDIS_FAILED, SLACK_FAILED, PacedSlack
+from bot.slack.budget import SLACK_FAILED, PacedSlack
+from bot.slack.dm_threads import DmThreads
 from bot.slack.files import NOT_READABLE, SlackFiles
 from bot.slack.messages import PLATFORM, Incoming, direct_message, mention
 from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox, feedback_value
 from bot.slack.settings import SlackSettings
 from bot.slack.status import ThreadStatus
 from bot.titles import thread_title
-from contract import history, keys
+from contract import keys
 from contract.feedback import RATINGS, FeedbackStore
 from contract.intake import Intake
-from contract.jobs import Conversation, RejectedMessage
+from contract.jobs import UNAVAILABLE, RejectedMessage
 from service.observability import FEEDBACK
+from service.redis_client import REDIS_FAILED
 
 log = logging.getLogger(__name__)
 
-UNAVAILABLE = "Sorry, I cannot take messages right now. Please try again in a minute."
 RESET_DONE = "Done: I have forgotten our conversations."
 RESET_IN_CHANNEL = "In channels every thread is its own conversation: mention me in a new thread to start afresh."
 RESET_FAILED = "Sorry, the conversations could not be reset right now. Please try again later."
 # Slack shows an error unless a slash command is acknowledged within 3 s, and the
 # acknowledgement carries the answer: the reset gets what is left after network time.
 RESET_TIMEOUT_S = 2.0
-DM_THREADS_TTL_S = 90 * 24 * 3600  # longer than any history is kept
-
-
-def prompts_set_key(team: str | None, user: str) -> str:
-    """Set while a person's suggested prompts need not be set again (slack.prompts_interval_s)."""
-    return f"{keys.PREFIX}slack:prompts:{team or '-'}:{user}"
 
 
 class DisplayNames:
@@ -85,7 +80,7 @@ class SlackListeners:
 
     def __init__(
         self, slack: PacedSlack, settings: SlackSettings, queue: Intake, outbox: SlackOutbox, status: ThreadStatus,
-        feedback: FeedbackStore, files: SlackFiles,
+        feedback: FeedbackStore, files: SlackFiles, dm_threads: DmThreads,
     ):
         self.slack = slack
         self.settings = settings
@@ -95,6 +90,7 @@ class SlackListeners:
         self.status = status
         self.feedback = feedback
         self.files = files
+        self.dm_threads = dm_threads
         self.names = DisplayNames(slack)
         self.background = Background()
         self.prompts = [prompt.model_dump() for prompt in settings.suggested_prompts]
@@ -126,7 +122,7 @@ class SlackListeners:
         # open of the Messages tab, and the prompts are set again only after prompts_interval_s.
         if event.get("tab") != "messages" or not self.prompts:
             return
-        key = prompts_set_key(context.team_id, event["user"])
+        key = keys.slack_prompts_set(context.team_id, event["user"])
         try:
             due = await self.redis.set(key, 1, nx=True, ex=int(self.settings.prompts_interval_s))
         except REDIS_FAILED as error:
@@ -166,27 +162,13 @@ class SlackListeners:
             await ack(response_type="ephemeral", text=RESET_IN_CHANNEL)
             return
         try:
-            forgotten = await asyncio.wait_for(self.reset_dm(command["channel_id"]), RESET_TIMEOUT_S)
+            forgotten = await asyncio.wait_for(self.dm_threads.forget_all(command["channel_id"]), RESET_TIMEOUT_S)
         except (asyncio.TimeoutError, *REDIS_FAILED) as error:
             log.error("reset failed", extra={**who, "error": str(error) or type(error).__name__})
             await ack(response_type="ephemeral", text=RESET_FAILED)
             return
         log.info("conversations reset", extra={**who, "conversations": forgotten})
         await ack(response_type="ephemeral", text=RESET_DONE)
-
-    async def reset_dm(self, channel: str) -> int:
-        """Forget every thread of the DM (slash commands cannot be sent inside a thread)."""
-        conversations = await self.redis.smembers(keys.slack_dm_threads(channel))
-        for conversation in conversations:
-            await history.reset(self.redis, conversation)
-            await self.redis.srem(keys.slack_dm_threads(channel), conversation)
-        return len(conversations)
-
-    async def remember_dm_thread(self, conversation: Conversation) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(keys.slack_dm_threads(conversation.channel), conversation.key)
-            pipe.expire(keys.slack_dm_threads(conversation.channel), DM_THREADS_TTL_S)
-            await pipe.execute()
 
     async def submit(self, incoming: Incoming, author: str | None) -> None:
         reply_to = incoming.reply_to
@@ -197,7 +179,7 @@ class SlackListeners:
             return
         try:
             if incoming.in_dm:  # remembered before queueing: a /reset racing this message must find its thread
-                await self.remember_dm_thread(incoming.conversation)
+                await self.dm_threads.remember(incoming.conversation)
             submitted = await self.queue.submit(
                 incoming.conversation, incoming.message_id, text, author, reply_to, author_id=incoming.user
             )

@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from bot.slack.budget import SLACK_FAILED, PacedSlack
 from bot.slack.settings import SlackSettings
 from contract import keys
-from service.redis_client import REDIS_DOWN
+from service.redis_client import REDIS_FAILED
 
 log = logging.getLogger(__name__)
 # keys.SLACK_WAITING: hash job id -> {"reply_to", "since" (queued), "shown_at" (status set)}: unix times
@@ -56,7 +56,7 @@ class ThreadStatus:
                 pipe.set(keys.slack_begun(job_id), 1, ex=int(GIVE_UP_S))
                 pipe.hdel(keys.SLACK_WAITING, job_id)
                 await pipe.execute()
-        except REDIS_DOWN as error:  # the answer matters more; an entry left is dropped after GIVE_UP_S
+        except REDIS_FAILED as error:  # the answer matters more; an entry left is dropped after GIVE_UP_S
             log.warning("redis unavailable", extra={"error": str(error)})
 
     async def keep_fresh(self) -> None:
@@ -68,7 +68,7 @@ class ThreadStatus:
                 # One process per round; the lock lapses before the next round is due.
                 if await self.redis.set(keys.SLACK_STATUS_ROUND, 1, nx=True, px=int(period * 500)):
                     await self._refresh()
-            except REDIS_DOWN as error:
+            except REDIS_FAILED as error:
                 log.warning("redis unavailable", extra={"error": str(error)})
 
     async def _refresh(self) -> None:
