@@ -11,6 +11,7 @@ TEXT_SUFFIXES = frozenset(
     ".java .kt .c .h .cpp .hpp .cs .php .sh .bash .sql .swift .lua .r .scala .pl".split()
 )
 SEPARATOR = "\n\n"  # before each attachment's part of the message
+CUT_NOTICE = "I read only the first part of {files}: a message may hold at most {limit:,} characters, attachments included."
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,13 @@ class Attached:
     text: str
     read_any: bool
     cut: tuple[str, ...]  # names of the text files cut (or, with no room left at all, left out) to fit
+
+    def cut_notice(self, limit: int) -> str | None:
+        """The sentence for the person when a file was cut; None when none was."""
+        return CUT_NOTICE.format(files=", ".join(self.cut), limit=limit) if self.cut else None
+
+
+NOTHING_ATTACHED = Attached(text="", read_any=False, cut=())
 
 
 def is_text(name: str, content_type: str | None) -> bool:

@@ -10,9 +10,10 @@ import discord
 import pytest
 import yarl
 
+from bot.attachments_text import CUT_NOTICE
 from bot.discord.app import run_discord
 from bot.discord.attachments import NOT_READABLE
-from bot.discord.client import ATTACHMENT_CUT, QUEUE_NOTICE
+from bot.discord.client import QUEUE_NOTICE
 from bot.discord.commands import RESET_DONE, RESET_REFUSED
 from bot.discord.outbox import LIMIT
 from bot.discord.routing import reply_route
@@ -296,7 +297,7 @@ async def test_a_text_attachment_over_the_message_limit_is_cut_to_fit_and_the_us
     assert heading == f"--- big.py (cut: first {len(kept):,} of {len(source.strip()):,} characters) ---"
     assert source.startswith(kept + "\n")  # whole lines
     assert 1000 - len("print('line 299')\n") < len(text) <= 1000  # the room is filled
-    assert told.text == ATTACHMENT_CUT.format(files="big.py", limit=1000)
+    assert told.text == CUT_NOTICE.format(files="big.py", limit=1000)
 
 
 async def test_a_message_of_only_an_image_or_a_sticker_is_ignored_unless_meant_for_the_bot(redis, fake):

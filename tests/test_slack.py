@@ -21,6 +21,7 @@ from aiohttp import web
 from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 
+from bot.attachments_text import CUT_NOTICE
 from bot.slack.app import build_app, receiving, run_slack, serve, slack_tokens, web_client
 from bot.slack.files import NOT_READABLE
 from bot.slack.handlers import RESET_DONE, RESET_IN_CHANNEL
@@ -362,6 +363,9 @@ async def test_a_dm_with_files_reads_text_files_names_the_others_and_keeps_under
     async with adapter(fake, redis, settings):  # no worker: the job waits
         sent = await send_dm(fake, "What does this do?", subtype="file_share", files=files, upload=True)
         text = await queued_text(redis, sent.job_id)
+        await fake.wait_for(lambda: fake.messages_in(DM))
+    [told] = fake.messages_in(DM)  # the person learns that the file was cut
+    assert (told.text, told.thread_ts) == (CUT_NOTICE.format(files="script.py", limit=2_000), sent.ts)
     assert text.startswith(
         "What does this do?\n\n--- notes ---\nRemember the milk.\n\n(attached, not read: photo.png, not a text file)\n\n"
         "(attached, not read: huge.log, too large)\n\n--- script.py (cut: first "

@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 
 ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 QUEUE_NOTICE = "Your message is number {position} in the queue; I will answer as soon as I can."
-ATTACHMENT_CUT = "I read only the first part of {files}: a message may hold at most {limit:,} characters, attachments included."
 
 
 def intents() -> discord.Intents:
@@ -88,7 +87,7 @@ class ChatClient(discord.Client):
             await self.tell(message, str(rejected))
             return
         if not submitted.duplicate and attached.cut:
-            await self.tell(message, ATTACHMENT_CUT.format(files=", ".join(attached.cut), limit=limit))
+            await self.tell(message, attached.cut_notice(limit))
 
     async def open_thread(self, message: discord.Message, text: str) -> discord.Thread | None:
         """A thread opened on the message, or None when Discord refuses (then the answer goes in the channel)."""

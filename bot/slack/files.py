@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from bot.attachments_text import SEPARATOR, AttachedFile, attached_text, is_text
+from bot.attachments_text import NOTHING_ATTACHED, SEPARATOR, Attached, AttachedFile, attached_text, is_text
 from bot.slack.messages import SharedFile
 
 log = logging.getLogger(__name__)
@@ -26,17 +26,15 @@ class SlackFiles:
         self.slack_host = urlsplit(api_url).hostname or ""
         self.max_bytes = max_bytes
 
-    async def message_text(self, text: str, files: tuple[SharedFile, ...], max_chars: int) -> str | None:
+    async def message_text(self, text: str, files: tuple[SharedFile, ...], max_chars: int) -> tuple[str | None, Attached]:
         """The message's text followed by what its files add, within `max_chars` (a text file cut to
-        fit says so); None for files alone of which none could be read."""
-        if not files:
-            return text
-        attached = attached_text(await self.read(files), room=max_chars - len(text))
-        if not text and not attached.read_any:
-            return None
+        fit says so), with what the files added; None for files alone of which none could be read."""
+        attached = attached_text(await self.read(files), room=max_chars - len(text)) if files else NOTHING_ATTACHED
+        if files and not text and not attached.read_any:
+            return None, attached
         if attached.cut:
             log.info("shared file cut to fit the message", extra={"files": list(attached.cut), "max_chars": max_chars})
-        return SEPARATOR.join(part for part in (text, attached.text) if part)
+        return SEPARATOR.join(part for part in (text, attached.text) if part), attached
 
     async def read(self, files: tuple[SharedFile, ...]) -> list[AttachedFile]:
         timeout = aiohttp.ClientTimeout(total=DOWNLOAD_TIMEOUT_S)

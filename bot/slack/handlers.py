@@ -172,7 +172,8 @@ class SlackListeners:
 
     async def submit(self, incoming: Incoming, author: str | None) -> None:
         reply_to = incoming.reply_to
-        text = await self.files.message_text(incoming.text, incoming.files, self.queue.limits.max_message_chars)
+        limit = self.queue.limits.max_message_chars
+        text, attached = await self.files.message_text(incoming.text, incoming.files, limit)
         if text is None:
             log.info("message without readable text", extra={"slack_message": incoming.message_id})
             self.tell(incoming, NOT_READABLE)
@@ -198,6 +199,8 @@ class SlackListeners:
         )
         if submitted.duplicate:
             return
+        if attached.cut:
+            self.tell(incoming, attached.cut_notice(limit))
         # Slack wants the event acknowledged within 3 s: its status and title go on after.
         self.background.run("status", self.status.show(submitted.job_id, reply_to, submitted.ahead))
         if incoming.starts_thread:
