@@ -6,6 +6,13 @@ leaves `ready` while its head job is leased, so its messages are answered in ord
 batch never holds two jobs of one conversation; after a job the conversation goes to the
 back of `ready`, so one busy conversation takes turns with the others.
 
+A worker crash counts only against the job that causes it. A job whose lease falls due
+becomes a suspect, uncharged: any job of the dead worker's batch may have caused the crash.
+A suspect is served alone: a busy worker claims neither a suspect nor anything behind one in
+`ready`, so it drains its batch, then claims the suspect by itself and admits nothing else
+until it ends (engine/worker.py). Claiming a suspect charges it an attempt, so only a job that
+was alone when its worker died runs up attempts; a suspect handed back is not charged for it.
+
 The answer (reply event, history turns, done-mark) is written by one script: a redelivered
 job never answers twice or duplicates a turn.
 """
@@ -28,11 +35,12 @@ DONE_TTL_S = 7 * 24 * 3600
 class Claim:
     job: Job
     history: list[Exchange]  # the conversation's stored exchanges, read in the same step as the lease
+    suspect: bool  # delivered again after its worker died: to be served alone
 
 
 _CLAIM = """
-local ready, leases, active = KEYS[1], KEYS[2], KEYS[3]
-local prefix, max_jobs, visibility, owner = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local ready, leases, active, suspects = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix, max_jobs, visibility, owner, busy = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -44,6 +52,7 @@ for i = 1, #held, 2 do
   -- due: its deadline passed, or its worker is gone (stopped, or silent past its liveness)
   if deadline <= now or redis.call('EXISTS', prefix .. 'worker:' .. (job_owner or '')) == 0 then
     redis.call('ZREM', leases, job_id)
+    redis.call('SADD', suspects, job_id)
     if conversation and not redis.call('LPOS', ready, conversation) then redis.call('LPUSH', ready, conversation) end
   end
 end
@@ -57,13 +66,20 @@ while #claimed < max_jobs do
   if not job_id then
     redis.call('SREM', active, conversation)
   elseif not redis.call('ZSCORE', leases, job_id) then
+    local suspect = redis.call('SISMEMBER', suspects, job_id) == 1
+    if suspect and (busy or #claimed > 0) then
+      -- first in line, and nothing behind it is taken: this worker drains, then a worker takes it alone
+      redis.call('LPUSH', ready, conversation)
+      break
+    end
     local job_key = prefix .. 'job:' .. job_id
     redis.call('ZADD', leases, now + visibility, job_id)
     redis.call('HSET', job_key, 'owner', owner)
-    local attempts = redis.call('HINCRBY', job_key, 'attempts', 1)
-    local fields = redis.call('HMGET', job_key, 'data', 'epoch')
+    if suspect then redis.call('HINCRBY', job_key, 'attempts', 1) end
+    local fields = redis.call('HMGET', job_key, 'data', 'epoch', 'attempts')
     local turns = redis.call('LRANGE', conv_prefix .. ':turns', 0, -1)
-    table.insert(claimed, {fields[1], fields[2], attempts, turns})
+    table.insert(claimed, {fields[1], fields[2], fields[3], suspect and 1 or 0, turns})
+    if suspect then break end
   end
 end
 return claimed
@@ -75,6 +91,7 @@ local done_key, job_key, conv_jobs, ready, active, leases, turns_key, epoch_key,
 local job_id, conversation, epoch, event = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local max_turns, history_ttl_s, done_ttl_s, replies_maxlen = tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
 local new_turns = {unpack(ARGV, 10, 9 + tonumber(ARGV[9]))}
+local suspects = KEYS[11]
 
 local answered = 0
 local author_queued = redis.call('HGET', job_key, 'author_queued')
@@ -90,6 +107,7 @@ end
 redis.call('LREM', conv_jobs, 1, job_id)
 redis.call('DEL', job_key)
 redis.call('ZREM', leases, job_id)
+redis.call('SREM', suspects, job_id)
 if redis.call('LLEN', conv_jobs) > 0 then
   if not redis.call('LPOS', ready, conversation) then redis.call('RPUSH', ready, conversation) end
 else
@@ -99,12 +117,15 @@ return answered
 """
 
 _RELEASE = """
-local ready, leases, prefix = KEYS[1], KEYS[2], KEYS[3]
-for _, job_id in ipairs(ARGV) do
-  if redis.call('ZREM', leases, job_id) == 1 then
-    local job_key = prefix .. 'job:' .. job_id
-    -- handed back, not failed: the delivery does not count against the job's attempts
-    redis.call('HINCRBY', job_key, 'attempts', -1)
+local ready, leases, suspects = KEYS[1], KEYS[2], KEYS[3]
+local prefix, owner = ARGV[1], ARGV[2]
+for i = 3, #ARGV do
+  local job_id = ARGV[i]
+  local job_key = prefix .. 'job:' .. job_id
+  -- only a lease still this worker's: a job taken over since is the new owner's, charge included
+  if redis.call('HGET', job_key, 'owner') == owner and redis.call('ZREM', leases, job_id) == 1 then
+    -- handed back, not failed: a suspect's claim charged this delivery (no other claim charges)
+    if redis.call('SISMEMBER', suspects, job_id) == 1 then redis.call('HINCRBY', job_key, 'attempts', -1) end
     local conversation = redis.call('HGET', job_key, 'conversation')
     if conversation and not redis.call('LPOS', ready, conversation) then redis.call('LPUSH', ready, conversation) end
   end
@@ -135,15 +156,20 @@ class WorkQueue:
         self._release = redis.register_script(_RELEASE)
         self._partial = redis.register_script(_PARTIAL)
 
-    async def claim(self, owner: str, max_jobs: int = 1) -> list[Claim]:
-        """Lease up to max_jobs head jobs, each from a different conversation, with their histories."""
+    async def claim(self, owner: str, max_jobs: int = 1, busy: bool = False) -> list[Claim]:
+        """Lease up to max_jobs head jobs, each from a different conversation, with their histories.
+
+        A suspect comes alone, and only to a worker that is not `busy` (serving nothing); a busy
+        worker gets no job from the suspect on, so it drains its batch first.
+        """
         rows = await self._claim(
-            keys=[keys.READY, keys.LEASES, keys.ACTIVE], args=[keys.PREFIX, max_jobs, self.visibility_ms, owner]
+            keys=[keys.READY, keys.LEASES, keys.ACTIVE, keys.SUSPECTS],
+            args=[keys.PREFIX, max_jobs, self.visibility_ms, owner, int(busy)],
         )
         claims = []
-        for data, epoch, attempts, turns in rows:
+        for data, epoch, attempts, suspect, turns in rows:
             job = Job.model_validate_json(data).model_copy(update={"epoch": int(epoch), "attempts": int(attempts)})
-            claims.append(Claim(job, pair_turns([Turn.model_validate_json(turn) for turn in turns])))
+            claims.append(Claim(job, pair_turns([Turn.model_validate_json(turn) for turn in turns]), bool(suspect)))
         return claims
 
     async def depth(self) -> tuple[int, int]:
@@ -171,10 +197,10 @@ class WorkQueue:
         """Worker `owner` has stopped: the leases it still holds are due at once."""
         await self.redis.delete(keys.worker(owner))
 
-    async def release(self, jobs: list[Job]) -> None:
-        """Hand jobs back unanswered, first in line (the worker is stopping)."""
+    async def release(self, owner: str, jobs: list[Job]) -> None:
+        """Hand back the jobs worker `owner` still holds, unanswered and first in line (the worker is stopping)."""
         if jobs:
-            await self._release(keys=[keys.READY, keys.LEASES, keys.PREFIX], args=[job.id for job in jobs])
+            await self._release(keys=[keys.READY, keys.LEASES, keys.SUSPECTS], args=[keys.PREFIX, owner, *(job.id for job in jobs)])
 
     async def complete(self, job: Job, event: ReplyEvent, turns: list[Turn], max_turns: int, ttl_s: int) -> bool:
         """Post the reply, append the turns and mark the job done in one atomic step.
@@ -184,6 +210,7 @@ class WorkQueue:
         script_keys = [
             keys.done(job.id), keys.job(job.id), keys.conv_jobs(job.conversation), keys.READY, keys.ACTIVE, keys.LEASES,
             keys.turns(job.conversation), keys.epoch(job.conversation), reply_stream(job.platform, job.conversation), keys.QUEUED,
+            keys.SUSPECTS,
         ]
         args = [
             job.id, job.conversation, str(job.epoch), event.model_dump_json(), max_turns, ttl_s, DONE_TTL_S,

@@ -45,7 +45,7 @@ from service.runtime import Stuck
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_ATTEMPTS = 3  # a job that took the worker down this often is answered with an error instead
+MAX_ATTEMPTS = 3  # a job whose worker died this often while serving it alone is answered with an error instead
 IDLE_WAIT_S = 1.0  # how long an idle worker blocks for new work before looking for expired leases
 RELEASE_PATIENCE_S = 5.0  # on shutdown, don't wait longer than this for Redis: the lease expires anyway
 MODEL_FAILED = "Sorry, something went wrong while writing the answer. Please try again."
@@ -75,6 +75,7 @@ class Answer:
 
     job: Job
     prompt: Prompt
+    suspect: bool  # its last worker died with it: served alone, nothing else is admitted until it ends
     claimed_at: float  # wall clock, comparable with job.submitted_at
     published_at: float  # monotonic: when the last partial went out
     first_token_at: float | None = None  # wall clock
@@ -159,7 +160,7 @@ class Publisher:
         if not jobs:
             return
         try:
-            await with_backoff(lambda: self.queue.release(jobs), "release", give_up=after(RELEASE_PATIENCE_S))
+            await with_backoff(lambda: self.queue.release(self.owner, jobs), "release", give_up=after(RELEASE_PATIENCE_S))
             log.info("handed jobs back on shutdown", extra={"jobs": [job.id for job in jobs]})
         except REDIS_DOWN:
             log.warning("could not hand jobs back; their leases expire instead", extra={"jobs": [job.id for job in jobs]})
@@ -239,20 +240,21 @@ class Worker:
     # --- admission ------------------------------------------------------------------------
 
     async def _claim(self, room: int) -> list[Claim]:
-        if not room:
-            return []
+        live = self.scheduler.live
+        if not room or any(slot.payload.suspect for slot in live):
+            return []  # nothing joins a suspect: it is served alone (contract/work.py)
         try:
-            return await self.queue.claim(self.owner, room)
+            return await self.queue.claim(self.owner, room, busy=bool(live))
         except REDIS_DOWN as error:
             log.warning("redis unavailable", extra={"error": str(error)})
-            await asyncio.sleep(0 if self.scheduler.live else 0.5)
+            await asyncio.sleep(0 if live else 0.5)
             return []
 
     async def _start(self, claim: Claim) -> None:
         job = claim.job
         claimed_at = time.time()
         TIME_IN_QUEUE.observe(max(0.0, claimed_at - job.submitted_at))
-        if job.attempts > 1:
+        if claim.suspect:
             JOBS.labels("redelivered").inc()
         if job.attempts > MAX_ATTEMPTS:
             log.error("job failed too often", extra={"job": job.id, "attempts": job.attempts})
@@ -263,7 +265,7 @@ class Worker:
             return
         try:
             prompt = self.builder.build(claim.history, job.text, job.author)
-            answer = Answer(job, prompt, claimed_at=claimed_at, published_at=time.monotonic())
+            answer = Answer(job, prompt, claim.suspect, claimed_at=claimed_at, published_at=time.monotonic())
             slot = await self._model_call(self.scheduler.admit, prompt.ids, answer)
         except StepTimedOut:
             raise

@@ -16,12 +16,17 @@ from tests.conftest import Queues
 ALICE = Conversation(platform="local", channel="alice")
 BOB = Conversation(platform="local", channel="bob")
 CAROL = Conversation(platform="local", channel="carol")
+DAVE = Conversation(platform="local", channel="dave")
+
+
+async def claims(queue: Queues, owner: str, max_jobs: int = 1, busy: bool = False):
+    """Claim as a live worker does: its liveness key set first."""
+    await queue.heartbeat(owner, [])
+    return await queue.claim(owner, max_jobs, busy)
 
 
 async def claim(queue: Queues, owner: str, max_jobs: int = 1):
-    """Claim as a live worker does: its liveness key set first."""
-    await queue.heartbeat(owner, [])
-    return [claimed.job for claimed in await queue.claim(owner, max_jobs)]
+    return [claimed.job for claimed in await claims(queue, owner, max_jobs)]
 
 
 def final(job, text="answer") -> ReplyEvent:
@@ -91,7 +96,7 @@ async def test_expired_lease_is_delivered_again_and_answered_once(redis):
     assert await claim(queue, "w") == []  # still leased
     await asyncio.sleep(0.3)
     [again] = await claim(queue, "w")
-    assert again.id == taken.id and again.attempts == 2
+    assert again.id == taken.id and again.attempts == 1  # its worker may have died of it: charged
     assert await queue.complete(again, final(again), exchange("hello"), 10, 60)
     assert not await queue.complete(taken, final(taken), exchange("hello"), 10, 60)  # the late original
     replies = await redis.xrange(reply_stream("local", ALICE.key))
@@ -140,9 +145,46 @@ async def test_released_job_comes_back_first_without_counting_as_an_attempt(redi
     await queue.submit(ALICE, "a", "alice")
     await queue.submit(BOB, "b", "bob")
     [job] = await claim(queue, "w")
-    await queue.release([job])
-    [again] = await claim(queue, "w")
-    assert again.id == job.id and again.attempts == 1
+    await queue.release("w", [job])
+    [again] = await claims(queue, "w")
+    assert again.job.id == job.id and again.job.attempts == 0 and not again.suspect
+    await queue.gone("w")
+    [suspect] = await claims(queue, "w2")
+    assert suspect.suspect and suspect.job.attempts == 1
+    await queue.release("w2", [suspect.job])
+    [suspect] = await claims(queue, "w2")  # still a suspect, charged for this delivery only
+    assert suspect.job.id == job.id and suspect.suspect and suspect.job.attempts == 1
+    await queue.release("w", [suspect.job])  # a stopping worker's hand-back of a job taken over changes nothing
+    assert await redis.zscore(keys.LEASES, job.id) is not None
+    assert await redis.hget(keys.job(job.id), "attempts") == "1"
+
+
+async def test_a_dead_workers_batch_comes_back_one_job_at_a_time_and_only_a_job_alone_at_a_death_is_charged(redis):
+    queue = Queues(redis)
+    for conversation in (ALICE, BOB, CAROL):
+        await queue.submit(conversation, conversation.channel, f"{conversation.channel}'s message")
+    batch = await claims(queue, "crashed", max_jobs=3)
+    assert [(claimed.job.attempts, claimed.suspect) for claimed in batch] == [(0, False)] * 3  # not charged
+    await queue.gone("crashed")  # as when its liveness expires
+    await queue.submit(DAVE, "dave", "dave's message")
+    # Any of the three may have killed the worker: all are suspects, none is charged yet.
+    assert await claims(queue, "busy", max_jobs=4, busy=True) == []  # a busy worker takes nothing while one waits
+    assert await redis.smembers(keys.SUSPECTS) == {claimed.job.id for claimed in batch}
+    assert [await redis.hget(keys.job(claimed.job.id), "attempts") for claimed in batch] == ["0"] * 3
+    served = []
+    while len(served) < 3:
+        [alone] = await claims(queue, "w", max_jobs=4)  # an idle worker takes one suspect, and it alone
+        assert alone.suspect and alone.job.attempts == 1
+        if not served:  # its worker dies too while serving it alone: only this one is charged again
+            await queue.gone("w")
+            [again] = await claims(queue, "w2", max_jobs=4)
+            assert again.job.id == alone.job.id and again.job.attempts == 2
+        await queue.complete(alone.job, final(alone.job), [], 10, 60)
+        served.append(alone.job.id)
+    assert sorted(served) == sorted(claimed.job.id for claimed in batch)
+    assert not await redis.exists(keys.SUSPECTS)
+    [dave] = await claims(queue, "w", max_jobs=4, busy=True)
+    assert dave.job.conversation == DAVE.key and dave.job.attempts == 0 and not dave.suspect
 
 
 async def test_reset_is_ordered_with_messages(redis):

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from contract import history, keys
 from contract.jobs import Conversation, ReplyEvent
 from contract.replies import follow, last_entry_id
 from engine.prompts import PromptBuilder
+from engine.serving.transformers_engine import TransformersEngine
 from service.redis_client import connect
 from service.redis_server import RedisServer
 from tests.conftest import Queues, engine_for, final_event, reply_count, reply_events, running_worker, tiny_settings
@@ -92,7 +94,7 @@ async def test_bad_input_gets_clear_answers_and_the_worker_keeps_serving(redis, 
         assert (await ask(redis, "Still there?")).kind == "final"
 
 
-def worker_process(redis_url: str, run_dir: Path, **env) -> subprocess.Popen:
+def worker_process(redis_url: str, run_dir: Path, command: tuple[str, ...] = ("-m", "chatbot", "worker"), **env) -> subprocess.Popen:
     environ = {
         **os.environ,
         "REDIS_URL": redis_url,
@@ -111,7 +113,7 @@ def worker_process(redis_url: str, run_dir: Path, **env) -> subprocess.Popen:
         **env,
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "chatbot", "worker"], cwd=ROOT, env=environ,
+        [sys.executable, *command], cwd=ROOT, env=environ,
         stdout=subprocess.DEVNULL, stderr=open(run_dir / "worker.log", "ab"),
     )
 
@@ -129,6 +131,104 @@ async def worker_mid_answer(redis, redis_url: str, run_dir: Path, **env) -> subp
         process.kill()
         raise
     return process
+
+
+POISON = "Answering this message kills the worker."
+
+
+class PoisonedEngine(TransformersEngine):
+    """The tiny model, crashing its process on one message as a fault in native code would (SIGKILL: no clean-up)."""
+
+    def prefill(self, slot: int, prompt: list[int]) -> int:
+        if POISON in self.tokenizer.decode(prompt):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().prefill(slot, prompt)
+
+
+def serve_poisoned() -> int:
+    """`chatbot worker` serving a PoisonedEngine: what POISONED_WORKER runs."""
+    import engine.serving
+    from chatbot import main
+
+    engine.serving.load_engine = lambda settings: PoisonedEngine.load(settings.model, settings.generation)
+    return main(["worker"])
+
+
+POISONED_WORKER = ("-c", "from tests.test_worker import serve_poisoned; raise SystemExit(serve_poisoned())")
+
+
+async def leases_held_by(redis, process: subprocess.Popen) -> list[str]:
+    """The jobs leased to the worker running in `process` (its identity holds its pid)."""
+    leased = await redis.zrange(keys.LEASES, 0, -1)
+    owners = [await redis.hget(keys.job(job_id), "owner") for job_id in leased]
+    return [job_id for job_id, owner in zip(leased, owners) if (owner or "").startswith(f"killable-{process.pid}-")]
+
+
+async def batch_of_four_streaming(redis, process: subprocess.Popen) -> bool:
+    """Whether the worker in `process` holds four jobs and then streams a partial answer for each of them."""
+    held = set(await leases_held_by(redis, process))
+    if len(held) < 4:
+        return False
+
+    async def partials() -> Counter:
+        return Counter(event.job_id for event in await reply_events(redis, "local") if event.kind == "partial")
+
+    before = await partials()
+    while process.poll() is None and set(await leases_held_by(redis, process)) == held:
+        now = await partials()
+        if all(now[job_id] > before[job_id] for job_id in held):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_worker_crashes_count_only_against_the_job_that_causes_them(redis, redis_server, tmp_path):
+    """Batches of four killed mid-answer, and a message that kills every worker that serves it: only that one gives up."""
+    from engine.worker import GAVE_UP, MAX_ATTEMPTS
+
+    queue = Queues(redis)
+    innocent = [f"local:i{n}" for n in range(8)]
+    for n in range(8):
+        await queue.submit(Conversation(platform="local", channel=f"i{n}"), f"i{n}", f"Tell me about the number {n}.")
+    await queue.submit(Conversation(platform="local", channel="poison"), "poison", POISON)
+    env = {
+        "CHATBOT__MODEL__BATCH_SIZE": "4", "CHATBOT__GENERATION__MAX_NEW_TOKENS": "120",
+        "CHATBOT__QUEUE__VISIBILITY_TIMEOUT_S": "3", "CHATBOT__QUEUE__STEP_TIMEOUT_S": "1.5",
+    }
+    kills, crashes = 0, 0
+
+    async def answered() -> dict[str, ReplyEvent]:
+        return {event.job_id: event for event in await reply_events(redis, "local") if event.kind != "partial"}
+
+    async def serve_until_all_answered() -> None:
+        nonlocal kills, crashes
+        process = worker_process(redis_server.url, tmp_path, POISONED_WORKER, **env)
+        try:
+            while len(await answered()) < len(innocent) + 1:
+                if process.poll() is not None:
+                    crashes += process.returncode == -signal.SIGKILL
+                # As many kills as used up a batch's attempts when every crash charged the whole batch.
+                elif kills < MAX_ATTEMPTS and await batch_of_four_streaming(redis, process):
+                    process.send_signal(signal.SIGKILL)
+                    process.wait(10)
+                    kills += 1
+                else:
+                    await asyncio.sleep(0.05)
+                    continue
+                process = worker_process(redis_server.url, tmp_path, POISONED_WORKER, **env)
+        finally:
+            process.kill()
+            process.wait(10)
+
+    await asyncio.wait_for(serve_until_all_answered(), 150)
+    answers = await answered()
+    assert [job_id for job_id in innocent if answers[job_id].text == GAVE_UP] == []
+    assert all(answers[job_id].kind == "final" for job_id in innocent)
+    assert answers["local:poison"].kind == "error" and answers["local:poison"].text == GAVE_UP
+    # Killed with batches of four live, then by the poison: delivered normally once, then alone MAX_ATTEMPTS times.
+    assert kills >= 2 and crashes == 1 + MAX_ATTEMPTS
+    finals = Counter(event.job_id for event in await reply_events(redis, "local") if event.kind != "partial")
+    assert set(finals.values()) == {1}
 
 
 async def test_sigkill_mid_generation_answers_once_after_restart(redis, redis_server, tmp_path):
@@ -196,7 +296,7 @@ async def test_cli_ask_refuses_empty_messages(redis_server, tmp_path, text):
 async def test_a_job_that_keeps_killing_workers_is_answered_with_an_error(redis, tiny_engine, settings):
     queue = Queues(redis, visibility_timeout_s=0.05)
     submitted = await queue.submit(CHAT, "poison", "a message that crashes every worker")
-    for _ in range(3):  # three workers took it and died
+    for _ in range(4):  # a worker took it and died, then three more took it alone and died
         assert await queue.claim("doomed")
         await asyncio.sleep(0.1)
     async with running_worker(redis, tiny_engine, settings):
