@@ -57,7 +57,7 @@ class Job(BaseModel):
     reply_to: dict[str, str] = Field(default_factory=dict)  # adapter routing data, opaque to the engine
     submitted_at: float = Field(default_factory=time.time)
     epoch: int = 0  # the conversation's reset count when the job was submitted
-    attempts: int = 0  # deliveries so far, this one included
+    attempts: int = 0  # deliveries served alone after a worker died with the job (contract/work.py: suspects)
 
 
 class ReplyEvent(BaseModel):

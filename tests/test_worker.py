@@ -15,7 +15,7 @@ import pytest
 
 from contract import history, keys
 from contract.jobs import Conversation, ReplyEvent
-from contract.replies import follow, last_entry_id
+from contract.replies import follow, last_entry_id, reply_stream
 from engine.prompts import PromptBuilder
 from engine.serving.transformers_engine import TransformersEngine
 from service.redis_client import connect
@@ -328,7 +328,7 @@ async def test_a_stuck_model_step_ends_the_worker_and_the_job_is_answered_after_
 async def test_redis_refusing_one_answer_fails_only_that_job(redis, tiny_model, caplog):
     """A write Redis refuses (here WRONGTYPE on one platform's reply stream) costs that job, not the batch."""
     settings = tiny_settings(model={"batch_size": 2}, generation={"max_new_tokens": 40})
-    await redis.set("chatbot:replies:broken", "not a stream")
+    await redis.set(reply_stream("broken", "broken:x"), "not a stream")
     queue = Queues(redis)
     await queue.submit(Conversation(platform="broken", channel="x"), "b1", "This platform's stream is damaged.")
     await queue.submit(CHAT, "ok1", "And this one is fine.")
