@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from bot.split import split_message
 from contract import keys
 from contract.jobs import ReplyEvent
-from contract.replies import Entry, ReplyReader
+from contract.replies import Entry, ReplyReader, shard_of
 from contract.reply_shards import ShardLeases
 from service.observability import DELIVERIES, PLATFORM_ERRORS
 from service.redis_client import REDIS_FAILED, with_backoff
@@ -45,6 +45,8 @@ ABANDONED_AFTER_S = 3600  # a streamed reply silent this long will not be finish
 FAILED = "Sorry, I could not deliver the answer."
 LANE_IDLE_S = 30.0  # a conversation's lane ends after this long without replies
 GIVE_UP_PATIENCE_S = 2.0  # on shutdown, how long to try handing the shards over before their leases lapse
+REREAD_PENDING_S = 60.0  # how often the pending replies of the shards held are read again
+REMEMBER_ACKED_S = 10.0  # longer than a read of pending replies takes to come back
 
 
 def adapter_identity(platform: str) -> str:
@@ -126,12 +128,13 @@ class Delivery:
         self.shown: dict[str, Shown] = {}
         self.finished: dict[str, float] = {}  # job id -> when its final was shown: later partials are stale
         self.in_flight: dict[tuple[str, str], Entry] = {}  # read, not yet acknowledged: never queued twice
+        self.acked: dict[tuple[str, str], float] = {}  # acknowledged lately: a pending list read just before is stale
         # One lane per conversation with replies in flight: in order within a conversation, and a
         # slow or rate-limited channel (a held edit, a 429 wait) never delays the others.
         self.lanes: dict[str, tuple[asyncio.Queue[Entry], asyncio.Task[None]]] = {}
 
     async def run(self) -> None:
-        groups_made, round_at = False, 0.0
+        groups_made, round_at, reread_at = False, 0.0, time.monotonic()
         try:
             while True:
                 for _, task in self.lanes.values():
@@ -142,18 +145,24 @@ class Delivery:
                         await self.reader.ensure_groups()
                         groups_made = True
                     if time.monotonic() - round_at >= self.shards.round_s:
-                        await self.shards.round(busy=self._busy)
+                        self.reader.reread(await self.shards.round(busy=self._busy))
                         round_at = time.monotonic()
+                    if time.monotonic() - reread_at >= REREAD_PENDING_S:
+                        # A read whose answer the network lost leaves its replies pending here, unseen.
+                        self.reader.reread(self.shards.reading)
+                        reread_at = time.monotonic()
                     # Blocks no longer than a round, so the leases are renewed in time.
                     entries = await self.reader.read(self.shards.reading, block_ms=int(min(1.0, self.shards.round_s) * 1000))
                 except REDIS_FAILED as error:  # down, or refusing writes (full): the leases outlive a few rounds
                     log.warning("redis unavailable", extra={"error": str(error)})
+                    if "NOGROUP" in str(error):  # Redis lost its data (restarted without it, or flushed)
+                        groups_made = False
                     await asyncio.sleep(1)
                     continue
                 if not self.shards.reading:
                     await asyncio.sleep(min(1.0, self.shards.round_s))  # every shard is another process's
                 for entry in entries:
-                    if (entry.stream, entry.id) not in self.in_flight:
+                    if (entry.stream, entry.id) not in self.in_flight and (entry.stream, entry.id) not in self.acked:
                         self.in_flight[entry.stream, entry.id] = entry
                         self._lane(entry.event.conversation).put_nowait(entry)
                 self._forget_old()
@@ -181,21 +190,29 @@ class Delivery:
                     return
                 continue
             entries = [first] + [queue.get_nowait() for _ in range(queue.qsize())]
-            ours = [entry for entry in entries if entry.shard in self.shards.held]
-            for entry in entries:
-                if entry not in ours:  # its shard went to another process, which reads it as backlog
-                    del self.in_flight[entry.stream, entry.id]
-            for event in self._latest_per_job(ours):
+            shard = shard_of(conversation)
+            delivered = True
+            for event in self._latest_per_job(entries):
+                if not self.shards.holds(shard):
+                    # The shard went to another process, which reads what is pending as its backlog:
+                    # delivering on would show the reply twice.
+                    delivered = False
+                    break
                 await self.deliver(event)
-            await self._redis(functools.partial(self.reader.ack, ours), "acknowledge replies")
-            for entry in ours:
+            if delivered:
+                await self._redis(functools.partial(self.reader.ack, entries), "acknowledge replies")
+            now = time.monotonic()
+            for entry in entries:
                 del self.in_flight[entry.stream, entry.id]
+                if delivered:
+                    self.acked[entry.stream, entry.id] = now
 
     def _forget_old(self) -> None:
         """Drop what we track of replies whose final event never came (their job was given up), and old finals."""
         now = time.monotonic()
         self.shown = {job: shown for job, shown in self.shown.items() if now - shown.edited_at < ABANDONED_AFTER_S}
         self.finished = {job: at for job, at in self.finished.items() if now - at < ABANDONED_AFTER_S}
+        self.acked = {entry: at for entry, at in self.acked.items() if now - at < REMEMBER_ACKED_S}
 
     def _latest_per_job(self, entries: list[Entry]) -> list[ReplyEvent]:
         """A partial followed by a newer event of the same job, or of a job already answered, is stale: skip it."""

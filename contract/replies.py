@@ -79,14 +79,19 @@ class Entry:
 
 
 class ReplyReader:
-    """Reads a platform's shards that this process holds: each shard's pending backlog once, page by
-    page (what a previous holder read but never acknowledged), then new entries."""
+    """Reads a platform's shards that this process holds: a shard's pending backlog once when told
+    to (what a previous holder read but never acknowledged), page by page, then new entries."""
 
     def __init__(self, redis: Redis, platform: str):
         self.redis = redis
         self.streams = [keys.replies(platform, shard) for shard in range(REPLY_SHARDS)]
         self._backlog_after: dict[int, str] = {}  # shard -> the last backlog id returned
-        self._reading: set[int] = set()
+
+    def reread(self, shards: set[int]) -> None:
+        """Read these shards' pending backlog again, from its start: they were just taken, or a
+        reply may have been lost on its way (the caller skips what it already has)."""
+        for shard in shards:
+            self._backlog_after[shard] = "0"
 
     async def ensure_groups(self) -> None:
         for stream in self.streams:
@@ -97,23 +102,21 @@ class ReplyReader:
                     raise
 
     async def read(self, shards: set[int], block_ms: int = 1000, count: int = 100) -> list[Entry]:
-        """Entries of the given shards: a newly given shard's backlog first, then new entries.
+        """Entries of the given shards: the backlog of those to be reread first, then new entries.
 
         An entry that cannot be read (trimmed while pending, or written by a newer worker) is
         logged and acknowledged, so it never blocks the ones behind it.
         """
-        for shard in shards - self._reading:
-            self._backlog_after[shard] = "0"
-        for shard in self._reading - shards:
-            self._backlog_after.pop(shard, None)
-        self._reading = set(shards)
         for shard, after in sorted(self._backlog_after.items()):
+            if shard not in shards:
+                continue
             entries = await self._read({self.streams[shard]: after}, count, block_ms=None)
             if not entries:
                 del self._backlog_after[shard]
                 continue
-            self._backlog_after[shard] = entries[-1][1]
-            return await self._parse(entries)
+            parsed = await self._parse(entries)
+            self._backlog_after[shard] = entries[-1][1]  # only once parsed: a failed page is read again
+            return parsed
         if not shards:
             return []
         return await self._parse(await self._read({self.streams[shard]: ">" for shard in sorted(shards)}, count, block_ms))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import zlib
 from collections.abc import Callable
 
@@ -61,8 +62,10 @@ class ShardLeases:
         self.redis = redis
         self.platform = platform
         self.holder = holder
+        self.lease_s = lease_s
         self.lease_ms = int(lease_s * 1000)
         self.round_s = lease_s / 3
+        self.renewed_at = 0.0  # monotonic: when the last round that renewed the leases began
         self.held: set[int] = set()
         self.draining: set[int] = set()  # held, no longer read: given up once delivered
         # Each holder tries shards in its own order, so processes starting together spread out.
@@ -76,20 +79,29 @@ class ShardLeases:
     def reading(self) -> set[int]:
         return self.held - self.draining
 
-    async def round(self, busy: Callable[[int], bool]) -> None:
-        """Keep the shards held, take free ones up to a fair share, give up extras `busy` says are delivered."""
+    def holds(self, shard: int) -> bool:
+        """Whether this process may still deliver the shard's replies: held, and renewed recently
+        enough that its lease cannot have lapsed for another process to take it."""
+        return shard in self.held and time.monotonic() - self.renewed_at < self.lease_s * 2 / 3
+
+    async def round(self, busy: Callable[[int], bool]) -> set[int]:
+        """Keep the shards held, take free ones up to a fair share, give up extras `busy` says are
+        delivered; returns the shards taken (their pending backlog is to be read)."""
+        started = time.monotonic()
         live = await self._register(keys=[keys.reply_holders(self.platform)], args=[self.holder, self.lease_ms])
         share = math.ceil(REPLY_SHARDS / max(1, live))
         kept = await self._keep(sorted(self.held))
         if lost := self.held - kept:
             log.warning("reply shards lost to another adapter process", extra={"shards": sorted(lost)})
-        self.held, self.draining = kept, self.draining & kept
-        self.held |= await self._take(share - len(self.held))
+        taken = await self._take(share - len(kept), exclude=kept)
+        # Assigned at once, after every await: a lane never sees a shard missing in between.
+        self.held, self.draining, self.renewed_at = kept | taken, self.draining & kept, started
         to_drain = len(self.held) - share - len(self.draining)
         if to_drain > 0:
             self.draining |= set(sorted(self.reading, reverse=True)[:to_drain])
         if delivered := {shard for shard in self.draining if not busy(shard)}:
             await self.give_up(delivered)
+        return taken
 
     async def give_up(self, shards: set[int]) -> None:
         """Stop holding `shards`: the next holder reads what is left pending."""
@@ -111,12 +123,12 @@ class ShardLeases:
         )
         return {shard for shard, kept in zip(shards, mine) if kept}
 
-    async def _take(self, wanted: int) -> set[int]:
+    async def _take(self, wanted: int, exclude: set[int]) -> set[int]:
         taken: set[int] = set()
         for shard in self._preference:
             if len(taken) >= wanted:
                 break
-            if shard not in self.held:
+            if shard not in exclude:
                 [mine] = await self._renew_or_take(
                     keys=[keys.reply_shard(self.platform, shard)], args=[self.holder, self.lease_ms, "1"]
                 )

@@ -217,3 +217,36 @@ async def test_a_full_redis_does_not_stop_delivery(redis, caplog):
     finally:
         await redis.config_set("maxmemory", 0)
     assert any("redis unavailable" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_reply_read_but_lost_on_the_way_is_delivered_when_the_pending_replies_are_read_again(redis, monkeypatch):
+    monkeypatch.setattr("bot.delivery.REREAD_PENDING_S", 0.5)
+    outbox = Recording()
+    async with adapter_process(redis, outbox, "only") as delivery:
+        read, dropped = delivery.reader._read, []
+
+        async def losing_the_first_answer(streams, count, block_ms):
+            entries = await read(streams, count, block_ms)
+            if entries and not dropped and ">" in streams.values():
+                dropped.extend(entries)  # Redis handed them out; the connection dropped the answer
+                return []
+            return entries
+
+        delivery.reader._read = losing_the_first_answer
+        await publish(redis, event(1, text="lost on the way"))
+        await until(lambda: dropped, what="the reply read and lost")
+        await until(lambda: outbox.posted == ["lost on the way"], what="the lost reply delivered")
+        await asyncio.sleep(1.2)  # two more rereads: nothing shown twice
+    assert outbox.posted == ["lost on the way"]
+
+
+async def test_delivery_goes_on_after_redis_lost_its_data(redis):
+    """Found in review: with the reply groups gone (Redis restarted without its data, or flushed),
+    every read failed with NOGROUP and the adapter logged 'redis unavailable' forever."""
+    outbox = Recording()
+    async with adapter_process(redis, outbox, "only"):
+        await publish(redis, event(1, text="before"))
+        await until(lambda: outbox.posted == ["before"], what="before delivered")
+        await redis.flushdb()
+        await publish(redis, event(2, text="after"))
+        await until(lambda: outbox.posted == ["before", "after"], what="after delivered")

@@ -35,6 +35,7 @@ async def test_the_next_holder_reads_the_backlog_once_page_by_page(redis):
     while await first.read({SHARD}, block_ms=10):
         pass  # read, never acknowledged: the process died
     successor = await reader(redis)
+    successor.reread({SHARD})  # it has just taken the shard
     pages = [await successor.read({SHARD}, block_ms=10, count=100) for _ in range(5)]
     assert [len(page) for page in pages] == [100, 100, 50, 0, 0]
     assert [entry.event.text for page in pages for entry in page] == [f"r{n}" for n in range(250)]
@@ -42,11 +43,13 @@ async def test_the_next_holder_reads_the_backlog_once_page_by_page(redis):
     assert [entry.event.text for entry in await successor.read({SHARD}, block_ms=10)] == ["new"]
 
 
-async def test_a_shard_given_back_and_taken_again_has_its_backlog_read_again(redis):
+async def test_a_shard_read_again_gives_its_pending_replies_again(redis):
     holder = await reader(redis)
     await publish(redis, "pending")
     [entry] = await holder.read({SHARD}, block_ms=10)
-    assert await holder.read(set(), block_ms=10) == []
+    assert await holder.read({SHARD}, block_ms=10) == []
+    holder.reread({SHARD})
+    assert await holder.read(set(), block_ms=10) == []  # not while the shard is not given
     [again] = await holder.read({SHARD}, block_ms=10)
     assert again == entry
     await holder.ack([again])
@@ -96,6 +99,7 @@ async def test_unreadable_entries_are_skipped_and_acknowledged(redis, caplog):
     await redis.xadd(STREAM, {"event": '{"job_id": "slack:x", "kind": "thinking"}'})  # a newer worker
     await publish(redis, "fine")
     successor = await reader(redis)
+    successor.reread({SHARD})
     assert await successor.read({SHARD}, block_ms=10) == []  # the trimmed backlog entry: skipped
     assert [entry.event.text for entry in await successor.read({SHARD}, block_ms=10)] == ["fine"]
     assert (await redis.xpending(STREAM, GROUP))["pending"] == 1  # only "fine", not yet acked
@@ -162,3 +166,21 @@ async def test_a_process_that_lost_its_leases_stops_holding_those_shards(redis):
     await taker.round(idle)
     await slow.round(idle)
     assert slow.held == set() and taker.held == set(range(REPLY_SHARDS))
+
+
+async def test_a_round_says_which_shards_it_took_even_one_it_had_lost_and_took_back(redis):
+    """Before: a shard whose lease lapsed and was retaken within one round was never read as
+    backlog again, so what was in flight when it lapsed stayed pending for good."""
+    leases = ShardLeases(redis, "slack", "only", lease_s=0.3)
+    assert await leases.round(idle) == set(range(REPLY_SHARDS))
+    assert await leases.round(idle) == set()
+    await asyncio.sleep(0.4)  # stalled past its leases; nobody else took them
+    assert await leases.round(idle) == set(range(REPLY_SHARDS))
+
+
+async def test_a_process_holds_a_shard_only_while_its_lease_cannot_have_lapsed(redis):
+    leases = ShardLeases(redis, "slack", "only", lease_s=0.3)
+    await leases.round(idle)
+    assert leases.holds(SHARD)
+    await asyncio.sleep(0.25)  # no round for two thirds of the lease (Redis slow, or the loop stalled)
+    assert not leases.holds(SHARD)
