@@ -215,7 +215,7 @@ class Worker:
             while not self.stopping.is_set():
                 self._turn_at = time.monotonic()
                 ACTIVE_SLOTS.set(len(self.scheduler.live))
-                if not self.scheduler.live:
+                if not self.scheduler.live and not claims:  # claims made during the last step are served first
                     claims = await self._claim(self.scheduler.room())
                     if not claims:
                         await self._idle()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -451,3 +452,21 @@ def test_streamed_text_never_ends_in_half_a_character(llama_tokenizer):
     assert readable_text(llama_tokenizer, tokens) == "Sure 😀"
     for cut in range(1, 4):  # the emoji's four byte tokens arrive one step at a time
         assert readable_text(llama_tokenizer, tokens[:-cut]) == "Sure"
+
+
+async def test_a_job_claimed_during_the_step_that_ended_the_batch_is_served_at_once(redis, tiny_model):
+    """Found in review: when every slot ended in the step during which the next job was claimed,
+    the loop claimed again over it; the job sat leased until its lease lapsed, then came back a suspect."""
+    settings = tiny_settings(
+        model={"batch_size": 2}, generation={"max_new_tokens": 2}, queue={"visibility_timeout_s": 20, "step_timeout_s": 2}
+    )
+    engine = engine_for(tiny_model, settings)
+    queue = Queues(redis)
+    first = await queue.submit(Conversation(platform="local", channel="a"), "a1", "Say one word.")
+    second = await queue.submit(Conversation(platform="local", channel="b"), "b1", "Say another word.")
+    started = time.monotonic()
+    async with running_worker(redis, engine, settings):
+        for submitted in (first, second):  # the second is claimed while the first's last token is decoded
+            assert (await final_event(redis, "local", submitted.job_id, timeout=15)).kind == "final"
+    assert time.monotonic() - started < 5  # not a lapsed lease's 20 s later
+    assert not await redis.smembers("chatbot:suspects")
