@@ -7,11 +7,13 @@ the copy is deleted when the conversation is reset (contract/history.py). Keys: 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 from contract import keys
 from contract.history import load_exchanges
@@ -59,16 +61,20 @@ class FeedbackStore:
 
     async def _copy_exchange(self, job_id: str, conversation: str) -> None:
         """Keep the rated question and answer beyond the history (a history may be trimmed or expire)."""
-        for exchange in await load_exchanges(self.redis, conversation):
-            if exchange.assistant.job == job_id:
-                fields = {"conversation": conversation, "question": exchange.user.text, "answer": exchange.assistant.text}
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.hset(keys.feedback_exchange(job_id), mapping=fields)
-                    pipe.expire(keys.feedback_exchange(job_id), EXCHANGE_TTL_S)
-                    pipe.sadd(keys.rated(conversation), job_id)
-                    pipe.expire(keys.rated(conversation), EXCHANGE_TTL_S)
-                    await pipe.execute()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            # A reset between reading the history and writing the copy would leave a copy of what it forgot.
+            await pipe.watch(keys.turns(conversation))
+            exchange = next((e for e in await load_exchanges(pipe, conversation) if e.assistant.job == job_id), None)
+            if exchange is None:
                 return
+            fields = {"conversation": conversation, "question": exchange.user.text, "answer": exchange.assistant.text}
+            pipe.multi()
+            pipe.hset(keys.feedback_exchange(job_id), mapping=fields)
+            pipe.expire(keys.feedback_exchange(job_id), EXCHANGE_TTL_S)
+            pipe.sadd(keys.rated(conversation), job_id)
+            pipe.expire(keys.rated(conversation), EXCHANGE_TTL_S)
+            with contextlib.suppress(WatchError):  # reset meanwhile: nothing to keep
+                await pipe.execute()
 
     async def counts(self) -> dict[str, int]:
         stored = await self.redis.hgetall(keys.FEEDBACK_COUNTS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from contract import keys
+from contract.history import EPOCH_TTL_S
 from contract.jobs import Conversation, Job, RejectedMessage, Submitted, clean_text
 from service.config import LimitSettings
 
@@ -20,11 +21,13 @@ local job_key, done_key, conv_jobs, ready, active, epoch_key, wake, queued, auth
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
 local data, job_id, conversation = ARGV[1], ARGV[2], ARGV[3]
 local max_per_conversation, max_per_author, per_minute = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local has_author = ARGV[7] == '1'
+local has_author, epoch_ttl_s = ARGV[7] == '1', ARGV[8]
 
 if redis.call('EXISTS', job_key) == 1 or redis.call('EXISTS', done_key) == 1 then return -1 end  -- DUPLICATE
 if redis.call('LLEN', conv_jobs) >= max_per_conversation then return -2 end  -- CONVERSATION_FULL
 local epoch = tonumber(redis.call('GET', epoch_key) or '0')
+-- kept while jobs arrive: a job answered after its epoch expired would find 0 and drop its turns
+if epoch > 0 then redis.call('EXPIRE', epoch_key, epoch_ttl_s) end
 if has_author then
   if tonumber(redis.call('GET', author_queued) or '0') >= max_per_author then return -3 end  -- AUTHOR_FULL
   local sent = redis.call('INCR', author_minute)
@@ -82,7 +85,7 @@ class Intake:
         ]
         args = [
             job.model_dump_json(), job.id, job.conversation, limits.max_queued_per_conversation,
-            limits.max_queued_per_author, limits.messages_per_minute_per_author, "1" if author_id else "0",
+            limits.max_queued_per_author, limits.messages_per_minute_per_author, "1" if author_id else "0", EPOCH_TTL_S,
         ]
         ahead = await self._submit(keys=script_keys, args=args)
         if ahead == DUPLICATE:

@@ -22,7 +22,7 @@ Queue (contract/intake.py writes, contract/work.py serves):
 
 History (contract/history.py):
   conv:<c>:turns           list of turns (history.ttl_seconds after the last answer)
-  conv:<c>:epoch           reset count (EPOCH_TTL_S after the last reset)
+  conv:<c>:epoch           reset count (EPOCH_TTL_S after the last reset or message)
 
 Replies (contract/replies.py reads; the worker writes):
   replies:<platform>:<shard>          stream of ReplyEvents of the conversations in that shard; trimmed
@@ -41,7 +41,8 @@ Feedback (contract/feedback.py):
 
 Slack (bot/slack/):
   slack:dm-threads:<channel>   zset of a DM's conversations (threads) by last message, for /reset; threads
-                           quiet longer than history.ttl_seconds are dropped, the key expires after it
+                           quiet longer than what they leave lasts (history, rated copies) are dropped,
+                           and the key expires then
   slack:prompts:<team>:<user>  set while that person's suggested prompts need not be set again
                            (slack.prompts_interval_s)
   slack:waiting            hash job id -> thread waiting for its answer (entries pruned after GIVE_UP_S)

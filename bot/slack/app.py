@@ -25,7 +25,7 @@ from bot.slack.http import http_server
 from bot.slack.messages import PLATFORM
 from bot.slack.outbox import SlackOutbox
 from bot.slack.status import ThreadStatus
-from contract.feedback import FeedbackStore
+from contract.feedback import EXCHANGE_TTL_S, FeedbackStore
 from contract.intake import Intake
 from service.config import Secrets, Settings
 from service.observability import HEALTH
@@ -78,7 +78,7 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
     status = ThreadStatus(redis, slack, settings.slack)
     outbox = SlackOutbox(slack, settings.slack)
     files = SlackFiles(tokens.bot, app.client.base_url, settings.slack.file_max_bytes)
-    dm_threads = DmThreads(redis, keep_s=settings.history.ttl_seconds)
+    dm_threads = DmThreads(redis, keep_s=max(settings.history.ttl_seconds, EXCHANGE_TTL_S))
     SlackListeners(slack, settings.slack, Intake(redis, settings.limits), outbox, status, feedback, files, dm_threads).register(app)
     return SlackBot(app, outbox, status)
 
