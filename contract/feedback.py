@@ -23,13 +23,16 @@ KEPT_VOTES = 10_000
 Rating = Literal["good", "bad"]
 RATINGS: tuple[Rating, ...] = ("good", "bad")
 
+# Returns 1 when the vote is new or changed, 0 when it repeats the person's current rating.
 _RECORD = """
-local previous = redis.call('GET', KEYS[1])
-if previous == ARGV[3] then return 0 end
-redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[5])
-if previous then redis.call('HINCRBY', KEYS[3], previous, -1) end
-redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'job', ARGV[1], 'user', ARGV[2], 'rating', ARGV[3], 'at', ARGV[4])
+local vote_key, votes, counts = KEYS[1], KEYS[2], KEYS[3]
+local job_id, user, rating, at, vote_ttl_s, kept_votes = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local previous = redis.call('GET', vote_key)
+if previous == rating then return 0 end
+redis.call('SET', vote_key, rating, 'EX', vote_ttl_s)
+if previous then redis.call('HINCRBY', counts, previous, -1) end
+redis.call('HINCRBY', counts, rating, 1)
+redis.call('XADD', votes, 'MAXLEN', '~', kept_votes, '*', 'job', job_id, 'user', user, 'rating', rating, 'at', at)
 return 1
 """
 
