@@ -59,7 +59,23 @@ def test_greedy_slots_joining_and_leaving_equal_generate_alone(tiny_model, batch
     if batch_size > 1:
         assert sum(1 for step in admitted if step) == len(prompts)
         assert admitted.index([4]) < limits[0]  # the last prompt joined while the first was still generating
-    assert not engine._rows and engine._cache is None  # every slot released, nothing left in the cache
+    assert not engine._histories  # every slot released
+
+
+def test_free_slots_between_live_ones_and_longer_lines_left_behind_change_nothing(tiny_model):
+    engine = engine_for(tiny_model, tiny_settings(model={"batch_size": 3}, generation={"max_new_tokens": 12}))
+    long_prompt, short_prompt, other = prompts_for(engine, [QUESTIONS[2], QUESTIONS[4], QUESTIONS[1]])
+    assert len(long_prompt) > len(short_prompt) + 12
+    engine.prefill(1, long_prompt)
+    engine.release(1)  # slot 1's line keeps the long prompt's keys beyond where the short one ends
+    outputs = {0: [engine.prefill(0, other)], 2: [engine.prefill(2, long_prompt)]}  # slot 1 rides along, free
+    outputs[1] = [engine.prefill(1, short_prompt)]
+    for _ in range(11):
+        for slot, token in zip([2, 0, 1], engine.decode([2, 0, 1])):
+            outputs[slot].append(token)
+    for slot, prompt in [(0, other), (1, short_prompt), (2, long_prompt)]:
+        tokens = outputs[slot]
+        assert (tokens[: tokens.index(2)] if 2 in tokens else tokens) == generate_alone(engine, prompt, 12), f"slot {slot}"
 
 
 def test_smollm2_slots_equal_generate_alone_in_float32(smollm2_path):
