@@ -49,6 +49,9 @@ class ModelSettings(Strict):
         "auto", description="transformers backend; auto: bfloat16 on the CPU, float16 on CUDA"
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; unset: torch's default")
+    prefix_cache_mb: int = Field(
+        512, ge=0, description="transformers backend: KV of ended sequences kept for prompts that begin the same; 0: off"
+    )
 
     @model_validator(mode="after")
     def _prompt_leaves_room(self) -> ModelSettings:

@@ -9,6 +9,7 @@ import torch
 
 from contract.jobs import Conversation
 from engine.prompts import PromptBuilder
+from engine.serving.prefix_store import PrefixStore
 from engine.serving.scheduler import Scheduler
 from engine.serving.transformers_engine import TransformersEngine
 from service.config import GenerationSettings
@@ -89,6 +90,66 @@ def test_smollm2_slots_equal_generate_alone_in_float32(smollm2_path):
     for index, prompt in enumerate(prompts):
         assert outputs[index] == generate_alone(engine, prompt, 12)
         assert outputs[index]  # a real model answers
+
+
+def converse(engine: TransformersEngine, questions: list[list[int]], turns: int, new_tokens: int) -> list[list[list[int]]]:
+    """Several conversations, turn after turn, each prompt the previous prompt and answer plus the next question.
+
+    Every turn admits all conversations through a scheduler with fewer slots than conversations, so
+    slots join and leave. Returns each turn's prompts and answers.
+    """
+    prompts = [list(question) for question in questions]
+    turns_seen = []
+    for turn in range(turns):
+        outputs, _ = run_staggered(Scheduler(engine, max_new_tokens=new_tokens), prompts)
+        answers = [outputs[index] for index in range(len(prompts))]
+        turns_seen.append([prompts, answers])
+        prompts = [p + a + q[-(turn + 3):] for p, a, q in zip(prompts, answers, questions)]
+    return turns_seen
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "smollm2"])
+def test_prefix_cache_reuses_conversations_and_changes_no_token(request, model_name):
+    if model_name == "tiny":
+        loaded = request.getfixturevalue("tiny_model")
+        model, tokenizer, sequence_length = loaded.model, loaded.tokenizer, 512
+    else:
+        request.getfixturevalue("smollm2_path")
+        settings = tiny_settings(model={"id": "embedded:smollm2", "sequence_length": 2048, "max_prompt_tokens": 1024})
+        loaded = TransformersEngine.load(settings.model, settings.generation)
+        model, tokenizer, sequence_length = loaded.model, loaded.tokenizer, 2048
+    generation = GenerationSettings(do_sample=False, max_new_tokens=10)
+    cached = TransformersEngine(model, tokenizer, sequence_length, 2, generation, prefix_cache_mb=64)
+    uncached = TransformersEngine(model, tokenizer, sequence_length, 2, generation)
+    questions = prompts_for(cached, QUESTIONS[1:4])  # one system prompt: every first turn shares a prefix too
+    with_cache = converse(cached, questions, turns=3, new_tokens=10)
+    assert with_cache == converse(uncached, questions, turns=3, new_tokens=10)
+    for prompts, answers in with_cache:
+        for prompt, answer in zip(prompts, answers):
+            assert answer == generate_alone(cached, prompt, 10)
+    store = cached.prefix_cache
+    # The first turn's first two prompts fill both slots before anything ended: all the others reuse something.
+    assert store.queries == 9 and store.hits == 7
+    # From the second turn on, each prompt reuses at least its whole previous prompt.
+    assert store.reused_tokens >= sum(len(prompt) for prompts, _ in with_cache[:2] for prompt in prompts)
+    assert 0 < store.size <= 64 * 2**20
+
+
+def test_prefix_store_keeps_the_most_recently_used_within_its_budget():
+    def kv(tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.zeros(1, tokens, 2), torch.zeros(1, tokens, 2))]  # 16 bytes a token
+
+    store = PrefixStore(budget_bytes=16 * 9)
+    store.add([1, 2, 3, 4], kv(4))
+    store.add([5, 6, 7], kv(3))
+    assert store.longest_prefix([1, 2, 3, 9], most=3)[0] == 3  # [1, 2, 3, 4] is now the most recent
+    store.add([8, 9, 10], kv(3))  # over budget: [5, 6, 7], least recently used, leaves
+    assert store.longest_prefix([5, 6, 7, 1], most=3)[0] == 0
+    assert store.longest_prefix([1, 2, 3, 4, 5], most=4)[0] == 4  # never more than asked: one token is left to run
+    store.add([1, 2, 3, 4, 5, 6], kv(6))  # its prefix [1, 2, 3, 4] adds nothing and leaves
+    assert store.size == 16 * 9
+    store.add(list(range(11)), kv(11))  # larger than the whole budget: not kept
+    assert store.size == 16 * 9
 
 
 def test_repetition_penalty_and_sampling_come_from_transformers_processors(tiny_model):

@@ -83,3 +83,13 @@ class SlotCache(Cache):
     def prepare_decode(self, rows: int, columns: torch.Tensor, width: int) -> None:
         """One token for each of lines [0, rows), written at `columns` (one per row)."""
         self._plan(Write(slice(0, rows), columns[:, None], width))
+
+    def line(self, slot: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Views of the first `length` keys and values of `slot`'s line, per layer."""
+        return [(layer.keys[slot, :, :length], layer.values[slot, :, :length]) for layer in self.layers]
+
+    def write_line(self, slot: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy keys and values (per layer, from column 0) into `slot`'s line."""
+        for layer, (keys, values) in zip(self.layers, layers):
+            layer.keys[slot, :, : keys.shape[1]] = keys
+            layer.values[slot, :, : values.shape[1]] = values

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.assets import resolve_model
 from engine.serving.engine import Engine, end_of_turn_ids
+from engine.serving.prefix_store import PrefixStore
 from engine.serving.sampling import Sampler
 from engine.serving.slot_cache import SlotCache
 from service.config import GenerationSettings, ModelSettings
@@ -34,7 +35,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class TransformersEngine(Engine):
-    def __init__(self, model, tokenizer, sequence_length: int, batch_size: int, generation: GenerationSettings):
+    def __init__(
+        self, model, tokenizer, sequence_length: int, batch_size: int, generation: GenerationSettings,
+        prefix_cache_mb: int = 0,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.sequence_length = sequence_length
@@ -47,6 +51,8 @@ class TransformersEngine(Engine):
             raise NotImplementedError("the transformers engine serves full-attention models only (no sliding-window layers)")
         self._cache = SlotCache(model.config.num_hidden_layers, batch_size, sequence_length)
         self._histories: dict[int, list[int]] = {}  # each live slot's prompt and output; the last token is not cached yet
+        self.prefix_cache = PrefixStore(prefix_cache_mb * 2**20) if prefix_cache_mb else None
+        self.last_prefill_cached_tokens = 0  # prompt tokens the last prefill took from the prefix cache
 
     @classmethod
     def load(cls, settings: ModelSettings, generation: GenerationSettings) -> TransformersEngine:
@@ -69,16 +75,23 @@ class TransformersEngine(Engine):
                 "slots": settings.batch_size, "seconds": round(time.monotonic() - started, 2),
             },
         )
-        return cls(model, tokenizer, settings.sequence_length, settings.batch_size, generation)
+        return cls(model, tokenizer, settings.sequence_length, settings.batch_size, generation, settings.prefix_cache_mb)
 
     @torch.inference_mode()
     def prefill(self, slot: int, prompt: list[int]) -> int:
         self.release(slot)
-        self._cache.prepare_prefill(slot, 0, len(prompt))
-        ids = torch.tensor([prompt], device=self.device)
-        positions = torch.arange(len(prompt), device=self.device)
+        cached = 0
+        if self.prefix_cache is not None:
+            # At least the last prompt token is run: its logits give the first new token.
+            cached, layers = self.prefix_cache.longest_prefix(prompt, len(prompt) - 1)
+            self._cache.write_line(slot, layers)
+        self.last_prefill_cached_tokens = cached
+        self._cache.prepare_prefill(slot, cached, len(prompt) - cached)
+        ids = torch.tensor([prompt[cached:]], device=self.device)
+        positions = torch.arange(cached, len(prompt), device=self.device)
         output = self.model(
-            input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions[None], cache_position=positions,
+            input_ids=ids, attention_mask=torch.ones((1, len(prompt)), dtype=torch.long, device=self.device),
+            position_ids=positions[None], cache_position=positions,
             past_key_values=self._cache, use_cache=True, logits_to_keep=1,
         )
         history = list(prompt)
@@ -113,4 +126,7 @@ class TransformersEngine(Engine):
         return tokens
 
     def release(self, slot: int) -> None:
-        self._histories.pop(slot, None)  # the line is simply overwritten by the slot's next prefill
+        history = self._histories.pop(slot, None)  # the line itself is simply overwritten by the slot's next prefill
+        if history is not None and self.prefix_cache is not None:
+            cached = history[:-1]
+            self.prefix_cache.add(cached, self._cache.line(slot, len(cached)))
