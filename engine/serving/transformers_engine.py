@@ -5,13 +5,15 @@ the CPU, so the slots are kept here, in a `SlotCache` (slot_cache.py): one preal
 slot, its tokens left-aligned from column 0.
 
     A prefill runs alone, batch 1 and unpadded (exactly `generate`'s first step), writing into its
-    slot's line. A decode step feeds lines [0, highest live slot] their last token at the row's own
+    slot's line; with the prefix cache (prefix_store.py), the longest stored prefix of the prompt is
+    copied into the line first and only the rest is run, at positions continuing from it. A decode step feeds lines [0, highest live slot] their last token at the row's own
     position and writes each new key and value in place at that position; attention reads the
     columns up to the longest live row, and a padding mask per row hides the columns past each
     row's end. Lines of free slots inside that range ride along: they attend to column 0 only and
     write to the scratch column, so they cost a row of compute and corrupt nothing.
 
-No step copies the cache: a step at 1,500 tokens of context costs what attention over them costs.
+No step copies the cache: a step at 1,500 tokens of context costs what attention over them costs
+(on the CPU that includes transformers' sdpa path expanding the kv heads to the query heads).
 """
 
 from __future__ import annotations
