@@ -33,6 +33,8 @@ from service.observability import (
     GENERATED_TOKENS,
     HEALTH,
     JOBS,
+    PREFILLED_TOKENS,
+    PREFIX_CACHE_LOOKUPS,
     QUEUED_JOBS,
     TIME_IN_QUEUE,
     TIME_TO_FINAL,
@@ -77,8 +79,9 @@ class Answer:
     prompt: Prompt
     suspect: bool  # its last worker died with it: served alone, nothing else is admitted until it ends
     claimed_at: float  # wall clock, comparable with job.submitted_at
-    published_at: float  # monotonic: when the last partial went out
+    published_at: float | None = None  # monotonic: when the last partial went out; None: the first goes out at once
     first_token_at: float | None = None  # wall clock
+    cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache
     partial_failed: bool = False  # a failed partial is logged once, not once per step
 
 
@@ -100,6 +103,7 @@ def record_answered(slot: Slot[Answer], done: float) -> None:
             "job": job.id,
             "conversation": job.conversation,
             "prompt_tokens": len(answer.prompt.ids),
+            "cached_tokens": answer.cached_tokens,
             "dropped_turns": 2 * answer.prompt.dropped_exchanges,
             "cut": bool(answer.prompt.cut),
             "new_tokens": len(slot.tokens),
@@ -265,8 +269,13 @@ class Worker:
             return
         try:
             prompt = self.builder.build(claim.history, job.text, job.author)
-            answer = Answer(job, prompt, claim.suspect, claimed_at=claimed_at, published_at=time.monotonic())
+            answer = Answer(job, prompt, claim.suspect, claimed_at=claimed_at)
             slot = await self._model_call(self.scheduler.admit, prompt.ids, answer)
+            answer.cached_tokens = self.engine.last_prefill_cached_tokens
+            PREFILLED_TOKENS.labels("cached").inc(answer.cached_tokens)
+            PREFILLED_TOKENS.labels("computed").inc(len(prompt.ids) - answer.cached_tokens)
+            if self.engine.reuses_context:
+                PREFIX_CACHE_LOOKUPS.labels("hit" if answer.cached_tokens else "miss").inc()
         except StepTimedOut:
             raise
         except Exception:
@@ -276,6 +285,8 @@ class Worker:
         answer.first_token_at = time.time()
         if slot.ended:
             await self._finish(slot)
+        else:  # the first text goes out as soon as it exists: the time to first token a user sees
+            await self._publish_partial(slot, time.monotonic())
 
     async def _idle(self) -> None:
         await self._heartbeat()
@@ -323,14 +334,19 @@ class Worker:
         await self._heartbeat()
         now = time.monotonic()
         interval = self.settings.queue.partial_interval_s
-        due = [slot for slot in self.scheduler.live if slot.tokens and now - slot.payload.published_at >= interval]
+        due = [
+            slot for slot in self.scheduler.live
+            if slot.payload.published_at is None or now - slot.payload.published_at >= interval
+        ]
         if due:
             await asyncio.gather(*(self._publish_partial(slot, now) for slot in due))
 
     async def _publish_partial(self, slot: Slot[Answer], now: float) -> None:
-        slot.payload.published_at = now
         text = readable_text(self.engine.tokenizer, slot.tokens)
-        if text and not await self.publisher.partial(slot.payload, text):
+        if not text:
+            return  # nothing readable yet (a half character): the next step tries again
+        slot.payload.published_at = now
+        if not await self.publisher.partial(slot.payload, text):
             log.warning("job answered or taken over elsewhere; generation dropped", extra={"job": slot.payload.job.id})
             self.scheduler.free(slot)
 

@@ -25,6 +25,10 @@ JOBS = Counter("chatbot_jobs_total", "Jobs by outcome: answered, failed (answere
 TIME_IN_QUEUE = Histogram("chatbot_time_in_queue_seconds", "Submission to claim", buckets=_LATENCY_BUCKETS)
 TIME_TO_FIRST_TOKEN = Histogram("chatbot_time_to_first_token_seconds", "Submission to first token", buckets=_LATENCY_BUCKETS)
 TIME_TO_FINAL = Histogram("chatbot_time_to_final_reply_seconds", "Submission to final reply", buckets=_LATENCY_BUCKETS)
+PREFILLED_TOKENS = Counter(
+    "chatbot_prefill_tokens_total", "Prompt tokens prefilled: computed, or taken from the prefix cache (cached)", ["source"]
+)
+PREFIX_CACHE_LOOKUPS = Counter("chatbot_prefix_cache_lookups_total", "Prefills that looked for a cached prefix", ["result"])
 GENERATED_TOKENS = Counter("chatbot_generated_tokens_total", "Tokens generated (rate() gives tokens/s)")
 ACTIVE_SLOTS = Gauge("chatbot_active_slots", "Batch slots generating now")
 QUEUED_JOBS = Gauge("chatbot_queued_jobs", "Jobs waiting or being answered, all workers (sampled by each worker)")

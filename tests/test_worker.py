@@ -19,6 +19,7 @@ from contract.jobs import Conversation, ReplyEvent
 from contract.replies import follow, last_entry_id, reply_stream
 from engine.prompts import PromptBuilder
 from engine.serving.transformers_engine import TransformersEngine
+from service.observability import PREFIX_CACHE_LOOKUPS
 from service.redis_client import connect
 from service.redis_server import RedisServer
 from tests.conftest import Queues, engine_for, final_event, reply_count, reply_events, running_worker, tiny_settings
@@ -470,3 +471,42 @@ async def test_a_job_claimed_during_the_step_that_ended_the_batch_is_served_at_o
             assert (await final_event(redis, "local", submitted.job_id, timeout=15)).kind == "final"
     assert time.monotonic() - started < 5  # not a lapsed lease's 20 s later
     assert not await redis.smembers("chatbot:suspects")
+
+
+async def answered_records(caplog, count: int) -> list[logging.LogRecord]:
+    """The worker's 'job answered' lines; it logs right after writing the reply, which a test may read first."""
+    for _ in range(500):
+        if len(answered := [r for r in caplog.records if r.getMessage() == "job answered"]) >= count:
+            return answered
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"fewer than {count} 'job answered' lines")
+
+
+async def test_a_follow_up_prefills_only_what_follows_the_cached_conversation(redis, tiny_model, caplog):
+    caplog.set_level("INFO", logger="engine.worker")
+    settings = tiny_settings()
+    loaded = tiny_model
+    engine = TransformersEngine(
+        loaded.model, loaded.tokenizer, settings.model.sequence_length, settings.model.batch_size, settings.generation,
+        prefix_cache_mb=64,
+    )
+    before = {result: PREFIX_CACHE_LOOKUPS.labels(result)._value.get() for result in ("hit", "miss")}
+    async with running_worker(redis, engine, settings):
+        for text in COLOUR_CONVERSATION[:2]:
+            assert (await ask(redis, text)).kind == "final"
+        first, second = await answered_records(caplog, 2)
+    assert first.cached_tokens == 0
+    assert 0 < second.cached_tokens < second.prompt_tokens  # the first exchange came from the cache
+    assert PREFIX_CACHE_LOOKUPS.labels("hit")._value.get() - before["hit"] == 1
+    assert PREFIX_CACHE_LOOKUPS.labels("miss")._value.get() - before["miss"] == 1
+
+
+async def test_the_first_text_is_published_as_soon_as_it_exists(redis, tiny_engine):
+    """Before: the first partial waited partial_interval_s from the claim, so the time to first token
+    in the log was not what a user saw; with a long interval no partial came before the final."""
+    settings = tiny_settings(queue={"partial_interval_s": 3.0})
+    async with running_worker(redis, tiny_engine, settings):
+        final = await ask(redis, "Write a long answer.")
+    events = await reply_events(redis, "local", final.job_id)
+    assert [event.kind for event in events][0] == "partial" and events[-1].kind == "final"
+    assert final.text.startswith(events[0].text)

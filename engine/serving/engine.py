@@ -35,6 +35,8 @@ class Engine(ABC):
     sequence_length: int  # prompt + output never exceed it
     batch_size: int  # slots
     end_ids: frozenset[int]  # tokens that end the assistant's turn
+    reuses_context: bool = False  # keeps released sequences' KV and prefills only what follows a known prefix
+    last_prefill_cached_tokens: int = 0  # prompt tokens the last prefill took from that cache instead of computing
 
     @abstractmethod
     def prefill(self, slot: int, prompt: list[int]) -> int:
