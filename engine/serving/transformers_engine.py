@@ -55,6 +55,7 @@ class TransformersEngine(Engine):
         self._histories: dict[int, list[int]] = {}  # each live slot's prompt and output; the last token is not cached yet
         self.prefix_cache = PrefixStore(prefix_cache_mb * 2**20) if prefix_cache_mb else None
         self.last_prefill_cached_tokens = 0  # prompt tokens the last prefill took from the prefix cache
+        self.reuses_context = self.prefix_cache is not None
 
     @classmethod
     def load(cls, settings: ModelSettings, generation: GenerationSettings) -> TransformersEngine:
