@@ -37,8 +37,8 @@ def run_all(args: argparse.Namespace, local_only: bool) -> int:
     from bot.terminal import chat
     from engine.serving import load_engine
     from engine.serving.engine import MODEL_THREAD
-    from engine.worker import Worker, worker_identity
-    from service.runtime import log_to_file, on_terminate, serve, startup
+    from engine.worker import Worker
+    from service.runtime import log_to_file, on_terminate, process_identity, serve, startup
     from service.tasks import until_first_ends
 
     settings, secrets = startup(args.config)
@@ -50,7 +50,7 @@ def run_all(args: argparse.Namespace, local_only: bool) -> int:
         print(f"Logs go to {log_to_file(settings, secrets)}", file=sys.stderr)
 
     async def main(redis) -> None:
-        worker = Worker(redis, model, settings, worker_identity(settings.worker_name))
+        worker = Worker(redis, model, settings, process_identity(settings.worker_name))
         on_terminate(worker.stop)
         fronts = [adapter_runner(p)(settings, secrets, redis) for p in platforms] or [chat(redis, settings.limits)]
         try:

@@ -20,8 +20,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
-import secrets
 import socket
 import time
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from contract.replies import Entry, ReplyReader, shard_of
 from contract.reply_shards import ShardLeases
 from service.observability import DELIVERIES, PLATFORM_ERRORS
 from service.redis_client import REDIS_FAILED, with_backoff
+from service.runtime import process_identity
 from service.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
@@ -47,11 +46,6 @@ LANE_IDLE_S = 30.0  # a conversation's lane ends after this long without replies
 GIVE_UP_PATIENCE_S = 2.0  # on shutdown, how long to try handing the shards over before their leases lapse
 REREAD_PENDING_S = 60.0  # how often the pending replies of the shards held are read again
 REMEMBER_ACKED_S = 10.0  # longer than a read of pending replies takes to come back
-
-
-def adapter_identity(platform: str) -> str:
-    """Unique per process: two adapter processes of one platform hold shards apart."""
-    return f"{platform}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)
@@ -121,7 +115,7 @@ class Delivery:
         self.redis = redis
         self.platform = platform
         self.reader = ReplyReader(redis, platform)
-        self.shards = ShardLeases(redis, platform, holder or adapter_identity(platform), lease_s)
+        self.shards = ShardLeases(redis, platform, holder or process_identity(f"{platform}-{socket.gethostname()}"), lease_s)
         self.outbox = outbox
         self.waiting = waiting or NoWaiting()
         self.edit_interval_s = edit_interval_s
@@ -147,6 +141,7 @@ class Delivery:
                     if time.monotonic() - round_at >= self.shards.round_s:
                         self.reader.reread(await self.shards.round(busy=self._busy))
                         round_at = time.monotonic()
+                        self._forget_old()
                     if time.monotonic() - reread_at >= REREAD_PENDING_S:
                         # A read whose answer the network lost leaves its replies pending here, unseen.
                         self.reader.reread(self.shards.reading)
@@ -165,7 +160,6 @@ class Delivery:
                     if (entry.stream, entry.id) not in self.in_flight and (entry.stream, entry.id) not in self.acked:
                         self.in_flight[entry.stream, entry.id] = entry
                         self._lane(entry.event.conversation).put_nowait(entry)
-                self._forget_old()
         finally:
             await cancel_until_done([task for _, task in self.lanes.values()])
             with contextlib.suppress(*REDIS_FAILED):

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from contract import history
 from contract.jobs import conversation_argument
 from service.config import Settings
-from service.runtime import on_terminate, one_shot_client, serve, startup
+from service.runtime import on_terminate, one_shot_client, process_identity, serve, startup
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -29,10 +29,10 @@ async def run_worker(settings: Settings, redis: Redis) -> None:
     # Imported here: torch and transformers take seconds to import, and `chatbot ask/reset` need neither.
     from engine.serving import load_engine
     from engine.serving.engine import on_model_thread
-    from engine.worker import Worker, worker_identity
+    from engine.worker import Worker
 
     engine = await on_model_thread(load_engine, settings)
-    worker = Worker(redis, engine, settings, worker_identity(settings.worker_name))
+    worker = Worker(redis, engine, settings, process_identity(settings.worker_name))
     on_terminate(worker.stop)
     await worker.run()
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,12 +57,6 @@ def readable_text(tokenizer, tokens: list[int]) -> str:
     """The answer so far as text, without the half character a step can end in (byte-fallback
     tokens of one emoji arrive over several steps and decode to U+FFFD until complete)."""
     return tokenizer.decode(tokens, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip()
-
-
-def worker_identity(name: str) -> str:
-    """Unique per process, `name` first: two workers on one host, or replicas sharing one env file,
-    never take over each other's jobs."""
-    return f"{name}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class StepTimedOut(Stuck):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -20,6 +21,12 @@ from service.redis_server import RedisServer
 log = logging.getLogger(__name__)
 # Exit status of a worker whose model stopped answering (queue.step_timeout_s): restart it.
 EXIT_MODEL_STUCK = 3
+
+
+def process_identity(name: str) -> str:
+    """Unique per process, `name` first: two processes on one host, or replicas sharing one env file,
+    never take over each other's leases (a worker's jobs, an adapter's reply shards)."""
+    return f"{name}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class Stuck(RuntimeError):

@@ -39,7 +39,8 @@ class PrefixStore:
         self._entries: OrderedDict[int, Entry] = OrderedDict()
         self._next_key = 0
         self.size = 0
-        # Counters for the worker's metrics: prompts looked up, prompts that reused something, tokens reused.
+        # The store's own counts (prompts looked up, prompts that reused something, tokens reused), for
+        # tests and inspection; the worker's metrics come from each prefill's cached tokens.
         self.queries = self.hits = self.reused_tokens = 0
 
     def add(self, ids: list[int], layers: LayerKV) -> None:
