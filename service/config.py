@@ -30,12 +30,15 @@ SECRET_NAMES = (
     "SLACK_APP_TOKEN",
     "SLACK_SIGNING_SECRET",
     "HF_TOKEN",
+    "OPENAI_API_KEY",
 )
 
 
 class ModelSettings(Strict):
     id: str = Field("embedded:smollm2", description="embedded:smollm2, embedded:tiny-llama, a local folder or a Hub id")
-    backend: Literal["transformers", "neuron"] = "transformers"
+    backend: Literal["transformers", "neuron", "openai"] = Field(
+        "transformers", description="openai: an OpenAI-compatible server generates (section openai); model.id names its tokenizer"
+    )
     device: Literal["cpu", "cuda", "auto"] = "auto"
     sequence_length: int = Field(2048, ge=64, description="prompt + output never exceed this (compiled length on Neuron)")
     max_prompt_tokens: int = Field(1536, ge=16)
@@ -110,6 +113,15 @@ class LimitSettings(Strict):
     max_message_chars: int = Field(40_000, ge=100, description="Slack's own limit; Discord's is 2,000 (4,000 with Nitro)")
 
 
+class OpenAISettings(Strict):
+    """The server behind `model.backend: openai` (vLLM, `optimum-cli neuron serve`, any OpenAI-compatible one)."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="up to and including /v1")
+    served_model: str | None = Field(None, description="the model name the server serves; unset: model.id")
+    timeout_s: float = Field(20.0, gt=0, description="no token for this long: the server counts as unavailable")
+    health_interval_s: float = Field(2.0, gt=0, description="how often an unavailable server is asked again")
+
+
 class MetricsSettings(Strict):
     port: int | None = Field(None, ge=1, le=65535, description="serve /metrics and /healthz here; unset: off")
 
@@ -129,9 +141,21 @@ class Settings(Strict):
     history: HistorySettings = HistorySettings()
     queue: QueueSettings = QueueSettings()
     limits: LimitSettings = LimitSettings()
+    openai: OpenAISettings = OpenAISettings()
     metrics: MetricsSettings = MetricsSettings()
     discord: DiscordSettings = DiscordSettings()
     slack: SlackSettings = SlackSettings()
+
+    @model_validator(mode="after")
+    def _server_times_out_before_the_watchdog(self) -> Settings:
+        # A silent server must be reported as unavailable (jobs handed back, uncharged) before the
+        # step watchdog takes it for a stuck model and stops the worker.
+        if self.model.backend == "openai" and self.openai.timeout_s >= self.queue.step_timeout_s:
+            raise ValueError(
+                f"openai.timeout_s ({self.openai.timeout_s:g}) must be below queue.step_timeout_s "
+                f"({self.queue.step_timeout_s:g})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _neuron_rules(self) -> Settings:
