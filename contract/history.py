@@ -52,6 +52,9 @@ class Turn(BaseModel):
     name: str | None = None  # the author's display name, for user turns in shared channels
     tokens: int = Field(ge=0)  # what this turn adds to a prompt; an exchange's template overhead is booked on its reply
     job: str | None = None  # the job that wrote it: a rating of that answer finds its question and answer here
+    # Prompt tokens of the conversation's earlier turns since its start or reset: a position that trimming old
+    # turns does not move, so truncation can cut at the same places turn after turn. None: stored before offsets.
+    offset: int | None = Field(None, ge=0)
     at: float = Field(default_factory=time.time)
 
 

@@ -7,6 +7,12 @@ exchange at a time while the exact count disagrees. Exchanges sit between specia
 in the templates we serve, so stored counts add up exactly and the check almost always
 succeeds at once; the few tokens that move (Llama-2 folds the system prompt into the
 first kept user turn) are what the check is for.
+
+With `truncation_low_water` below 1, a history that does not fit is cut at sticky places
+instead: each turn's `offset` (its absolute position in the conversation, in prompt tokens)
+puts exchanges into blocks of (1 - low_water) x budget tokens, and the prompt starts at the
+first exchange of a block. Successive prompts then start with the same exchange, so an
+engine's prefix cache serves them, until the budget is full and the cut moves one block on.
 """
 
 from __future__ import annotations
@@ -48,17 +54,47 @@ class Prompt:
     kept_exchanges: int
     dropped_exchanges: int
     cut: Cut | None = None
+    next_offset: int = 0  # where the exchange this prompt starts sits in the conversation (Turn.offset)
 
 
 class PromptTooSmall(ConfigError):
     pass
 
 
+def exchange_offsets(history: list[Exchange]) -> list[int]:
+    """Where each exchange starts in the conversation, in prompt tokens.
+
+    A stored offset is taken as it is. A turn stored before offsets existed sits right after the
+    exchange before it, the first stored turn at 0: positions that move when storage trims old
+    turns, until the worker's newer turns, which carry their offsets, replace them.
+    """
+    offsets, position = [], 0
+    for exchange in history:
+        position = position if exchange.user.offset is None else exchange.user.offset
+        offsets.append(position)
+        position += exchange.tokens
+    return offsets
+
+
+def next_offset(history: list[Exchange]) -> int:
+    """Where an exchange added after `history` starts; 0 for a new (or reset) conversation."""
+    return exchange_offsets(history)[-1] + history[-1].tokens if history else 0
+
+
+def cut_points(offsets: list[int], block: int) -> list[int]:
+    """Indexes of the exchanges that open a block: the oldest stored, and each first one past a block boundary."""
+    return [i for i, offset in enumerate(offsets) if i == 0 or offset // block != offsets[i - 1] // block]
+
+
 class PromptBuilder:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, system_prompt: str, max_prompt_tokens: int):
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, system_prompt: str, max_prompt_tokens: int, low_water: float = 1.0
+    ):
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt.strip()
         self.budget = max_prompt_tokens
+        # Tokens per block of sticky cut points (model.truncation_low_water); 0: the exact rule, no blocks.
+        self._block = max(1, round((1 - low_water) * max_prompt_tokens)) if low_water < 1 else 0
         # No token spells more characters than its vocabulary entry (byte tokens such as <0xF0>
         # spell fewer), so a text longer than budget x this cannot fit: cutting there first keeps
         # huge messages cheap without ever cutting one that fits.
@@ -102,29 +138,37 @@ class PromptBuilder:
 
     # --- turns --------------------------------------------------------------------------
 
-    def exchange_turns(self, user_content: str, assistant_text: str, name: str | None) -> tuple[Turn, Turn]:
-        """The two turns to store, with the tokens they add to any later prompt."""
+    def exchange_turns(
+        self, user_content: str, assistant_text: str, name: str | None, offset: int | None = None
+    ) -> tuple[Turn, Turn]:
+        """The two turns to store, with the tokens they add to any later prompt, placed at `offset` (Prompt.next_offset)."""
         assistant_text = self.neutralise(assistant_text)
         messages = [{"role": "user", "content": user_content}, {"role": "assistant", "content": assistant_text}]
         probe = [{"role": "user", "content": _PROBE}]
         exchange_tokens = self.count(self.tokenizer.apply_chat_template(messages + probe, tokenize=False)) - self._probe_tokens
         user_tokens = min(self.count(user_content), exchange_tokens)
         return (
-            Turn(role="user", text=user_content, name=name, tokens=user_tokens),
-            Turn(role="assistant", text=assistant_text, tokens=exchange_tokens - user_tokens),
+            Turn(role="user", text=user_content, name=name, tokens=user_tokens, offset=offset),
+            Turn(
+                role="assistant",
+                text=assistant_text,
+                tokens=exchange_tokens - user_tokens,
+                offset=None if offset is None else offset + user_tokens,
+            ),
         )
 
     # --- building -----------------------------------------------------------------------
 
     def build(self, history: list[Exchange], text: str, name: str | None = None) -> Prompt:
         content = self.user_content(text, name)
+        offset = next_offset(history)
         if len(content) > self.budget * self._max_chars_per_token:
-            return self._cut_to_fit(content, len(history))
+            return self._cut_to_fit(content, len(history), offset)
         alone = self.count(content) + self._overhead  # a render and an encode cheaper than the exact count...
         if alone > self.budget - _SLACK:  # ...which is only needed near the limit
             alone = self.count(self.render([], content))
             if alone > self.budget:
-                return self._cut_to_fit(content, len(history))
+                return self._cut_to_fit(content, len(history), offset)
 
         pairs = [(e.user.text, e.assistant.text) for e in history]
         kept, total = 0, alone
@@ -134,23 +178,41 @@ class PromptBuilder:
             total += exchange.tokens
             kept += 1
 
-        prompt_text = self.render(pairs[len(pairs) - kept:], content)
-        ids = self.encode(prompt_text)
-        while len(ids) > self.budget and kept > 0:
-            kept -= 1
-            prompt_text = self.render(pairs[len(pairs) - kept:], content)
-            ids = self.encode(prompt_text)
+        kept, prompt_text, ids = self._newest_that_fit(pairs, kept, content)
         if len(ids) > self.budget:  # the estimate of the lone message was off by more than _SLACK
-            return self._cut_to_fit(content, len(pairs))
+            return self._cut_to_fit(content, len(pairs), offset)
         while kept < len(pairs):
             wider_text = self.render(pairs[len(pairs) - kept - 1:], content)
             wider_ids = self.encode(wider_text)
             if len(wider_ids) > self.budget:
                 break
             kept, prompt_text, ids = kept + 1, wider_text, wider_ids
-        return Prompt(prompt_text, ids, content, kept, len(pairs) - kept)
+        start = self._sticky_start(history, len(pairs) - kept)
+        if start > len(pairs) - kept:
+            kept, prompt_text, ids = self._newest_that_fit(pairs, len(pairs) - start, content)
+        return Prompt(prompt_text, ids, content, kept, len(pairs) - kept, next_offset=offset)
 
-    def _cut_to_fit(self, content: str, history_len: int) -> Prompt:
+    def _newest_that_fit(self, pairs: list[tuple[str, str]], kept: int, content: str) -> tuple[int, str, list[int]]:
+        """The newest `kept` exchanges, fewer while the exact count is over the budget (over with none: the caller cuts)."""
+        prompt_text = self.render(pairs[len(pairs) - kept:], content)
+        ids = self.encode(prompt_text)
+        while len(ids) > self.budget and kept > 0:
+            kept -= 1
+            prompt_text = self.render(pairs[len(pairs) - kept:], content)
+            ids = self.encode(prompt_text)
+        return kept, prompt_text, ids
+
+    def _sticky_start(self, history: list[Exchange], exact_start: int) -> int:
+        """The first exchange to keep under the low-water rule: the oldest cut point at or after `exact_start`.
+
+        With everything fitting, or the rule off, or no cut point left, it is `exact_start` itself.
+        """
+        if not self._block or exact_start == 0:
+            return exact_start
+        later = [i for i in cut_points(exchange_offsets(history), self._block) if i >= exact_start]
+        return later[0] if later else exact_start
+
+    def _cut_to_fit(self, content: str, history_len: int, offset: int) -> Prompt:
         """The longest start of `content`, in whole characters, that fits the budget with CUT_MARK after it."""
         total_chars = len(content)
         content = content[: self.budget * self._max_chars_per_token]
@@ -171,4 +233,4 @@ class PromptBuilder:
                 break
             keep = max(0, keep - over)
         cut = Cut(kept_chars=len(kept_text), total_chars=total_chars)
-        return Prompt(prompt_text, ids, candidate, 0, history_len, cut)
+        return Prompt(prompt_text, ids, candidate, 0, history_len, cut, next_offset=offset)

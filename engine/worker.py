@@ -349,7 +349,9 @@ class Worker:
             if not text:
                 await self.publisher.answer(answer.job, "error", EMPTY_ANSWER)
                 return
-            turns = list(self.builder.exchange_turns(answer.prompt.user_content, text, answer.job.author))
+            # The new exchange starts where the history it was prompted with ends (the prompt computed it from there).
+            prompt = answer.prompt
+            turns = list(self.builder.exchange_turns(prompt.user_content, text, answer.job.author, prompt.next_offset))
             await self.publisher.answer(answer.job, "final", shown_text(answer, text), turns)
             record_answered(slot, time.time())
         except Exception:

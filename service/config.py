@@ -55,6 +55,16 @@ class ModelSettings(Strict):
     prefix_cache_mb: int = Field(
         512, ge=0, description="transformers backend: KV of ended sequences kept for prompts that begin the same; 0: off"
     )
+    truncation_low_water: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description=(
+            "1: a long conversation keeps as many newest exchanges as fit (its prompt's start moves every turn); "
+            "below 1: it drops about (1 - this) x max_prompt_tokens more at once, at cut points that stay put, "
+            "so successive prompts begin the same (prefix-cache hits) until the budget is full again"
+        ),
+    )
 
     @model_validator(mode="after")
     def _prompt_leaves_room(self) -> ModelSettings:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
 from transformers import AutoTokenizer
 
-from contract.history import Exchange
-from engine.prompts import CUT_MARK, PromptBuilder, PromptTooSmall
+from contract.history import Exchange, Turn, pair_turns
+from engine.prompts import CUT_MARK, PromptBuilder, PromptTooSmall, cut_points, exchange_offsets
 
 SYSTEM = "You are a helpful assistant. Answer briefly."
 CONVERSATION = [
@@ -187,3 +188,105 @@ def test_a_long_message_that_fits_is_not_cut_whatever_its_tokens_spell(smollm2_p
     assert alone <= 120
     prompt = builder.build([], text)
     assert prompt.cut is None and len(prompt.ids) == alone
+
+
+# --- low-water truncation: sticky cut points ----------------------------------------------------
+
+MAX_TURNS = 40  # history.max_turns: the answer script keeps the newest this many turns
+
+
+def converse(builders: list[PromptBuilder], pairs, turns: list[Turn] | None = None) -> list[tuple[list[Exchange], list]]:
+    """A conversation grown turn by turn as the worker grows it: build each builder's prompt from the stored history,
+    store the exchange at the prompt's next_offset (through JSON, as Redis keeps it), keep the newest MAX_TURNS turns.
+
+    Returns, per turn, the history it was prompted with and each builder's prompt.
+    """
+    turns = list(turns or [])
+    seen = []
+    for user, reply in pairs:
+        history = pair_turns(turns)
+        prompts = [builder.build(history, user) for builder in builders]
+        seen.append((history, prompts))
+        new = builders[0].exchange_turns(prompts[0].user_content, reply, None, prompts[0].next_offset)
+        turns = [Turn.model_validate_json(turn.model_dump_json()) for turn in [*turns, *new]][-MAX_TURNS:]
+    return seen
+
+
+def prefix_share(prompts) -> float:
+    """The share of consecutive prompts where the earlier one's ids begin the later one's (an engine's prefix hit)."""
+    pairs = list(zip(prompts, prompts[1:]))
+    return sum(later.ids[: len(earlier.ids)] == earlier.ids for earlier, later in pairs) / len(pairs)
+
+
+def tokenizer_named(name: str, llama_tokenizer, smollm2_path):
+    return llama_tokenizer if name == "llama2" else AutoTokenizer.from_pretrained(smollm2_path)
+
+
+def test_a_cut_point_is_the_first_exchange_in_each_block():
+    # offset // 100: 0 0 1 1 2 3 -> the oldest stored, then each first one in a new block
+    assert cut_points([0, 50, 130, 170, 260, 300], 100) == [0, 2, 4, 5]
+    assert cut_points([420, 450, 530], 100) == [0, 2]  # trimmed storage: the oldest stored opens its block
+
+
+def test_low_water_1_is_the_exact_rule_on_a_grown_conversation(llama_tokenizer):
+    default = PromptBuilder(llama_tokenizer, SYSTEM, 600)
+    off = PromptBuilder(llama_tokenizer, SYSTEM, 600, low_water=1.0)
+    pairs = random_history(random.Random(3), 40)
+    seen = converse([default, off], pairs)
+    assert sum(prompt.dropped_exchanges > 0 for _, (prompt, _) in seen) > 20  # truncated for most of it
+    for (history, (default_prompt, off_prompt)), (user, _) in zip(seen, pairs):
+        assert off_prompt == default_prompt
+        assert (off_prompt.text, off_prompt.dropped_exchanges) == reference_truncation(off, history, user)
+
+
+@pytest.mark.parametrize("tokenizer_name", ["llama2", "smollm2"])
+def test_sticky_cuts_keep_the_same_first_exchange_and_a_shared_prefix(llama_tokenizer, smollm2_path, tokenizer_name):
+    budget, low_water = 1000, 0.6
+    tokenizer = tokenizer_named(tokenizer_name, llama_tokenizer, smollm2_path)
+    exact = PromptBuilder(tokenizer, SYSTEM, budget)
+    sticky = PromptBuilder(tokenizer, SYSTEM, budget, low_water=low_water)
+    seen = converse([exact, sticky], random_history(random.Random(7), 60))
+    assert all(len(prompt.ids) <= budget for _, prompts in seen for prompt in prompts)
+    full = next(turn for turn, (_, (prompt, _)) in enumerate(seen) if prompt.dropped_exchanges)
+    after = seen[full:]
+    biggest_exchange = max(exchange.tokens for history, _ in after for exchange in history)
+    first_kept = []  # absolute position of each sticky prompt's first kept exchange: it survives storage trimming
+    for history, (exact_prompt, sticky_prompt) in after:
+        offsets = exchange_offsets(history)
+        assert sticky_prompt.dropped_exchanges >= exact_prompt.dropped_exchanges  # it only ever keeps less
+        # ...at most about one block less: the prompt right after a cut is near low_water x budget
+        assert len(sticky_prompt.ids) >= low_water * budget - 2 * biggest_exchange
+        start = sticky_prompt.dropped_exchanges
+        assert start in cut_points(offsets, round((1 - low_water) * budget)) or start == exact_prompt.dropped_exchanges
+        first_kept.append(offsets[start])
+    runs = [len(list(run)) for _, run in itertools.groupby(first_kept)]
+    print(f"{tokenizer_name}: turns sharing a first kept exchange, run after run: {runs}")
+    assert max(runs) >= 4 and len(runs) <= len(after) / 2
+    sticky_share = prefix_share([prompts[1] for _, prompts in after])
+    exact_share = prefix_share([prompts[0] for _, prompts in after])
+    print(f"prefix shared by consecutive prompts after the budget filled: {sticky_share:.0%} at low_water "
+          f"{low_water}, {exact_share:.0%} with the exact rule ({len(after)} turns, budget {budget})")
+    assert sticky_share >= 0.6 and exact_share <= 0.35 and sticky_share >= exact_share + 0.4
+
+
+def test_turns_stored_without_offsets_still_build_and_the_offsets_continue_after_them(llama_tokenizer):
+    builder = PromptBuilder(llama_tokenizer, SYSTEM, 400, low_water=0.6)
+    legacy = []  # turns as stored before offsets existed: no "offset" key at all
+    for exchange in stored(builder, random_history(random.Random(11), 20)):
+        for turn in (exchange.user, exchange.assistant):
+            legacy.append(Turn.model_validate_json(turn.model_dump_json(exclude={"offset"})))
+    history = pair_turns(legacy)
+    assert all(turn.offset is None for turn in legacy)
+    sizes = [exchange.tokens for exchange in history]
+    assert exchange_offsets(history) == list(itertools.accumulate([0, *sizes[:-1]]))  # the first stored at 0
+    prompt = builder.build(history, "And now?")
+    assert len(prompt.ids) <= 400 and 0 < prompt.dropped_exchanges < len(history)
+    assert prompt.next_offset == sum(sizes)
+
+    seen = converse([builder], random_history(random.Random(12), 25), legacy)
+    assert all(len(prompt.ids) <= 400 for _, (prompt,) in seen)
+    later = seen[-1][0]  # legacy turns all trimmed away by now
+    assert all(exchange.user.offset is not None for exchange in later)
+    assert exchange_offsets(later) == sorted(exchange_offsets(later))
+    # the first stored offset went on from where the legacy turns ended, not back to 0
+    assert seen[1][0][-1].user.offset == sum(sizes) and later[0].user.offset > sum(sizes)
