@@ -50,7 +50,7 @@ def prompt_command(args: argparse.Namespace) -> int:
 
     settings, redis = one_shot_client(args.config)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.model.id))
-    builder = PromptBuilder(tokenizer, settings.system_prompt, settings.model.max_prompt_tokens)
+    builder = PromptBuilder.for_settings(tokenizer, settings)
 
     async def main() -> int:
         try:

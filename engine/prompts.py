@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from contract.history import Exchange, Turn
-from service.config import ConfigError
+from service.config import ConfigError, Settings
 
 TEMPLATE_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 NEUTRALISER = "\u200b"  # zero-width space: keeps the text readable, breaks the control string
@@ -111,6 +111,11 @@ class PromptBuilder:
                 f"model.max_prompt_tokens ({self.budget}) leaves no room for a message: the system prompt and "
                 f"template alone take {smallest} tokens"
             )
+
+    @classmethod
+    def for_settings(cls, tokenizer: PreTrainedTokenizerBase, settings: Settings) -> PromptBuilder:
+        """The builder the worker uses: `chatbot prompt` must show exactly the prompt the worker would build."""
+        return cls(tokenizer, settings.system_prompt, settings.model.max_prompt_tokens, settings.model.truncation_low_water)
 
     # --- text ---------------------------------------------------------------------------
 

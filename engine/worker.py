@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent, is_blank
 from contract.work import Claim, WorkQueue
 from engine.prompts import Prompt, PromptBuilder
-from engine.serving.engine import Engine, on_model_thread
+from engine.serving.engine import Engine, EngineRequestFailed, on_model_thread
 from engine.serving.scheduler import Scheduler, Slot
 from service.config import HistorySettings, Settings
 from service.observability import (
@@ -47,7 +47,8 @@ T = TypeVar("T")
 
 MAX_ATTEMPTS = 3  # a job whose worker died this often while serving it alone is answered with an error instead
 IDLE_WAIT_S = 1.0  # how long an idle worker blocks for new work before looking for expired leases
-RELEASE_PATIENCE_S = 5.0  # on shutdown, don't wait longer than this for Redis: the lease expires anyway
+RELEASE_PATIENCE_S = 5.0
+HEALTH_CHECK_TIMEOUT_S = 10.0  # on shutdown, don't wait longer than this for Redis: the lease expires anyway
 MODEL_FAILED = "Sorry, something went wrong while writing the answer. Please try again."
 GAVE_UP = "Sorry, this message could not be answered: it failed several times."
 EMPTY_ANSWER = "The model returned an empty answer. Please rephrase your message."
@@ -152,12 +153,13 @@ class Publisher:
                 answer.partial_failed = True
             return True
 
-    async def hand_back(self, jobs: list[Job]) -> None:
+    async def hand_back(self, jobs: list[Job], reason: str) -> None:
+        """Jobs go back to the front of the queue, uncharged, for any worker to answer."""
         if not jobs:
             return
         try:
             await with_backoff(lambda: self.queue.release(self.owner, jobs), "release", give_up=after(RELEASE_PATIENCE_S))
-            log.info("handed jobs back on shutdown", extra={"jobs": [job.id for job in jobs]})
+            log.info(f"handed jobs back: {reason}", extra={"jobs": [job.id for job in jobs]})
         except REDIS_DOWN:
             log.warning("could not hand jobs back; their leases expire instead", extra={"jobs": [job.id for job in jobs]})
 
@@ -169,7 +171,7 @@ class Worker:
         self.settings = settings
         self.owner = owner
         self.queue = WorkQueue(redis, settings.queue.visibility_timeout_s, settings.queue.reply_stream_maxlen)
-        self.builder = PromptBuilder(engine.tokenizer, settings.system_prompt, settings.model.max_prompt_tokens)
+        self.builder = PromptBuilder.for_settings(engine.tokenizer, settings)
         self.scheduler: Scheduler[Answer] = Scheduler(
             engine, settings.generation.max_new_tokens, settings.model.admission, settings.model.max_prefills_per_step
         )
@@ -191,7 +193,7 @@ class Worker:
 
     async def run(self) -> None:
         self._turn_at = time.monotonic()
-        with HEALTH.checking("worker", self._loop_check):
+        with HEALTH.checking("worker", self._loop_check), HEALTH.checking("engine", self._server_problem):
             await self._serve()
 
     async def _loop_check(self) -> str | None:
@@ -206,6 +208,7 @@ class Worker:
             except REDIS_DOWN:
                 return  # stopped before Redis ever answered
             self._heartbeat_at = time.monotonic()
+            await self._wait_for_server()
             log.info("worker ready", extra={"owner": self.owner, "slots": self.engine.batch_size})
             claims: list[Claim] = []
             while not self.stopping.is_set():
@@ -216,16 +219,21 @@ class Worker:
                     if not claims:
                         await self._idle()
                         continue
-                for claim in claims:
-                    await self._start(claim)
+                for index, claim in enumerate(claims):
+                    failure = await self._start(claim)
+                    if failure and await self._request_failed(failure, claim.job, [c.job for c in claims[index + 1:]]):
+                        break
                 claims = []
                 if self.scheduler.live:
                     # The next claim travels to Redis while the model computes this step.
-                    claims, ended = await asyncio.gather(
-                        self._claim(self.scheduler.room_after_step()), self._model_call(self.scheduler.step)
+                    claims, (ended, failure) = await asyncio.gather(
+                        self._claim(self.scheduler.room_after_step()), self._step()
                     )
+                    if failure and await self._request_failed(failure, None, [claim.job for claim in claims]):
+                        claims = []
+                        continue
                     await self._after_step(ended)
-            await self.publisher.hand_back([slot.payload.job for slot in self.scheduler.live] + [claim.job for claim in claims])
+            await self._hand_back_all([claim.job for claim in claims], "the worker is stopping")
         finally:
             for slot in self.scheduler.live:
                 self.scheduler.free(slot)
@@ -246,7 +254,8 @@ class Worker:
             await asyncio.sleep(0 if live else 0.5)
             return []
 
-    async def _start(self, claim: Claim) -> None:
+    async def _start(self, claim: Claim) -> EngineRequestFailed | None:
+        """Admit the job into a slot, or answer it at once; a failed request to a model server is returned."""
         job = claim.job
         claimed_at = time.time()
         TIME_IN_QUEUE.observe(max(0.0, claimed_at - job.submitted_at))
@@ -270,6 +279,8 @@ class Worker:
                 PREFIX_CACHE_LOOKUPS.labels("hit" if answer.cached_tokens else "miss").inc()
         except StepTimedOut:
             raise
+        except EngineRequestFailed as failure:
+            return failure
         except Exception:
             log.exception("could not start generating", extra={"job": job.id})
             await self.publisher.answer(job, "error", MODEL_FAILED)
@@ -307,6 +318,71 @@ class Worker:
             log.error("could not extend the leases", extra={"error": str(error)})
 
     # --- model ----------------------------------------------------------------------------
+
+    async def _step(self) -> tuple[list[Slot[Answer]], EngineRequestFailed | None]:
+        """One decode step; a failed request to a model server is returned, not raised, so that claims
+        made during the step are never dropped."""
+        try:
+            return await self._model_call(self.scheduler.step), None
+        except EngineRequestFailed as failure:
+            return [], failure
+
+    async def _server_problem(self) -> str | None:
+        # Not on the model thread: a health check must answer while a step waits on the server.
+        return await asyncio.wait_for(asyncio.to_thread(self.engine.health), HEALTH_CHECK_TIMEOUT_S)
+
+    async def _request_failed(self, failure: EngineRequestFailed, failed: Job | None, unstarted: list[Job]) -> bool:
+        """Tell a server outage from a job's fault; True when it was an outage and every job was handed back.
+
+        While the server is well, only the failed job is answered with an error, as with any engine.
+        While it is not, no job is at fault: all go back to the queue uncharged, and this worker
+        claims nothing until the server answers again (a restart costs waiting, not failed answers).
+        """
+        try:
+            problem = await self._server_problem()
+        except (asyncio.TimeoutError, OSError) as error:
+            problem = f"health check failed: {error!r}"
+        if problem is None:
+            if failed is None:
+                slot = self.scheduler.slots[failure.slot]
+                if slot is None:
+                    return False
+                self.scheduler.free(slot)
+                failed = slot.payload.job
+            log.error("model server failed this job", extra={"job": failed.id, "error": str(failure)})
+            await self.publisher.answer(failed, "error", MODEL_FAILED)
+            return False
+        log.warning("model server unavailable", extra={"problem": problem, "error": str(failure)})
+        await self._hand_back_all(([failed] if failed else []) + unstarted, "the model server is unavailable")
+        await self._wait_for_server()
+        return True
+
+    async def _hand_back_all(self, unstarted: list[Job], reason: str) -> None:
+        """Every job this worker holds goes back to the queue; closing the slots first stops a server generating for them."""
+        jobs = [slot.payload.job for slot in self.scheduler.live] + unstarted
+        for slot in self.scheduler.live:
+            self.scheduler.free(slot)
+        await self.publisher.hand_back(jobs, reason)
+
+    async def _wait_for_server(self) -> None:
+        """Claim nothing while the model server is unavailable: its jobs would only fail. In-process engines never wait."""
+        announced = False
+        while not self.stopping.is_set():
+            try:
+                problem = await self._server_problem()
+            except (asyncio.TimeoutError, OSError) as error:
+                problem = f"health check failed: {error!r}"
+            if problem is None:
+                if announced:
+                    log.info("model server available again; claiming resumes")
+                return
+            if not announced:
+                log.warning("model server unavailable; claiming nothing until it answers", extra={"problem": problem})
+                announced = True
+            await self._heartbeat()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.settings.openai.health_interval_s)
+            self._turn_at = time.monotonic()
 
     async def _model_call(self, function: Callable[..., T], *args) -> T:
         timeout = self.settings.queue.step_timeout_s

@@ -49,7 +49,7 @@ def test_string_settings_take_the_environment_value_as_written():
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"CHATBOT__MODEL__BACKEND": "tpu"}, "model.backend: Input should be 'transformers' or 'neuron', got 'tpu'"),
+        ({"CHATBOT__MODEL__BACKEND": "tpu"}, "model.backend: Input should be 'transformers', 'neuron' or 'openai', got 'tpu'"),
         ({"CHATBOT__GENERATION__TOP_P": "1.5"}, "generation.top_p"),
         ({"CHATBOT__MODEL__MAX_PROMPT_TOKENS": "4096"}, "must be below sequence_length"),
         ({"CHATBOT__MODEL__COLOUR": "red"}, "model.colour: unknown setting"),

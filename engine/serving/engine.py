@@ -23,6 +23,18 @@ async def on_model_thread(function: Callable[..., T], *args) -> T:
     return await asyncio.get_running_loop().run_in_executor(MODEL_THREAD, functools.partial(function, *args))
 
 
+class EngineRequestFailed(Exception):
+    """A request to the engine's model server failed: it is down, refused, or went silent; or the job made it fail.
+
+    Only the server's `health()` tells which: the worker hands every job back uncharged when the
+    server is unwell, and answers only this slot's job with an error when it is well.
+    """
+
+    def __init__(self, message: str, slot: int):
+        super().__init__(message)
+        self.slot = slot
+
+
 class Engine(ABC):
     """A model serving up to `batch_size` sequences at once, each in a slot (a KV-cache line).
 
@@ -49,6 +61,10 @@ class Engine(ABC):
     @abstractmethod
     def release(self, slot: int) -> None:
         """The slot's sequence has ended (or was dropped); engines that hold memory per sequence give it back."""
+
+    def health(self) -> str | None:
+        """What keeps a model server from serving now, or None. Engines in this process are as well as its loop."""
+        return None
 
 
 def end_of_turn_ids(tokenizer, generation_config) -> frozenset[int]:
