@@ -15,20 +15,17 @@ timings are assumptions (see NEURON_SHAPED), not measurements on Inferentia.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import percentile, table
+from bench.common import percentile, table, worker_running
 from contract.intake import Intake
 from contract.jobs import Conversation
 from engine.serving.engine import MODEL_THREAD, Engine
 from engine.serving.transformers_engine import TransformersEngine
-from engine.worker import Worker
 from service.config import Settings
-from service.redis_client import connect
 from service.redis_server import RedisServer
 
 CONVERSATIONS = 16
@@ -87,18 +84,6 @@ class FixedCostEngine(Engine):
         return self.word if self.remaining[slot] >= 0 else self.tokenizer.eos_token_id
 
 
-class Answers(logging.Handler):
-    """The worker's 'job answered' log lines."""
-
-    def __init__(self):
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == "job answered":
-            self.records.append(record)
-
-
 def messages(model_id: str) -> list[tuple[Conversation, str]]:
     rng = random.Random(7)
     out = []
@@ -111,30 +96,15 @@ def messages(model_id: str) -> list[tuple[Conversation, str]]:
 
 
 async def serve_once(url: str, engine: TransformersEngine, settings: Settings, arrivals: str, model_id: str) -> dict:
-    redis = connect(url)
-    await redis.flushdb()
-    answers = Answers()
-    logging.getLogger("engine.worker").addHandler(answers)
-    worker = Worker(redis, engine, settings, owner="bench")
-    task = asyncio.create_task(worker.run())
-    queue = Intake(redis, settings.limits)
     rng = random.Random(11)
-    started = time.time()
-    try:
+    async with worker_running(url, engine, settings) as run:
+        queue = Intake(run.redis, settings.limits)
+        started = time.time()
         for n, (conversation, text) in enumerate(messages(model_id)):
             await queue.submit(conversation, str(n), text)
             if arrivals == "random":
                 await asyncio.sleep(rng.expovariate(1 / MEAN_GAP_S))
-        while len(answers.records) < MESSAGES:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 60)
-        logging.getLogger("engine.worker").removeHandler(answers)
-        await redis.aclose()
-    records = answers.records
+        records = await run.answered(MESSAGES)
     finished = max(r.created for r in records)
     return {
         "ttft": [r.ttft_s for r in records],
@@ -144,7 +114,6 @@ async def serve_once(url: str, engine: TransformersEngine, settings: Settings, a
 
 
 def run(model_ids: list[str] | None = None) -> str:
-    logging.getLogger("engine.worker").setLevel(logging.INFO)
     tables = []
     with tempfile.TemporaryDirectory() as data, RedisServer(Path(data)) as server:
         for model_id in model_ids or list(MODELS):

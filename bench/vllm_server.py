@@ -15,13 +15,16 @@ from pathlib import Path
 
 import httpx
 
+from service.redis_server import die_with_parent, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 STARTUP_TIMEOUT_S = 300.0  # 60-140 s seen on 2 cores
 
 
 class VllmServer:
-    def __init__(self, model_dir: str, served_model: str, port: int, log_path: Path, max_model_len: int = 2048):
+    def __init__(self, model_dir: str, served_model: str, log_path: Path, max_model_len: int = 2048):
+        port = free_port()
         self.command = [
             str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
             "--served-model-name", served_model, "--dtype", "bfloat16", "--max-model-len", str(max_model_len),
@@ -38,9 +41,15 @@ class VllmServer:
     def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> VllmServer:
         if not VLLM_PYTHON.exists():
             raise RuntimeError(f"{VLLM_PYTHON} is missing: `make vllm` installs vLLM's CPU build there")
-        environ = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+        environ = {
+            **os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_SERVER_DEV_MODE": "1",  # POST /reset_prefix_cache: each benchmark series starts cold
+        }
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command, env=environ, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         deadline = time.monotonic() + timeout_s
         while not self.healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -61,6 +70,9 @@ class VllmServer:
         text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=5).text
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
 
+    def reset_prefix_cache(self) -> None:
+        httpx.post(f"http://127.0.0.1:{self.port}/reset_prefix_cache", timeout=30).raise_for_status()
+
     def kill(self) -> None:
         """kill -9 of the whole server (its API process and its engine process)."""
         if self.process and self.process.poll() is None:
@@ -74,3 +86,4 @@ class VllmServer:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+

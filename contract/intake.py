@@ -11,17 +11,18 @@ from redis.asyncio import Redis
 from contract import keys
 from contract.history import EPOCH_TTL_S
 from contract.jobs import Conversation, Job, RejectedMessage, Submitted, clean_text
+from contract.work import AFFINITY_TTL_S
 from service.config import LimitSettings
 
 # Result codes of _SUBMIT below zero; zero or more is the number of jobs ahead.
 DUPLICATE, CONVERSATION_FULL, AUTHOR_FULL, AUTHOR_TOO_FAST = -1, -2, -3, -4
 
 _SUBMIT = """
-local job_key, done_key, conv_jobs, ready, active, epoch_key, wake, queued, author_queued, author_minute, leases =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11]
+local job_key, done_key, conv_jobs, ready, active, epoch_key, wake, queued, author_queued, author_minute, leases, affinity =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local data, job_id, conversation = ARGV[1], ARGV[2], ARGV[3]
 local max_per_conversation, max_per_author, per_minute = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local has_author, epoch_ttl_s = ARGV[7] == '1', ARGV[8]
+local has_author, epoch_ttl_s, prefix, affinity_ttl_s = ARGV[7] == '1', ARGV[8], ARGV[9], ARGV[10]
 
 if redis.call('EXISTS', job_key) == 1 or redis.call('EXISTS', done_key) == 1 then return -1 end  -- DUPLICATE
 if redis.call('LLEN', conv_jobs) >= max_per_conversation then return -2 end  -- CONVERSATION_FULL
@@ -40,8 +41,14 @@ end
 redis.call('HSET', job_key, 'data', data, 'conversation', conversation, 'epoch', epoch, 'attempts', 0)
 redis.call('RPUSH', conv_jobs, job_id)
 if redis.call('SADD', active, conversation) == 1 then redis.call('RPUSH', ready, conversation) end
+-- the worker that holds the conversation's context is woken, if it is alive; any idle worker otherwise
+local preferred = redis.call('GET', affinity)
+if preferred and redis.call('EXISTS', prefix .. 'worker:' .. preferred) == 1 then
+  wake = wake .. ':' .. preferred
+end
 redis.call('DEL', wake)
 redis.call('RPUSH', wake, 1)
+redis.call('EXPIRE', wake, affinity_ttl_s)
 -- ahead: queued before this one and not being answered yet (a leased job is in a worker's slot)
 return math.max(0, redis.call('INCR', queued) - 1 - redis.call('ZCARD', leases))
 """
@@ -82,10 +89,12 @@ class Intake:
         script_keys = [
             keys.job(job.id), keys.done(job.id), keys.conv_jobs(job.conversation), keys.READY, keys.ACTIVE,
             keys.epoch(job.conversation), keys.WAKE, keys.QUEUED, f"{person}:queued", f"{person}:minute", keys.LEASES,
+            keys.affinity(job.conversation),
         ]
         args = [
             job.model_dump_json(), job.id, job.conversation, limits.max_queued_per_conversation,
             limits.max_queued_per_author, limits.messages_per_minute_per_author, "1" if author_id else "0", EPOCH_TTL_S,
+            keys.PREFIX, AFFINITY_TTL_S,
         ]
         ahead = await self._submit(keys=script_keys, args=args)
         if ahead == DUPLICATE:

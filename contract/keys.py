@@ -16,6 +16,10 @@ Queue (contract/intake.py writes, contract/work.py serves):
                            delivery charged an attempt (work.py); an id leaves when its job is answered
   queued                   counter of jobs waiting or being answered
   wake                     one-element list an idle worker blocks on
+  wake:<owner>             the same, for one worker: a message for a conversation whose context it holds
+                           (AFFINITY_TTL_S)
+  conv:<c>:affinity        the worker that served the conversation last and keeps its context (an engine
+                           with a prefix cache): its next message waits a moment for that worker (AFFINITY_TTL_S)
   worker:<owner>           a live worker's key (expires after the visibility timeout)
   author:<platform>:<user>:queued   that person's waiting jobs (1 day)
   author:<platform>:<user>:minute   that person's messages this minute (60 s)
@@ -92,6 +96,14 @@ def epoch(conversation: str) -> str:
 
 def rated(conversation: str) -> str:
     return f"{PREFIX}conv:{conversation}:rated"
+
+
+def affinity(conversation: str) -> str:
+    return f"{PREFIX}conv:{conversation}:affinity"
+
+
+def wake_worker(owner: str) -> str:
+    return f"{WAKE}:{owner}"
 
 
 def worker(owner: str) -> str:

@@ -29,6 +29,8 @@ from contract.jobs import Job, ReplyEvent
 from contract.replies import TRIM_REPLIES, reply_stream
 
 DONE_TTL_S = 7 * 24 * 3600
+AFFINITY_TTL_S = 3600  # a worker's prefix cache rarely keeps a conversation's context longer on a busy service
+MAX_PASSED = 16  # conversations one claim may leave to the workers that hold their context
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,23 @@ class Claim:
     suspect: bool  # delivered again after its worker died: to be served alone
 
 
-_CLAIM = """
+_CLAIM = f"local MAX_PASSED = {MAX_PASSED}" + """
 local ready, leases, active, suspects = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix, max_jobs, visibility, owner, busy = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5] == '1'
+local keeps_context, affinity_wait, affinity_ttl = ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- the conversation's context is held by another live worker, and its job has not waited for it long yet
+local function left_to_its_worker(affinity_key, job_key)
+  if affinity_wait <= 0 then return false end
+  local preferred = redis.call('GET', affinity_key)
+  if not preferred or preferred == owner or redis.call('EXISTS', prefix .. 'worker:' .. preferred) == 0 then
+    return false
+  end
+  redis.call('HSETNX', job_key, 'passed_at', now)
+  return now - tonumber(redis.call('HGET', job_key, 'passed_at')) < affinity_wait
+end
 
 local held = redis.call('ZRANGE', leases, 0, -1, 'WITHSCORES')
 for i = 1, #held, 2 do
@@ -57,8 +71,8 @@ for i = 1, #held, 2 do
   end
 end
 
-local claimed = {}
-while #claimed < max_jobs do
+local claimed, passed = {}, {}
+while #claimed < max_jobs and #passed < MAX_PASSED do
   local conversation = redis.call('LPOP', ready)
   if not conversation then break end
   local conv_prefix = prefix .. 'conv:' .. conversation
@@ -73,15 +87,22 @@ while #claimed < max_jobs do
       break
     end
     local job_key = prefix .. 'job:' .. job_id
-    redis.call('ZADD', leases, now + visibility, job_id)
-    redis.call('HSET', job_key, 'owner', owner)
-    if suspect then redis.call('HINCRBY', job_key, 'attempts', 1) end
-    local fields = redis.call('HMGET', job_key, 'data', 'epoch', 'attempts')
-    local turns = redis.call('LRANGE', conv_prefix .. ':turns', 0, -1)
-    table.insert(claimed, {fields[1], fields[2], fields[3], suspect and 1 or 0, turns})
-    if suspect then break end
+    if not suspect and left_to_its_worker(conv_prefix .. ':affinity', job_key) then
+      table.insert(passed, conversation)
+    else
+      redis.call('ZADD', leases, now + visibility, job_id)
+      redis.call('HSET', job_key, 'owner', owner)
+      if keeps_context then redis.call('SET', conv_prefix .. ':affinity', owner, 'EX', affinity_ttl) end
+      if suspect then redis.call('HINCRBY', job_key, 'attempts', 1) end
+      local fields = redis.call('HMGET', job_key, 'data', 'epoch', 'attempts')
+      local turns = redis.call('LRANGE', conv_prefix .. ':turns', 0, -1)
+      table.insert(claimed, {fields[1], fields[2], fields[3], suspect and 1 or 0, turns})
+      if suspect then break end
+    end
   end
 end
+-- passed over, not moved: they keep their places at the front, in order
+for i = #passed, 1, -1 do redis.call('LPUSH', ready, passed[i]) end
 return claimed
 """
 
@@ -147,24 +168,34 @@ return 1
 
 
 class WorkQueue:
-    def __init__(self, redis: Redis, visibility_timeout_s: float = 60.0, reply_stream_maxlen: int = 10_000):
+    def __init__(
+        self, redis: Redis, visibility_timeout_s: float = 60.0, reply_stream_maxlen: int = 10_000, affinity_wait_s: float = 0.0,
+    ):
         self.redis = redis
         self.visibility_ms = int(visibility_timeout_s * 1000)
+        self.affinity_wait_ms = int(affinity_wait_s * 1000)
         self.reply_stream_maxlen = reply_stream_maxlen
         self._claim = redis.register_script(_CLAIM)
         self._complete = redis.register_script(_COMPLETE)
         self._release = redis.register_script(_RELEASE)
         self._partial = redis.register_script(_PARTIAL)
 
-    async def claim(self, owner: str, max_jobs: int = 1, busy: bool = False) -> list[Claim]:
+    async def claim(self, owner: str, max_jobs: int = 1, busy: bool = False, keeps_context: bool = False) -> list[Claim]:
         """Lease up to max_jobs head jobs, each from a different conversation, with their histories.
 
         A suspect comes alone, and only to a worker that is not `busy` (serving nothing); a busy
         worker gets no job from the suspect on, so it drains its batch first.
+
+        A worker that `keeps_context` (a prefix cache) becomes its conversations' preferred worker:
+        their next jobs are left to it for up to `affinity_wait_s` while it is alive, keeping their
+        places in line, so order and turns are as without a preference; after that any worker takes them.
         """
         rows = await self._claim(
             keys=[keys.READY, keys.LEASES, keys.ACTIVE, keys.SUSPECTS],
-            args=[keys.PREFIX, max_jobs, self.visibility_ms, owner, int(busy)],
+            args=[
+                keys.PREFIX, max_jobs, self.visibility_ms, owner, int(busy), int(keeps_context), self.affinity_wait_ms,
+                AFFINITY_TTL_S,
+            ],
         )
         claims = []
         for data, epoch, attempts, suspect, turns in rows:
@@ -180,8 +211,9 @@ class WorkQueue:
             queued, waiting = await pipe.execute()
         return int(queued or 0), waiting
 
-    async def wait_for_work(self, timeout_s: float) -> None:
-        await self.redis.blpop([keys.WAKE], timeout=timeout_s)
+    async def wait_for_work(self, owner: str, timeout_s: float) -> None:
+        """Block until a message arrives: one for a conversation whose context `owner` holds, or any."""
+        await self.redis.blpop([keys.wake_worker(owner), keys.WAKE], timeout=timeout_s)
 
     async def heartbeat(self, owner: str, jobs: list[Job]) -> None:
         """Say that worker `owner` is alive, and push the lease deadline of the jobs it is working on."""

@@ -170,7 +170,9 @@ class Worker:
         self.engine = engine
         self.settings = settings
         self.owner = owner
-        self.queue = WorkQueue(redis, settings.queue.visibility_timeout_s, settings.queue.reply_stream_maxlen)
+        self.queue = WorkQueue(
+            redis, settings.queue.visibility_timeout_s, settings.queue.reply_stream_maxlen, settings.queue.affinity_wait_s
+        )
         self.builder = PromptBuilder.for_settings(engine.tokenizer, settings)
         self.scheduler: Scheduler[Answer] = Scheduler(
             engine, settings.generation.max_new_tokens, settings.model.admission, settings.model.max_prefills_per_step
@@ -248,7 +250,7 @@ class Worker:
         if not room or any(slot.payload.suspect for slot in live):
             return []  # nothing joins a suspect: it is served alone (contract/work.py)
         try:
-            return await self.queue.claim(self.owner, room, busy=bool(live))
+            return await self.queue.claim(self.owner, room, busy=bool(live), keeps_context=self.engine.reuses_context)
         except REDIS_DOWN as error:
             log.warning("redis unavailable", extra={"error": str(error)})
             await asyncio.sleep(0 if live else 0.5)
@@ -294,7 +296,7 @@ class Worker:
     async def _idle(self) -> None:
         await self._heartbeat()
         try:
-            await self.queue.wait_for_work(IDLE_WAIT_S)
+            await self.queue.wait_for_work(self.owner, IDLE_WAIT_S)
         except REDIS_DOWN:
             pass  # _claim has said so, and waited
 
@@ -329,7 +331,10 @@ class Worker:
 
     async def _server_problem(self) -> str | None:
         # Not on the model thread: a health check must answer while a step waits on the server.
-        return await asyncio.wait_for(asyncio.to_thread(self.engine.health), HEALTH_CHECK_TIMEOUT_S)
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self.engine.health), HEALTH_CHECK_TIMEOUT_S)
+        except Exception as error:  # a check that cannot answer is a failing check
+            return f"health check failed: {error!r}"
 
     async def _request_failed(self, failure: EngineRequestFailed, failed: Job | None, unstarted: list[Job]) -> bool:
         """Tell a server outage from a job's fault; True when it was an outage and every job was handed back.
@@ -338,10 +343,7 @@ class Worker:
         While it is not, no job is at fault: all go back to the queue uncharged, and this worker
         claims nothing until the server answers again (a restart costs waiting, not failed answers).
         """
-        try:
-            problem = await self._server_problem()
-        except (asyncio.TimeoutError, OSError) as error:
-            problem = f"health check failed: {error!r}"
+        problem = await self._server_problem()
         if problem is None:
             if failed is None:
                 slot = self.scheduler.slots[failure.slot]
@@ -368,10 +370,7 @@ class Worker:
         """Claim nothing while the model server is unavailable: its jobs would only fail. In-process engines never wait."""
         announced = False
         while not self.stopping.is_set():
-            try:
-                problem = await self._server_problem()
-            except (asyncio.TimeoutError, OSError) as error:
-                problem = f"health check failed: {error!r}"
+            problem = await self._server_problem()
             if problem is None:
                 if announced:
                     log.info("model server available again; claiming resumes")

@@ -99,6 +99,9 @@ class QueueSettings(Strict):
     adapter_lease_s: float = Field(
         15.0, gt=0, description="an adapter process that stops leaves its conversations' replies to another after this long"
     )
+    affinity_wait_s: float = Field(
+        0.5, ge=0, description="a conversation's next message waits this long for the live worker holding its context; 0: off"
+    )
     step_timeout_s: float = Field(
         30.0, gt=0, description="a model step slower than this stops the worker (exit 3) so its supervisor restarts it"
     )

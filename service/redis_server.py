@@ -28,7 +28,7 @@ def _linux_prctl():
 _prctl = _linux_prctl()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: get SIGTERM when the process that started us dies, even by SIGKILL.
 
     Its own session keeps Ctrl-C away from it, so without this a killed parent would leave it
@@ -70,7 +70,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in the terminal is for us: we stop the server after the worker
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s

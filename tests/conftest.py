@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 
 import pytest
@@ -71,18 +70,14 @@ def tiny_engine(tiny_model, settings):
 class Queues:
     """The adapters' side (submit) and the worker's side (the rest) of one queue, as one object for short tests."""
 
-    def __init__(self, redis, visibility_timeout_s: float = 60.0, reply_stream_maxlen: int = 10_000, limits=None):
+    def __init__(
+        self, redis, visibility_timeout_s: float = 60.0, reply_stream_maxlen: int = 10_000, limits=None, affinity_wait_s: float = 0.0,
+    ):
         self.intake = Intake(redis, limits or LimitSettings())
-        self.work = WorkQueue(redis, visibility_timeout_s, reply_stream_maxlen)
+        self.work = WorkQueue(redis, visibility_timeout_s, reply_stream_maxlen, affinity_wait_s)
 
     def __getattr__(self, name: str):
         return getattr(self.intake if name == "submit" else self.work, name)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def tiny_settings(**overrides) -> Settings:

@@ -14,7 +14,8 @@ import aiohttp
 from contract.jobs import Conversation
 from service.observability import HEALTH, Health, redis_check, serving
 from service.redis_client import connect
-from tests.conftest import Queues, final_event, free_port, running_worker
+from service.redis_server import free_port
+from tests.conftest import Queues, final_event, running_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ async def test_the_worker_is_unhealthy_when_its_loop_stops_coming_round(redis, t
             if "worker" in HEALTH.checks:
                 break
             await asyncio.sleep(0.01)
-        assert await HEALTH.report() == {"worker": "ok"}
+        assert await HEALTH.report() == {"worker": "ok", "engine": "ok"}
         worker._turn_at -= settings.queue.step_timeout_s + 60  # as if a step had hung for a minute
         assert (await HEALTH.checks["worker"]()).startswith("the serving loop has not come round for")
     assert "worker" not in HEALTH.checks  # a stopped worker takes its check away

@@ -22,7 +22,7 @@ from engine.prompts import PromptBuilder
 from engine.serving.openai_engine import OpenAIEngine
 from engine.worker import MODEL_FAILED, readable_text
 from service.observability import HEALTH
-from tests.conftest import Queues, final_event, free_port, reply_events, running_worker
+from tests.conftest import Queues, final_event, reply_events, running_worker
 from tests.fakes.cuttable_link import CuttableLink
 from tests.test_worker import worker_process
 
@@ -34,7 +34,7 @@ CHAT = Conversation(platform="local", channel="vllm")
 
 @pytest.fixture(scope="module")
 def vllm(smollm2_path, tmp_path_factory):
-    server = VllmServer(smollm2_path, SERVED, free_port(), tmp_path_factory.mktemp("vllm") / "vllm.log").start()
+    server = VllmServer(smollm2_path, SERVED, tmp_path_factory.mktemp("vllm") / "vllm.log").start()
     yield server
     server.stop()
 

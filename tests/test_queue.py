@@ -280,3 +280,47 @@ async def test_a_message_over_the_size_limit_is_refused_before_redis(redis):
     with pytest.raises(RejectedMessage, match="Your message is 1,001 characters long; the limit is 1,000."):
         await queue.submit(ALICE, "big", "x" * 1001)
     assert await redis.dbsize() == 0
+
+
+async def served_by(queue: Queues, owner: str, conversation: Conversation, message_id: str) -> None:
+    """`owner`, a worker with a prefix cache, answers one message of the conversation."""
+    await queue.submit(conversation, message_id, "hello")
+    await queue.heartbeat(owner, [])
+    [claimed] = await queue.claim(owner, keeps_context=True)
+    await queue.complete(claimed.job, final(claimed.job), exchange("hello"), 10, 60)
+
+
+async def test_a_follow_up_waits_a_moment_for_the_live_worker_that_holds_its_context(redis):
+    queue = Queues(redis, affinity_wait_s=5)
+    await served_by(queue, "a", ALICE, "m0")
+    await queue.submit(ALICE, "m1", "and then?")
+    await queue.submit(BOB, "b0", "hi")
+    assert await redis.llen(keys.wake_worker("a")) == 1  # a, idle, is woken for its conversation
+    await queue.heartbeat("b", [])
+    assert [c.job.id for c in await queue.claim("b", 2, keeps_context=True)] == ["local:b0"]
+    assert await redis.lrange(keys.READY, 0, -1) == [ALICE.key]  # passed over, still first in line
+    assert [c.job.id for c in await queue.claim("a", 2, keeps_context=True)] == ["local:m1"]
+
+
+async def test_the_preference_lapses_and_never_outlives_its_worker(redis):
+    queue = Queues(redis, affinity_wait_s=0.3)
+    await served_by(queue, "a", ALICE, "m0")
+    await served_by(queue, "a", BOB, "b0")
+    await queue.submit(ALICE, "m1", "and then?")
+    await queue.submit(BOB, "b1", "and then?")
+    await queue.heartbeat("b", [])
+    assert await queue.claim("b", 2) == []
+    await asyncio.sleep(0.35)  # a is alive but did not come for them: anyone may take them now, in order
+    assert [c.job.id for c in await queue.claim("b", 1)] == ["local:m1"]
+    await queue.gone("a")  # a stopped: nothing waits for it
+    await queue.submit(CAROL, "c0", "hi")
+    assert [c.job.id for c in await queue.claim("b", 2)] == ["local:b1", "local:c0"]
+
+
+async def test_without_a_prefix_cache_no_preference_is_recorded(redis):
+    queue = Queues(redis, affinity_wait_s=5)
+    await queue.submit(ALICE, "m0", "hello")
+    [first] = await claims(queue, "a")
+    await queue.complete(first.job, final(first.job), exchange("hello"), 10, 60)
+    await queue.submit(ALICE, "m1", "and then?")
+    assert [job.id for job in await claim(queue, "b")] == ["local:m1"]

@@ -33,8 +33,9 @@ from contract.jobs import EMPTY_MESSAGE, UNAVAILABLE, Job, ReplyEvent
 from contract.replies import reply_stream
 from service.config import ConfigError, LimitSettings, Secrets, Settings
 from service.redis_client import connect
+from service.redis_server import free_port
 from service.tasks import cancel_until_done
-from tests.conftest import final_event, free_port, reply_events, running_worker, tiny_settings
+from tests.conftest import final_event, reply_events, running_worker, tiny_settings
 from tests.fakes.local_server import serve_locally, shut_down
 from tests.fakes.slack_server import APP_ID, BOT_ID, BOT_USER_ID, SOCKET_PATH, TEAM_ID, Answer, FakeSlack
 

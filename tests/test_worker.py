@@ -510,3 +510,31 @@ async def test_the_first_text_is_published_as_soon_as_it_exists(redis, tiny_engi
     events = await reply_events(redis, "local", final.job_id)
     assert [event.kind for event in events][0] == "partial" and events[-1].kind == "final"
     assert final.text.startswith(events[0].text)
+
+
+async def test_follow_ups_go_to_the_worker_that_holds_the_conversations_context(redis, tiny_model, caplog):
+    from engine.worker import Worker
+
+    settings = tiny_settings(model={"prefix_cache_mb": 16, "batch_size": 2}, queue={"affinity_wait_s": 5})
+    workers = [
+        Worker(redis, TransformersEngine(tiny_model.model, tiny_model.tokenizer, 512, 2, settings.generation, 16), settings, f"w{n}")
+        for n in range(2)
+    ]
+    tasks = [asyncio.create_task(worker.run()) for worker in workers]
+    conversations = [Conversation(platform="local", channel=name) for name in ("ann", "bob", "cy")]
+    caplog.set_level(logging.INFO, logger="engine.worker")
+    try:
+        for turn in range(4):
+            for conversation in conversations:
+                assert (await ask(redis, f"{conversation.channel}: turn {turn}", conversation, f"{conversation.channel}{turn}")).kind == "final"
+    finally:
+        for worker in workers:
+            worker.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    answered = {record.job: record for record in caplog.records if record.getMessage() == "job answered"}
+    # Each follow-up reused at least its previous prompt: it was served where that prompt's context was kept
+    # (left to chance between two idle workers, all nine would land there about once in 500 runs).
+    for conversation in conversations:
+        for turn in range(1, 4):
+            this, previous = (answered[f"local:{conversation.channel}{n}"] for n in (turn, turn - 1))
+            assert this.cached_tokens >= previous.prompt_tokens, (conversation.channel, turn)

@@ -175,7 +175,7 @@ class OpenAIEngine(Engine):
         for choice in chunk.get("choices", []):
             if "token_ids" not in choice:
                 raise EngineRequestFailed(
-                    "the model server's stream has no token ids: it must honour return_token_ids (vLLM >= 0.10.2)", slot
+                    "the model server's stream has no token ids: it must honour return_token_ids as vLLM does", slot
                 )
             stream.pending.extend(choice["token_ids"] or [])
             if choice.get("finish_reason"):
