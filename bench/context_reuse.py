@@ -58,7 +58,7 @@ def run(model_id: str = "embedded:smollm2") -> str:
     for turn, question in enumerate(QUESTIONS, start=1):
         prompt = builder.build(history, question).ids
         with_cache, tokens = answer(cached, prompt)
-        reused = cached.last_prefill_cached_tokens
+        reused = cached.cached_tokens(0)
         without_cache, reference = answer(uncached, prompt)
         agreed += tokens == reference
         if turn in SHOWN_TURNS:

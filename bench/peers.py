@@ -75,6 +75,14 @@ def shipped_settings(**model) -> Settings:
     })
 
 
+def served_settings(settings: Settings, vllm: VllmServer) -> Settings:
+    """The same settings with vLLM as the engine (model.backend: openai)."""
+    return settings.model_copy(update={
+        "model": settings.model.model_copy(update={"backend": "openai"}),
+        "openai": settings.openai.model_copy(update={"base_url": vllm.base_url, "served_model": SERVED}),
+    })
+
+
 # --- 1. tokens/s ----------------------------------------------------------------------------
 
 
@@ -150,18 +158,15 @@ def queue_cost(redis_url: str, engine: TransformersEngine, settings: Settings, v
     jobs = [(Conversation(platform="bench", channel=f"q{n}"), question) for n, question in enumerate(QUESTIONS[:4])]
     builder = PromptBuilder.for_settings(engine.tokenizer, settings)
     prompts = [builder.build([], text).ids for _, text in jobs]
-    served = OpenAIEngine.load(
-        settings.model_copy(update={
-            "model": settings.model.model_copy(update={"backend": "openai"}),
-            "openai": settings.openai.model_copy(update={"base_url": vllm.base_url, "served_model": SERVED}),
-        }),
-        api_key=None,
-    )
+    over_server = served_settings(settings, vllm)
+    served = OpenAIEngine.load(over_server, api_key=None)
     ours, over_vllm, direct = [], [], []
     for _ in range(rounds):
         ours.append(statistics.median(r.total_s for r in asyncio.run(through_worker(redis_url, engine, settings, jobs))))
         vllm.reset_prefix_cache()
-        over_vllm.append(statistics.median(r.total_s for r in asyncio.run(through_worker(redis_url, served, settings, jobs))))
+        over_vllm.append(
+            statistics.median(r.total_s for r in asyncio.run(through_worker(redis_url, served, over_server, jobs)))
+        )
         vllm.reset_prefix_cache()
         with ThreadPoolExecutor(len(prompts)) as pool:
             finals = list(pool.map(lambda p: stream_seconds(vllm, p, NEW_TOKENS, served.end_ids)[1], prompts))
@@ -261,11 +266,8 @@ def follow_ups(redis_url: str, engine: TransformersEngine, vllm: VllmServer) -> 
 
 
 async def server_killed_mid_answer(redis_url: str, settings: Settings, vllm: VllmServer) -> list[str]:
-    settings = settings.model_copy(update={
-        "model": settings.model.model_copy(update={"backend": "openai"}),
-        "openai": settings.openai.model_copy(update={"base_url": vllm.base_url, "served_model": SERVED}),
-        "generation": settings.generation.model_copy(update={"max_new_tokens": NEW_TOKENS}),
-    })
+    settings = served_settings(settings, vllm)
+    settings = settings.model_copy(update={"generation": settings.generation.model_copy(update={"max_new_tokens": NEW_TOKENS})})
     engine = OpenAIEngine.load(settings, api_key=None)
     jobs = 4
     async with worker_running(redis_url, engine, settings) as run:

@@ -175,7 +175,7 @@ class Worker:
         )
         self.builder = PromptBuilder.for_settings(engine.tokenizer, settings)
         self.scheduler: Scheduler[Answer] = Scheduler(
-            engine, settings.generation.max_new_tokens, settings.model.admission, settings.model.max_prefills_per_step
+            engine, settings.generation.max_new_tokens, settings.model.admission, settings.model.prefills_per_step
         )
         self.stopping = asyncio.Event()
         self.publisher = Publisher(self.queue, owner, settings.history, self.stopping)
@@ -221,17 +221,14 @@ class Worker:
                     if not claims:
                         await self._idle()
                         continue
-                for index, claim in enumerate(claims):
-                    failure = await self._start(claim)
-                    if failure and await self._request_failed(failure, claim.job, [c.job for c in claims[index + 1:]]):
-                        break
+                await self._start(claims)
                 claims = []
                 if self.scheduler.live:
                     # The next claim travels to Redis while the model computes this step.
                     claims, (ended, failure) = await asyncio.gather(
                         self._claim(self.scheduler.room_after_step()), self._step()
                     )
-                    if failure and await self._request_failed(failure, None, [claim.job for claim in claims]):
+                    if failure and await self._requests_failed([(failure, None)], [claim.job for claim in claims]):
                         claims = []
                         continue
                     await self._after_step(ended)
@@ -256,8 +253,26 @@ class Worker:
             await asyncio.sleep(0 if live else 0.5)
             return []
 
-    async def _start(self, claim: Claim) -> EngineRequestFailed | None:
-        """Admit the job into a slot, or answer it at once; a failed request to a model server is returned."""
+    async def _start(self, claims: list[Claim]) -> None:
+        """Admit the claimed jobs into slots together (or answer them at once)."""
+        answers = [answer for claim in claims if (answer := await self._prepare(claim))]
+        if not answers:
+            return
+        admitted = await self._model_call(self.scheduler.admit_many, [(answer.prompt.ids, answer) for answer in answers])
+        failed: list[tuple[EngineRequestFailed, Job | None]] = []
+        for answer, slot in zip(answers, admitted):
+            if isinstance(slot, EngineRequestFailed):
+                failed.append((slot, answer.job))
+            elif isinstance(slot, Exception):
+                log.error("could not start generating", exc_info=slot, extra={"job": answer.job.id})
+                await self.publisher.answer(answer.job, "error", MODEL_FAILED)
+            else:
+                await self._started(slot)
+        if failed:
+            await self._requests_failed(failed, [])
+
+    async def _prepare(self, claim: Claim) -> Answer | None:
+        """The job's prompt, or None when the job was answered at once (given up, empty, unbuildable)."""
         job = claim.job
         claimed_at = time.time()
         TIME_IN_QUEUE.observe(max(0.0, claimed_at - job.submitted_at))
@@ -266,28 +281,25 @@ class Worker:
         if job.attempts > MAX_ATTEMPTS:
             log.error("job failed too often", extra={"job": job.id, "attempts": job.attempts})
             await self.publisher.answer(job, "error", GAVE_UP)
-            return
+            return None
         if is_blank(job.text):
             await self.publisher.answer(job, "error", EMPTY_MESSAGE)
-            return
+            return None
         try:
-            prompt = self.builder.build(claim.history, job.text, job.author)
-            answer = Answer(job, prompt, claim.suspect, claimed_at=claimed_at)
-            slot = await self._model_call(self.scheduler.admit, prompt.ids, answer)
-            answer.cached_tokens = self.engine.last_prefill_cached_tokens
-            PREFILLED_TOKENS.labels("cached").inc(answer.cached_tokens)
-            PREFILLED_TOKENS.labels("computed").inc(len(prompt.ids) - answer.cached_tokens)
-            if self.engine.reuses_context:
-                PREFIX_CACHE_LOOKUPS.labels("hit" if answer.cached_tokens else "miss").inc()
-        except StepTimedOut:
-            raise
-        except EngineRequestFailed as failure:
-            return failure
+            return Answer(job, self.builder.build(claim.history, job.text, job.author), claim.suspect, claimed_at=claimed_at)
         except Exception:
-            log.exception("could not start generating", extra={"job": job.id})
+            log.exception("could not build the prompt", extra={"job": job.id})
             await self.publisher.answer(job, "error", MODEL_FAILED)
-            return
+            return None
+
+    async def _started(self, slot: Slot[Answer]) -> None:
+        answer = slot.payload
         answer.first_token_at = time.time()
+        answer.cached_tokens = self.engine.cached_tokens(slot.index)
+        PREFILLED_TOKENS.labels("cached").inc(answer.cached_tokens)
+        PREFILLED_TOKENS.labels("computed").inc(len(answer.prompt.ids) - answer.cached_tokens)
+        if self.engine.reuses_context:
+            PREFIX_CACHE_LOOKUPS.labels("hit" if answer.cached_tokens else "miss").inc()
         if slot.ended:
             await self._finish(slot)
         else:  # the first text goes out as soon as it exists: the time to first token a user sees
@@ -336,26 +348,28 @@ class Worker:
         except Exception as error:  # a check that cannot answer is a failing check
             return f"health check failed: {error!r}"
 
-    async def _request_failed(self, failure: EngineRequestFailed, failed: Job | None, unstarted: list[Job]) -> bool:
-        """Tell a server outage from a job's fault; True when it was an outage and every job was handed back.
+    async def _requests_failed(self, failed: list[tuple[EngineRequestFailed, Job | None]], unstarted: list[Job]) -> bool:
+        """Tell a server outage from the jobs' fault; True when it was an outage and every job was handed back.
 
-        While the server is well, only the failed job is answered with an error, as with any engine.
-        While it is not, no job is at fault: all go back to the queue uncharged, and this worker
-        claims nothing until the server answers again (a restart costs waiting, not failed answers).
+        Each failure names its job, or the slot whose job it was. While the server is well, only
+        those jobs are answered with an error, as with any engine. While it is not, no job is at
+        fault: all go back to the queue uncharged, and this worker claims nothing until the
+        server answers again (a restart costs waiting, not failed answers).
         """
         problem = await self._server_problem()
         if problem is None:
-            if failed is None:
-                slot = self.scheduler.slots[failure.slot]
-                if slot is None:
-                    return False
-                self.scheduler.free(slot)
-                failed = slot.payload.job
-            log.error("model server failed this job", extra={"job": failed.id, "error": str(failure)})
-            await self.publisher.answer(failed, "error", MODEL_FAILED)
+            for failure, job in failed:
+                if job is None:
+                    slot = self.scheduler.slots[failure.slot]
+                    if slot is None:
+                        continue
+                    self.scheduler.free(slot)
+                    job = slot.payload.job
+                log.error("model server failed this job", extra={"job": job.id, "error": str(failure)})
+                await self.publisher.answer(job, "error", MODEL_FAILED)
             return False
-        log.warning("model server unavailable", extra={"problem": problem, "error": str(failure)})
-        await self._hand_back_all(([failed] if failed else []) + unstarted, "the model server is unavailable")
+        log.warning("model server unavailable", extra={"problem": problem, "error": str(failed[0][0])})
+        await self._hand_back_all([job for _, job in failed if job] + unstarted, "the model server is unavailable")
         await self._wait_for_server()
         return True
 

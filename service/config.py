@@ -44,7 +44,9 @@ class ModelSettings(Strict):
     max_prompt_tokens: int = Field(1536, ge=16)
     batch_size: int = Field(1, ge=1, le=64)
     tensor_parallel_size: int = Field(2, ge=1, description="NeuronCores used by the compiled model")
-    max_prefills_per_step: int = Field(1, ge=1, description="new prompts admitted between two decode steps")
+    max_prefills_per_step: int | None = Field(
+        None, ge=1, description="new prompts admitted between two decode steps; unset: 1, or batch_size with backend openai"
+    )
     admission: Literal["continuous", "whole_batch"] = Field(
         "continuous", description="whole_batch admits only into an empty batch (the old behaviour, kept for benchmarks)"
     )
@@ -65,6 +67,14 @@ class ModelSettings(Strict):
             "so successive prompts begin the same (prefix-cache hits) until the budget is full again"
         ),
     )
+
+    @property
+    def prefills_per_step(self) -> int:
+        # A server prefills the requests it is sent together, while in-process engines prefill one
+        # after another and running answers wait meanwhile.
+        if self.max_prefills_per_step is not None:
+            return self.max_prefills_per_step
+        return self.batch_size if self.backend == "openai" else 1
 
     @model_validator(mode="after")
     def _prompt_leaves_room(self) -> ModelSettings:

@@ -152,8 +152,8 @@ async def test_sigterm_hands_back_and_the_server_stops_generating(redis, redis_s
 class OutOfVocabularyEngine(OpenAIEngine):
     """Sends every prompt with a token id the model does not have: a request the real server refuses while well."""
 
-    def prefill(self, slot: int, prompt: list[int]) -> int:
-        return super().prefill(slot, [*prompt, 10**8])
+    def prefill_many(self, requests: list[tuple[int, list[int]]]) -> list[int | Exception]:
+        return super().prefill_many([(slot, [*prompt, 10**8]) for slot, prompt in requests])
 
 
 async def test_a_request_the_server_refuses_while_well_fails_only_that_job(redis, vllm):

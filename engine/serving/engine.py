@@ -48,11 +48,27 @@ class Engine(ABC):
     batch_size: int  # slots
     end_ids: frozenset[int]  # tokens that end the assistant's turn
     reuses_context: bool = False  # keeps released sequences' KV and prefills only what follows a known prefix
-    last_prefill_cached_tokens: int = 0  # prompt tokens the last prefill took from that cache instead of computing
+
+    def cached_tokens(self, slot: int) -> int:
+        """Prompt tokens the slot's last prefill took from that cache instead of computing."""
+        return 0
 
     @abstractmethod
     def prefill(self, slot: int, prompt: list[int]) -> int:
         """Put a prompt into `slot` (overwriting whatever it held) and return its first new token."""
+
+    def prefill_many(self, requests: list[tuple[int, list[int]]]) -> list[int | Exception]:
+        """Prefill several (slot, prompt) pairs: each first token, or the exception that prompt's prefill raised.
+
+        In process, prompts are prefilled one after another; a server's engine sends them together.
+        """
+        results: list[int | Exception] = []
+        for slot, prompt in requests:
+            try:
+                results.append(self.prefill(slot, prompt))
+            except Exception as error:
+                results.append(error)
+        return results
 
     @abstractmethod
     def decode(self, slots: list[int]) -> list[int]:

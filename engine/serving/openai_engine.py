@@ -97,27 +97,31 @@ class OpenAIEngine(Engine):
     # --- the Engine interface -----------------------------------------------------------
 
     def prefill(self, slot: int, prompt: list[int]) -> int:
-        self.release(slot)
-        body = {
-            "model": self.served_model,
-            "prompt": prompt,
-            "max_tokens": min(self.max_new_tokens, self.sequence_length - len(prompt)),
-            "stream": True,
-            "return_token_ids": True,
-            "stop_token_ids": sorted(self.end_ids),
-            **self._sampling,
-        }
-        try:
-            response = self.client.send(self.client.build_request("POST", "/completions", json=body), stream=True)
-        except httpx.HTTPError as error:
-            raise EngineRequestFailed(f"the model server could not be asked: {describe(error)}", slot) from None
-        if response.status_code != 200:
-            detail = response.read().decode(errors="replace")[:300]
-            response.close()
-            raise EngineRequestFailed(f"the model server answered {response.status_code}: {detail}", slot)
-        self._streams[slot] = Stream(response, response.iter_lines())
-        self._fill(slot)
-        return self._take(slot)
+        [first] = self.prefill_many([(slot, prompt)])
+        if isinstance(first, Exception):
+            raise first
+        return first
+
+    def prefill_many(self, requests: list[tuple[int, list[int]]]) -> list[int | Exception]:
+        # Every request is sent before any first token is awaited: the server prefills them together.
+        failures: dict[int, Exception] = {}
+        for slot, prompt in requests:
+            try:
+                self._open(slot, prompt)
+            except EngineRequestFailed as failure:
+                failures[slot] = failure
+        results: list[int | Exception] = []
+        for slot, _ in requests:
+            if slot not in failures:
+                try:
+                    self._fill(slot)
+                    results.append(self._take(slot))
+                    continue
+                except EngineRequestFailed as failure:
+                    self.release(slot)
+                    failures[slot] = failure
+            results.append(failures[slot])
+        return results
 
     def decode(self, slots: list[int]) -> list[int]:
         # Every slot's token is read before any is handed out: a failure leaves the others' intact.
@@ -149,6 +153,27 @@ class OpenAIEngine(Engine):
         return None
 
     # --- streams ------------------------------------------------------------------------
+
+    def _open(self, slot: int, prompt: list[int]) -> None:
+        self.release(slot)
+        body = {
+            "model": self.served_model,
+            "prompt": prompt,
+            "max_tokens": min(self.max_new_tokens, self.sequence_length - len(prompt)),
+            "stream": True,
+            "return_token_ids": True,
+            "stop_token_ids": sorted(self.end_ids),
+            **self._sampling,
+        }
+        try:
+            response = self.client.send(self.client.build_request("POST", "/completions", json=body), stream=True)
+        except httpx.HTTPError as error:
+            raise EngineRequestFailed(f"the model server could not be asked: {describe(error)}", slot) from None
+        if response.status_code != 200:
+            detail = response.read().decode(errors="replace")[:300]
+            response.close()
+            raise EngineRequestFailed(f"the model server answered {response.status_code}: {detail}", slot)
+        self._streams[slot] = Stream(response, response.iter_lines())
 
     def _fill(self, slot: int) -> None:
         """Read the slot's stream until it has a token to hand out or the server has ended it."""

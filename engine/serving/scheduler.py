@@ -65,16 +65,39 @@ class Scheduler(Generic[P]):
 
     def admit(self, prompt: list[int], payload: P) -> Slot[P]:
         """Prefill `prompt` into the first free slot; the returned slot holds its first token (or has ended)."""
-        index = self.slots.index(None)
-        slot = Slot(index, payload, clamp_new_tokens(len(prompt), self.max_new_tokens, self.engine.sequence_length))
-        self.slots[index] = slot
-        self._prefills_since_step += 1
+        [admitted] = self.admit_many([(prompt, payload)])
+        if isinstance(admitted, Exception):
+            raise admitted
+        return admitted
+
+    def admit_many(self, requests: list[tuple[list[int], P]]) -> list[Slot[P] | Exception]:
+        """Prefill each prompt into a free slot, together: each slot (holding its first token, or ended), or why not."""
+        results: list[Slot[P] | Exception] = []
+        taken: list[tuple[int, Slot[P], list[int]]] = []  # position in results, slot, prompt
+        for prompt, payload in requests:
+            try:
+                limit = clamp_new_tokens(len(prompt), self.max_new_tokens, self.engine.sequence_length)
+            except OutOfContext as error:
+                results.append(error)
+                continue
+            slot = Slot(self.slots.index(None), payload, limit)
+            self.slots[slot.index] = slot
+            self._prefills_since_step += 1
+            taken.append((len(results), slot, prompt))
+            results.append(slot)
         try:
-            self._advance(slot, self.engine.prefill(index, prompt))
+            firsts = self.engine.prefill_many([(slot.index, prompt) for _, slot, prompt in taken])
         except BaseException:
-            self.free(slot)
+            for _, slot, _ in taken:
+                self.free(slot)
             raise
-        return slot
+        for (position, slot, _), first in zip(taken, firsts):
+            if isinstance(first, Exception):
+                self.free(slot)
+                results[position] = first
+            else:
+                self._advance(slot, first)
+        return results
 
     def step(self) -> list[Slot[P]]:
         """One decode step for every live slot; returns the slots whose sequences ended (already freed)."""

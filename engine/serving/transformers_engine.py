@@ -54,7 +54,7 @@ class TransformersEngine(Engine):
         self._cache = SlotCache(model.config.num_hidden_layers, batch_size, sequence_length)
         self._histories: dict[int, list[int]] = {}  # each live slot's prompt and output; the last token is not cached yet
         self.prefix_cache = PrefixStore(prefix_cache_mb * 2**20) if prefix_cache_mb else None
-        self.last_prefill_cached_tokens = 0  # prompt tokens the last prefill took from the prefix cache
+        self._cached: dict[int, int] = {}  # per slot: prompt tokens its last prefill took from the prefix cache
         self.reuses_context = self.prefix_cache is not None
 
     @classmethod
@@ -88,7 +88,7 @@ class TransformersEngine(Engine):
             # At least the last prompt token is run: its logits give the first new token.
             cached, layers = self.prefix_cache.longest_prefix(prompt, len(prompt) - 1)
             self._cache.write_line(slot, layers)
-        self.last_prefill_cached_tokens = cached
+        self._cached[slot] = cached
         self._cache.prepare_prefill(slot, cached, len(prompt) - cached)
         ids = torch.tensor([prompt[cached:]], device=self.device)
         positions = torch.arange(cached, len(prompt), device=self.device)
@@ -101,6 +101,9 @@ class TransformersEngine(Engine):
         history.append(self.sampler(output.logits[:, -1], [history])[0])
         self._histories[slot] = history
         return history[-1]
+
+    def cached_tokens(self, slot: int) -> int:
+        return self._cached.get(slot, 0)
 
     @torch.inference_mode()
     def decode(self, slots: list[int]) -> list[int]:
