@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from contract import keys
 from contract.history import EPOCH_TTL_S
-from contract.jobs import Conversation, Job, RejectedMessage, Submitted, clean_text
+from contract.jobs import Conversation, Job, RejectedMessage, Scope, Submitted, clean_text
 from contract.work import AFFINITY_TTL_S
 from service.config import LimitSettings
 
@@ -68,12 +68,13 @@ class Intake:
         author: str | None = None,
         reply_to: dict[str, str] | None = None,
         author_id: str | None = None,
+        scope: Scope | None = None,
     ) -> Submitted:
         """Queue a platform message; the same message id is accepted once (retried deliveries).
 
         Raises RejectedMessage, with a sentence for the user, for an empty or over-long message
         and past the limits of the conversation or of its author (`author_id`, the platform's
-        user id); nothing is queued then.
+        user id); nothing is queued then. `scope` defaults to the conversation's own channel.
         """
         limits = self.limits
         job = Job(
@@ -84,6 +85,7 @@ class Intake:
             author=author,
             author_id=author_id,
             reply_to=reply_to or {},
+            scope=scope or Scope(platform=conversation.platform, channel=conversation.channel),
         )
         person = keys.author(conversation.platform, author_id)
         script_keys = [

@@ -47,6 +47,19 @@ def conversation_argument(text: str) -> Conversation:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+class Scope(BaseModel):
+    """Where a message was written, in platform-neutral terms.
+
+    The worker may read it to choose the channel's persona, and learns nothing else about
+    platforms. A thread's scope is its parent channel: what is set for a channel holds in its threads.
+    """
+
+    model_config = {"frozen": True}
+    platform: str
+    workspace: str | None = None  # a Discord guild, a Slack team; None in DMs without one and on the terminal
+    channel: str
+
+
 class Job(BaseModel):
     id: str  # "<platform>:<platform message id>": the same message is never answered twice
     conversation: str
@@ -55,6 +68,7 @@ class Job(BaseModel):
     author: str | None = None  # display name, rendered into the prompt in shared channels
     author_id: str | None = None  # the platform's user id, for per-person limits
     reply_to: dict[str, str] = Field(default_factory=dict)  # adapter routing data, opaque to the engine
+    scope: Scope | None = None  # set by every adapter; None only on jobs queued before scopes existed
     submitted_at: float = Field(default_factory=time.time)
     epoch: int = 0  # the conversation's reset count when the job was submitted
     attempts: int = 0  # deliveries served alone after a worker died with the job (contract/work.py: suspects)

@@ -35,6 +35,10 @@ Replies (contract/replies.py reads; the worker writes):
   replies:<platform>:holders          zset of the platform's live adapter processes (expiry as score)
   posted:<job>             platform message ids of a job's reply, for an adapter restarted mid-reply (1 day)
 
+Personas (contract/personas.py):
+  personas                 hash "<platform>:<channel>" -> the system prompt an admin set for that channel at run
+                           time (bounded: one field per channel, removed by clearing it)
+
 Feedback (contract/feedback.py):
   feedback                 stream of votes (newest KEPT_VOTES)
   feedback:counts          hash rating -> votes
@@ -68,6 +72,7 @@ LEASES = PREFIX + "leases"
 SUSPECTS = PREFIX + "suspects"
 WAKE = PREFIX + "wake"
 QUEUED = PREFIX + "queued"
+PERSONAS = PREFIX + "personas"
 FEEDBACK = PREFIX + "feedback"
 FEEDBACK_COUNTS = PREFIX + "feedback:counts"
 SLACK_WAITING = PREFIX + "slack:waiting"

@@ -9,7 +9,8 @@ import sys
 from redis.asyncio import Redis
 
 from contract import history
-from contract.jobs import conversation_argument
+from contract.jobs import Scope, conversation_argument
+from contract.personas import Personas
 from service.config import Settings
 from service.runtime import on_terminate, one_shot_client, process_identity, serve, startup
 
@@ -21,6 +22,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     prompt = commands.add_parser("prompt", help="print the exact prompt the worker would build next")
     prompt.add_argument("conversation", type=conversation_argument, help="conversation id, e.g. cli:default")
     prompt.add_argument("text", nargs="?", default="(next message)", help="the next message (default: a placeholder)")
+    prompt.add_argument("--workspace", help="the Discord guild or Slack team id, for a persona set for a workspace")
+    prompt.add_argument("--channel", help="the channel whose persona applies (default: the conversation's; a thread's parent)")
     prompt.set_defaults(handler=prompt_command)
 
 
@@ -52,15 +55,19 @@ def prompt_command(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.model.id))
     builder = PromptBuilder.for_settings(tokenizer, settings)
 
+    conversation = args.conversation
+    scope = Scope(platform=conversation.platform, workspace=args.workspace, channel=args.channel or conversation.channel)
+
     async def main() -> int:
         try:
-            exchanges = await history.load_exchanges(redis, args.conversation.key)
+            exchanges = await history.load_exchanges(redis, conversation.key)
+            system_prompt = await Personas(redis, settings).system_prompt(scope)
         finally:
             await redis.aclose()
-        prompt = builder.build(exchanges, args.text)
+        prompt = builder.with_system_prompt(system_prompt.text).build(exchanges, args.text)
         print(prompt.text)
         print(
-            f"--- {len(prompt.ids)} tokens (budget {settings.model.max_prompt_tokens}); "
+            f"--- system prompt: {system_prompt.source}; {len(prompt.ids)} tokens (budget {settings.model.max_prompt_tokens}); "
             f"{prompt.kept_exchanges} exchanges kept, {prompt.dropped_exchanges} dropped"
             + ("; message cut" if prompt.cut else ""),
             file=sys.stderr,

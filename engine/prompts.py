@@ -17,6 +17,7 @@ engine's prefix cache serves them, until the budget is full and the cut moves on
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 
@@ -91,7 +92,6 @@ class PromptBuilder:
         self, tokenizer: PreTrainedTokenizerBase, system_prompt: str, max_prompt_tokens: int, low_water: float = 1.0
     ):
         self.tokenizer = tokenizer
-        self.system_prompt = system_prompt.strip()
         self.budget = max_prompt_tokens
         # Tokens per block of sticky cut points (model.truncation_low_water); 0: the exact rule, no blocks.
         self._block = max(1, round((1 - low_water) * max_prompt_tokens)) if low_water < 1 else 0
@@ -104,6 +104,21 @@ class PromptBuilder:
         pattern = "|".join(re.escape(c) for c in sorted(controls, key=len, reverse=True) if len(c) > 1)
         self._controls = re.compile(pattern)
         self._probe_tokens = self.count(tokenizer.apply_chat_template([{"role": "user", "content": _PROBE}], tokenize=False))
+        self._use_system_prompt(system_prompt)
+
+    def with_system_prompt(self, system_prompt: str) -> PromptBuilder:
+        """This builder with another system prompt (a channel's persona), sharing what it learnt of the tokenizer.
+
+        Raises PromptTooSmall when that system prompt leaves no room for a message.
+        """
+        if system_prompt.strip() == self.system_prompt:
+            return self
+        other = copy.copy(self)
+        other._use_system_prompt(system_prompt)
+        return other
+
+    def _use_system_prompt(self, system_prompt: str) -> None:
+        self.system_prompt = system_prompt.strip()
         self._overhead = self.count(self.render([], _PROBE)) - self.count(_PROBE)  # system prompt and template
         smallest = self.count(self.render([], CUT_MARK))  # a message cut to nothing
         if smallest >= self.budget:

@@ -21,8 +21,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent, is_blank
+from contract.personas import Personas, configured
 from contract.work import Claim, WorkQueue
-from engine.prompts import Prompt, PromptBuilder
+from engine.prompts import Prompt, PromptBuilder, PromptTooSmall
 from engine.serving.engine import Engine, EngineRequestFailed, on_model_thread
 from engine.serving.scheduler import Scheduler, Slot
 from service.config import HistorySettings, Settings
@@ -39,7 +40,7 @@ from service.observability import (
     TIME_TO_FIRST_TOKEN,
     WAITING_CONVERSATIONS,
 )
-from service.redis_client import REDIS_DOWN, after, with_backoff
+from service.redis_client import REDIS_DOWN, REDIS_FAILED, after, with_backoff
 from service.runtime import Stuck
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ HEALTH_CHECK_TIMEOUT_S = 10.0  # on shutdown, don't wait longer than this for Re
 MODEL_FAILED = "Sorry, something went wrong while writing the answer. Please try again."
 GAVE_UP = "Sorry, this message could not be answered: it failed several times."
 EMPTY_ANSWER = "The model returned an empty answer. Please rephrase your message."
+PERSONA_TOO_LONG = "This channel's persona is too long for the model's context: an admin can shorten or clear it."
+MAX_PERSONA_BUILDERS = 256  # builders kept, one per distinct system prompt
 
 
 def readable_text(tokenizer, tokens: list[int]) -> str:
@@ -174,6 +177,8 @@ class Worker:
             redis, settings.queue.visibility_timeout_s, settings.queue.reply_stream_maxlen, settings.queue.affinity_wait_s
         )
         self.builder = PromptBuilder.for_settings(engine.tokenizer, settings)
+        self.personas = Personas(redis, settings)
+        self._builders: dict[str, PromptBuilder] = {}  # by system prompt: each persona's builder
         self.scheduler: Scheduler[Answer] = Scheduler(
             engine, settings.generation.max_new_tokens, settings.model.admission, settings.model.prefills_per_step
         )
@@ -286,11 +291,30 @@ class Worker:
             await self.publisher.answer(job, "error", EMPTY_MESSAGE)
             return None
         try:
-            return Answer(job, self.builder.build(claim.history, job.text, job.author), claim.suspect, claimed_at=claimed_at)
+            builder = await self._builder_for(job)
+        except PromptTooSmall as error:
+            log.error("the channel's persona leaves no room for a message", extra={"job": job.id, "error": str(error)})
+            await self.publisher.answer(job, "error", PERSONA_TOO_LONG)
+            return None
+        try:
+            return Answer(job, builder.build(claim.history, job.text, job.author), claim.suspect, claimed_at=claimed_at)
         except Exception:
             log.exception("could not build the prompt", extra={"job": job.id})
             await self.publisher.answer(job, "error", MODEL_FAILED)
             return None
+
+    async def _builder_for(self, job: Job) -> PromptBuilder:
+        """The prompt builder with the system prompt of the job's channel (its persona)."""
+        try:
+            system_prompt = (await self.personas.system_prompt(job.scope)).text
+        except REDIS_FAILED as error:  # the configured persona is the best there is until Redis answers
+            log.warning("run-time persona not read; config.yaml's used", extra={"job": job.id, "error": str(error)})
+            system_prompt = configured(self.settings, job.scope).text
+        if system_prompt not in self._builders:
+            if len(self._builders) >= MAX_PERSONA_BUILDERS:
+                self._builders.clear()
+            self._builders[system_prompt] = self.builder.with_system_prompt(system_prompt)
+        return self._builders[system_prompt]
 
     async def _started(self, slot: Slot[Answer]) -> None:
         answer = slot.payload

@@ -145,6 +145,21 @@ class OpenAISettings(Strict):
     health_interval_s: float = Field(2.0, gt=0, description="how often an unavailable server is asked again")
 
 
+class Persona(Strict):
+    """A system prompt for one workspace (a Discord guild, a Slack team) or one channel, over `system_prompt`."""
+
+    platform: str = Field(pattern=r"^[a-z0-9_-]+$", description="discord, slack, local")
+    workspace: str | None = Field(None, description="guild or team id; unset: any")
+    channel: str | None = Field(None, description="channel id (its threads included); unset: the whole workspace")
+    system_prompt: str = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_a_place(self) -> Persona:
+        if self.workspace is None and self.channel is None:
+            raise ValueError("a persona names a workspace or a channel (the global one is system_prompt)")
+        return self
+
+
 class MetricsSettings(Strict):
     port: int | None = Field(None, ge=1, le=65535, description="serve /metrics and /healthz here; unset: off")
 
@@ -159,6 +174,9 @@ class Settings(Strict):
         default_factory=socket.gethostname, description="first part of each worker's identity in logs (a unique suffix is added)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    personas: list[Persona] = Field(
+        default_factory=list, description="system prompts per workspace or channel; a channel's beats its workspace's"
+    )
     model: ModelSettings = ModelSettings()
     generation: GenerationSettings = GenerationSettings()
     history: HistorySettings = HistorySettings()

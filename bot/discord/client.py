@@ -8,7 +8,7 @@ import discord
 from redis.exceptions import RedisError
 
 from bot.discord.attachments import NOT_READABLE, SEPARATOR, attachment_text
-from bot.discord.routing import conversation_of, reply_route
+from bot.discord.routing import conversation_of, reply_route, scope_of
 from bot.discord.rules import Seen, message_text, opens_thread, refusal, text_refusal
 from bot.discord.settings import DiscordSettings
 from bot.discord.typing_indicator import TypingIndicators
@@ -116,6 +116,7 @@ class ChatClient(discord.Client):
             submitted = await self.queue.submit(
                 conversation_of(channel.id), message_id, text, author=author,
                 reply_to=reply_route(channel.id, message.id), author_id=str(message.author.id),
+                scope=scope_of(message.guild, channel),
             )
         except RejectedMessage:
             self.typing.stop(message_id)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from contract.jobs import Conversation
+import discord
+
+from contract.jobs import Conversation, Scope
 
 PLATFORM = "discord"
 
@@ -10,6 +12,12 @@ PLATFORM = "discord"
 def conversation_of(channel_id: int) -> Conversation:
     # A thread has its own channel id, so it is its own conversation.
     return Conversation(platform=PLATFORM, channel=str(channel_id))
+
+
+def scope_of(guild: discord.Guild | None, channel) -> Scope:
+    """Where a message was written: its guild and channel, a thread's parent channel for a thread."""
+    parent = channel.parent_id if isinstance(channel, discord.Thread) else channel.id
+    return Scope(platform=PLATFORM, workspace=str(guild.id) if guild else None, channel=str(parent))
 
 
 def job_id_of(message_id: int | str) -> str:

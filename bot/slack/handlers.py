@@ -182,7 +182,8 @@ class SlackListeners:
             if incoming.in_dm:  # remembered before queueing: a /reset racing this message must find its thread
                 await self.dm_threads.remember(incoming.conversation)
             submitted = await self.queue.submit(
-                incoming.conversation, incoming.message_id, text, author, reply_to, author_id=incoming.user
+                incoming.conversation, incoming.message_id, text, author, reply_to, author_id=incoming.user,
+                scope=incoming.scope,
             )
         except RejectedMessage as rejected:
             log.info("message refused", extra={"slack_message": incoming.message_id, "reason": str(rejected)})

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from contract.jobs import Conversation
+from contract.jobs import Conversation, Scope
 
 PLATFORM = "slack"
 # Plain messages, those that share files, and thread replies also shown in the channel. Edits,
@@ -40,6 +40,11 @@ class Incoming:
     in_dm: bool
     starts_thread: bool  # a top-level DM message: it opens a new thread, and a new conversation
     files: tuple[SharedFile, ...] = ()
+    team: str | None = None
+
+    @property
+    def scope(self) -> Scope:
+        return Scope(platform=PLATFORM, workspace=self.team, channel=self.conversation.channel)
 
 
 def _answerable(event: dict) -> bool:
@@ -70,6 +75,7 @@ def _incoming(event: dict, team: str | None, text: str) -> Incoming:
         in_dm=in_dm,
         starts_thread=in_dm and "thread_ts" not in event,
         files=shared_files(event),
+        team=team,
     )
 
 
