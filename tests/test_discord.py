@@ -14,12 +14,24 @@ from bot.attachments_text import CUT_NOTICE
 from bot.discord.app import run_discord
 from bot.discord.attachments import NOT_READABLE
 from bot.discord.client import QUEUE_NOTICE
-from bot.discord.commands import RESET_DONE, RESET_REFUSED
+from bot.discord.commands import (
+    NOW,
+    PERSONA_CLEARED,
+    PERSONA_FAILED,
+    PERSONA_NONE_SET,
+    PERSONA_NOT_HERE,
+    PERSONA_REFUSED,
+    PERSONA_SET,
+    RESET_DONE,
+    RESET_REFUSED,
+    SOURCES,
+)
 from bot.discord.outbox import LIMIT
 from bot.discord.routing import reply_route
 from contract import history, keys
 from contract.history import Turn
-from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent
+from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent, Scope
+from contract.personas import MAX_PERSONA_CHARS, Personas, SystemPrompt
 from contract.replies import CONSUMER, GROUP, reply_stream
 from service.config import ConfigError, Secrets
 from service.tasks import cancel_until_done
@@ -31,16 +43,20 @@ from tests.fakes.discord_server import (
     APPLICATION_ID,
     BOB,
     BOT,
+    CAROL,
     CLOSED,
     DM_CHANNEL,
     GENERAL,
     GUILD_ID,
+    MANAGE_CHANNELS,
     MEMBER_ROLE,
     OTHER_BOT,
     QUIET,
     THREAD,
     FakeDiscord,
+    subcommand,
 )
+from tests.test_personas import recording_engine
 
 TOKEN = "fake-discord-token-0123456789"
 COLOUR_CONVERSATION = [
@@ -393,9 +409,15 @@ async def test_reset_forgets_the_channel_and_answers_ephemerally(redis, fake, ti
     [exchange] = await history.load_exchanges(redis, f"discord:{GENERAL}")
     assert exchange.user.text == "Alice: What is my favorite fruit?"
 
-    # /reset is published to the configured guild only; the global list is emptied.
+    # The commands are published to the configured guild only; the global list is emptied.
     [guild_sync] = fake.requests("PUT", f"/applications/{APPLICATION_ID}/guilds/{GUILD_ID}/commands")
-    assert [command["name"] for command in guild_sync.body] == ["reset"]
+    assert [command["name"] for command in guild_sync.body] == ["reset", "persona"]
+    persona = guild_sync.body[1]
+    # Shown by default to members with Manage Channels only, and never in DMs.
+    assert int(persona["default_member_permissions"]) == MANAGE_CHANNELS and persona["dm_permission"] is False
+    assert [(option["name"], option["type"]) for option in persona["options"]] == [("set", 1), ("show", 1), ("clear", 1)]
+    [text] = persona["options"][0]["options"]
+    assert (text["name"], text["type"], text["required"]) == ("text", 3, True)
     [global_sync] = fake.requests("PUT", f"/applications/{APPLICATION_ID}/commands")
     assert global_sync.body == []
 
@@ -443,6 +465,96 @@ async def test_reset_follows_the_rules_of_chatting(redis, fake, overrides, used,
         [callback] = await fake.wait_for(lambda: fake.requests("POST", f"/interactions/{interaction['id']}/"))
     assert ephemeral_answer(callback) == answer
     assert len(await history.load_exchanges(redis, conversation)) == (1 if answer == RESET_REFUSED else 0)
+
+
+# --- /persona ---------------------------------------------------------------------------
+
+GENERAL_SCOPE = Scope(platform="discord", workspace=str(GUILD_ID), channel=str(GENERAL))
+
+
+async def persona(fake: FakeDiscord, action: str, user=ADMIN, channel_id=GENERAL, **strings: str) -> str:
+    """Use `/persona <action>` as Discord sends it; returns the bot's ephemeral answer."""
+    interaction = fake.interaction("persona", user=user, channel_id=channel_id, options=[subcommand(action, **strings)])
+    await fake.dispatch("INTERACTION_CREATE", interaction)
+    [callback] = await fake.wait_for(lambda: fake.requests("POST", f"/interactions/{interaction['id']}/"))
+    assert callback.body["data"]["allowed_mentions"]["parse"] == []  # a persona's @everyone pings nobody
+    return ephemeral_answer(callback)
+
+
+async def test_persona_set_show_and_clear_change_the_prompt_of_the_channel_and_its_threads(redis, fake, tiny_model):
+    settings = discord_settings()
+    engine = recording_engine(tiny_model, settings)
+    poet, pirate = "You are a calm poet. Answer in verse.", "You are a pirate. Answer like one."
+    async with adapter(redis, fake, settings), running_worker(redis, engine, settings):
+        assert await persona(fake, "set", text=f"  {poet}  ") == PERSONA_SET.format(channel=f"<#{GENERAL}>", chars=len(poet))
+        assert await persona(fake, "show") == f"The persona of <#{GENERAL}> ({SOURCES['run time']}):\n{poet}"
+        await ask(fake, redis, "Who are you?")
+        await ask(fake, redis, "And who are you here?", channel_id=THREAD)  # a thread follows its channel
+
+        # From a thread, the commands work on its parent channel.
+        assert await persona(fake, "show", channel_id=THREAD) == f"The persona of <#{GENERAL}> ({SOURCES['run time']}):\n{poet}"
+        await persona(fake, "set", channel_id=THREAD, text=pirate)
+        assert await Personas(redis, settings).system_prompt(GENERAL_SCOPE) == SystemPrompt(pirate, "run time")
+        await ask(fake, redis, "Who are you now?")
+
+        cleared = PERSONA_CLEARED.format(channel=f"<#{GENERAL}>", now=NOW["global system_prompt"])
+        assert await persona(fake, "clear", channel_id=THREAD) == cleared
+        assert await persona(fake, "clear") == PERSONA_NONE_SET.format(channel=f"<#{GENERAL}>", now=NOW["global system_prompt"])
+        assert (await persona(fake, "show")).endswith(f"({SOURCES['global system_prompt']}):\n{settings.system_prompt.strip()}")
+        await ask(fake, redis, "And after the clear?")
+
+    prompts = [engine.tokenizer.decode(prompt) for prompt in engine.prompts]
+    assert len(prompts) == 4
+    assert poet in prompts[0] and poet in prompts[1]
+    assert pirate in prompts[2] and poet not in prompts[2]
+    assert settings.system_prompt.strip() in prompts[3] and pirate not in prompts[3]
+
+
+async def test_persona_show_names_config_personas_and_cuts_a_long_one_to_one_message(redis, fake):
+    settings = tiny_settings(
+        discord={"guilds": [GUILD_ID], "channels": [GENERAL]},
+        personas=[{"platform": "discord", "workspace": str(GUILD_ID), "system_prompt": "You are the server's helper."}],
+    )
+    async with adapter(redis, fake, settings):
+        assert await persona(fake, "show") == f"The persona of <#{GENERAL}> ({SOURCES['workspace in config.yaml']}):\nYou are the server's helper."
+        long = " ".join(f"Rule {n}: be kind." for n in range(150))
+        assert 2 * LIMIT > len(long) > LIMIT
+        await persona(fake, "set", text=long)
+        shown = await persona(fake, "show")
+        assert len(shown) == LIMIT
+        head, text = shown.split("\n", 1)
+        text, note = text.rsplit("\n", 1)
+        assert long.startswith(text) and note == f"(cut: the first {len(text):,} of {len(long):,} characters)"
+        assert await persona(fake, "clear") == PERSONA_CLEARED.format(channel=f"<#{GENERAL}>", now=NOW["workspace in config.yaml"])
+        # A persona the store refuses is answered with its reason, and the channel keeps what it had.
+        too_long = await persona(fake, "set", text="x" * (MAX_PERSONA_CHARS + 1))
+        assert too_long == f"A persona can be at most {MAX_PERSONA_CHARS:,} characters long (this one has {MAX_PERSONA_CHARS + 1:,})."
+        assert (await Personas(redis, settings).system_prompt(GENERAL_SCOPE)).source == "workspace in config.yaml"
+
+
+async def test_persona_is_refused_to_members_without_manage_channels(redis, fake):
+    settings = discord_settings()
+    await Personas(redis, settings).set(GENERAL_SCOPE, "You are a pirate.")
+    async with adapter(redis, fake, settings):
+        for action, strings in (("set", {"text": "You are a parrot."}), ("show", {}), ("clear", {})):
+            assert await persona(fake, action, user=CAROL, **strings) == PERSONA_REFUSED
+            assert await persona(fake, action, user=CAROL, channel_id=THREAD, **strings) == PERSONA_REFUSED
+    assert await Personas(redis, settings).system_prompt(GENERAL_SCOPE) == SystemPrompt("You are a pirate.", "run time")
+
+
+async def test_persona_answers_in_a_sentence_when_redis_refuses_or_outside_a_server(redis, fake, monkeypatch):
+    from redis.exceptions import ResponseError
+
+    async def full(*args, **kwargs):
+        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+
+    # Published globally (no guilds listed): Discord keeps a guild-only command out of DMs; should one come, it is refused.
+    settings = discord_settings(guilds=[])
+    async with adapter(redis, fake, settings):
+        monkeypatch.setattr(redis, "hset", full)
+        assert await persona(fake, "set", text="You are a pirate.") == PERSONA_FAILED
+        assert await persona(fake, "show", channel_id=DM_CHANNEL) == PERSONA_NOT_HERE
+    assert (await Personas(redis, settings).system_prompt(GENERAL_SCOPE)).source == "global system_prompt"
 
 
 # --- delivery ---------------------------------------------------------------------------

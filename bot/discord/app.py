@@ -32,13 +32,13 @@ async def run_discord(settings: Settings, secrets: Secrets, redis: Redis) -> Non
     token = secrets.require("DISCORD_TOKEN")["DISCORD_TOKEN"]
     typing = TypingIndicators()
     client = ChatClient(settings.discord, Intake(redis, settings.limits), typing)
-    tree = command_tree(client, redis, settings.discord)
+    tree = command_tree(client, redis, settings)
     delivery = Delivery(
         redis, PLATFORM, DiscordOutbox(client), settings.discord.edit_interval_s, settings.queue.adapter_lease_s, waiting=typing
     )
     async with client:
         try:
-            # client.start() is login() then connect(); between the two, /reset is published
+            # client.start() is login() then connect(); between the two, the commands are published
             # and delivery starts, since posting needs the login.
             await client.login(token)
             await sync_commands(tree, settings.discord.guilds)

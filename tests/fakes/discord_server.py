@@ -7,7 +7,9 @@ binary frames, so text frames need no compression. A test pushes dispatches (MES
 INTERACTION_CREATE, ...) to every connected client with `dispatch`.
 
 The fake world: one guild with a text channel, a mention-only channel, a closed channel, a
-thread, two roles; users Alice (role "member"), Bob (no role), another bot; a DM channel.
+thread, two roles; users Alice (role "member"), Bob (no role), Ada (roles "member" and "admin"),
+Carol (role "member", without Manage Channels; everyone else has every permission), another
+bot; a DM channel.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ THREAD = 210  # a thread in GENERAL
 DM_CHANNEL = 250
 MEMBER_ROLE = 300
 ADMIN_ROLE = 301
+ALL_PERMISSIONS = 2147483647  # what a member's permissions in a channel say when nothing is withheld
+MANAGE_CHANNELS = 1 << 4
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class FakeUser:
     name: str
     roles: tuple[int, ...] = ()
     bot: bool = False
+    permissions: int = ALL_PERMISSIONS  # the member's permissions in the channel, as interactions carry them
 
     def payload(self) -> dict[str, Any]:
         return {
@@ -58,7 +63,7 @@ class FakeUser:
     def member(self) -> dict[str, Any]:
         return {
             "roles": [str(r) for r in self.roles], "nick": None, "joined_at": TIMESTAMP,
-            "deaf": False, "mute": False, "flags": 0, "permissions": "2147483647",
+            "deaf": False, "mute": False, "flags": 0, "permissions": str(self.permissions),
         }
 
 
@@ -67,6 +72,7 @@ ALICE = FakeUser(1001, "Alice", roles=(MEMBER_ROLE,))
 BOB = FakeUser(1002, "Bob")
 ADMIN = FakeUser(1003, "Ada", roles=(MEMBER_ROLE, ADMIN_ROLE))
 OTHER_BOT = FakeUser(1004, "Robot", bot=True)
+CAROL = FakeUser(1005, "Carol", roles=(MEMBER_ROLE,), permissions=ALL_PERMISSIONS & ~MANAGE_CHANNELS)
 
 
 @dataclass
@@ -90,6 +96,12 @@ class BotMessage:
     @property
     def text(self) -> str:
         return self.contents[-1]
+
+
+def subcommand(name: str, **strings: str) -> dict[str, Any]:
+    """A subcommand option as Discord sends it in an interaction's `data.options` (type 1, SUB_COMMAND),
+    with its string arguments (type 3, STRING)."""
+    return {"name": name, "type": 1, "options": [{"name": key, "type": 3, "value": value} for key, value in strings.items()]}
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -229,13 +241,15 @@ class FakeDiscord:
             data["member"] = author.member()
         return data
 
-    def interaction(self, name: str, user: FakeUser = ALICE, channel_id: int = GENERAL) -> dict[str, Any]:
+    def interaction(
+        self, name: str, user: FakeUser = ALICE, channel_id: int = GENERAL, options: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         """An INTERACTION_CREATE payload for the command `name`: the guild's command in a guild channel
-        or thread, the global one in DM_CHANNEL."""
+        or thread, the global one in DM_CHANNEL. `options` are its `data.options`, e.g. [subcommand("set", text="...")]."""
         data = {
             "id": str(self.next_id()), "application_id": str(APPLICATION_ID), "type": 2,
             "token": f"interaction-token-{self.next_id()}", "version": 1, "channel_id": str(channel_id),
-            "data": {"id": str(self.next_id()), "name": name, "type": 1},
+            "data": {"id": str(self.next_id()), "name": name, "type": 1, **({"options": options} if options is not None else {})},
             "app_permissions": "2147483647", "locale": "en-US", "attachment_size_limit": 8_388_608, "entitlements": [],
         }
         if channel_id == DM_CHANNEL:
