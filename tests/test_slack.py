@@ -150,10 +150,12 @@ def dm(text: str, **fields) -> dict:
     return {"type": "message", "channel": DM, "channel_type": "im", "user": ALICE, "text": text, "ts": ts, "event_ts": ts, **fields}
 
 
-def slash_command(channel: str = DM, channel_name: str = "directmessage") -> str:
+def slash_command(
+    channel: str = DM, channel_name: str = "directmessage", command: str = "/reset", text: str = "", user: str = ALICE
+) -> str:
     return urlencode({
         "token": "legacy-verification-token", "team_id": TEAM_ID, "team_domain": "fake", "channel_id": channel,
-        "channel_name": channel_name, "user_id": ALICE, "user_name": "alice", "command": "/reset", "text": "",
+        "channel_name": channel_name, "user_id": user, "user_name": user.lower(), "command": command, "text": text,
         "api_app_id": APP_ID, "response_url": "https://hooks.slack.test/commands/1", "trigger_id": "13345224609.738474920.8088930838d88f008e0",
     })
 
@@ -565,7 +567,8 @@ async def test_reply_published_while_down_is_delivered_once_after_restart(redis,
 def test_manifest_matches_the_adapter():
     manifest = yaml.safe_load((ROOT / "slack_manifest.yaml").read_text())
     features = manifest["features"]
-    assert [c["command"] for c in features["slash_commands"]] == [SlackSettings().reset_command]
+    assert [c["command"] for c in features["slash_commands"]] == [SlackSettings().reset_command, SlackSettings().persona_command]
+    assert all(c["description"] and c["should_escape"] is False for c in features["slash_commands"])
     # The agent surface's events; assistant_thread_started belongs to the legacy assistant_view.
     assert set(manifest["settings"]["event_subscriptions"]["bot_events"]) == {"message.im", "app_mention", "app_home_opened"}
     scopes = {"assistant:write", "chat:write", "im:history", "commands", "users:read", "files:read"}

@@ -27,6 +27,7 @@ from bot.slack.outbox import SlackOutbox
 from bot.slack.status import ThreadStatus
 from contract.feedback import EXCHANGE_TTL_S, FeedbackStore
 from contract.intake import Intake
+from contract.personas import Personas
 from service.config import Secrets, Settings
 from service.observability import HEALTH
 from service.tasks import until_first_ends
@@ -79,7 +80,10 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
     outbox = SlackOutbox(slack, settings.slack)
     files = SlackFiles(tokens.bot, app.client.base_url, settings.slack.file_max_bytes)
     dm_threads = DmThreads(redis, keep_s=max(settings.history.ttl_seconds, EXCHANGE_TTL_S))
-    SlackListeners(slack, settings.slack, Intake(redis, settings.limits), outbox, status, feedback, files, dm_threads).register(app)
+    personas = Personas(redis, settings)  # the whole settings: `show` names config.yaml's personas too
+    SlackListeners(
+        slack, settings.slack, Intake(redis, settings.limits), outbox, status, feedback, files, dm_threads, personas
+    ).register(app)
     return SlackBot(app, outbox, status)
 
 

@@ -1,4 +1,4 @@
-"""What the bot does with the requests bolt hands it: queue messages, show the agent surface, reset, feedback."""
+"""What the bot does with the requests bolt hands it: queue messages, show the agent surface, reset, personas, feedback."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from bot.delivery import Part
 from bot.slack.budget import SLACK_FAILED, PacedSlack
 from bot.slack.dm_threads import DmThreads
 from bot.slack.files import NOT_READABLE, SlackFiles
-from bot.slack.messages import PLATFORM, Incoming, direct_message, mention
+from bot.slack.messages import PLATFORM, Incoming, direct_message, from_slack, mention
 from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox, feedback_value
 from bot.slack.settings import SlackSettings
 from bot.slack.status import ThreadStatus
@@ -20,7 +20,8 @@ from bot.titles import thread_title
 from contract import keys
 from contract.feedback import RATINGS, FeedbackStore
 from contract.intake import Intake
-from contract.jobs import UNAVAILABLE, RejectedMessage
+from contract.jobs import UNAVAILABLE, RejectedMessage, Scope
+from contract.personas import Personas
 from service.observability import FEEDBACK
 from service.redis_client import REDIS_FAILED
 
@@ -32,6 +33,27 @@ RESET_FAILED = "Sorry, the conversations could not be reset right now. Please tr
 # Slack shows an error unless a slash command is acknowledged within 3 s, and the
 # acknowledgement carries the answer: the reset gets what is left after network time.
 RESET_TIMEOUT_S = 2.0
+PERSONA_TIMEOUT_S = 2.0  # the same budget for /persona's Redis work
+PERSONA_NOT_ADMIN = "Only the bot's admins can change this channel's persona."
+PERSONA_NO_ADMINS = "Nobody can change personas: no admins are configured (slack.admin_user_ids in config.yaml)."
+PERSONA_SET = "Persona set for this channel: it applies from the next message."
+PERSONA_FAILED = "Sorry, the persona could not be changed or shown right now. Please try again later."
+
+
+def persona_usage(command: str) -> str:
+    return f"Usage: `{command} set <persona text>`, `{command} show` or `{command} clear`."
+
+
+def persona_shown(text: str, source: str) -> str:
+    # Escaped as Slack asks of message text, so the persona reads exactly as it is stored.
+    quoted = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return f"This channel's system prompt ({source}):\n>>> {quoted}"
+
+
+def persona_cleared(had_one: bool, source: str) -> str:
+    if had_one:
+        return f"Persona cleared: from the next message this channel gets its default system prompt ({source})."
+    return f"This channel had no persona set at run time: it gets its default system prompt ({source})."
 
 
 class DisplayNames:
@@ -80,7 +102,7 @@ class SlackListeners:
 
     def __init__(
         self, slack: PacedSlack, settings: SlackSettings, queue: Intake, outbox: SlackOutbox, status: ThreadStatus,
-        feedback: FeedbackStore, files: SlackFiles, dm_threads: DmThreads,
+        feedback: FeedbackStore, files: SlackFiles, dm_threads: DmThreads, personas: Personas,
     ):
         self.slack = slack
         self.settings = settings
@@ -91,6 +113,7 @@ class SlackListeners:
         self.feedback = feedback
         self.files = files
         self.dm_threads = dm_threads
+        self.personas = personas
         self.names = DisplayNames(slack)
         self.background = Background()
         self.prompts = [prompt.model_dump() for prompt in settings.suggested_prompts]
@@ -102,6 +125,12 @@ class SlackListeners:
         app.event("app_home_opened")(self.on_home_opened)
         app.action(FEEDBACK_ACTION)(self.on_feedback)
         app.command(self.settings.reset_command)(self.on_reset)
+        app.command(self.settings.persona_command)(self.on_persona)
+        if not self.settings.admin_user_ids:
+            log.warning(
+                f"{self.settings.persona_command} refuses everyone: slack.admin_user_ids is empty",
+                extra={"command": self.settings.persona_command},
+            )
 
     async def on_message(self, event: dict, context: AsyncBoltContext) -> None:
         incoming = direct_message(event, context.team_id)
@@ -169,6 +198,46 @@ class SlackListeners:
             return
         log.info("conversations reset", extra={**who, "conversations": forgotten})
         await ack(response_type="ephemeral", text=RESET_DONE)
+
+    async def on_persona(self, ack: AsyncAck, command: dict) -> None:
+        """`set <text>`, `show`, `clear` the channel's run-time persona; admins only, answered on the acknowledgement."""
+        user = command.get("user_id")
+        who = {"user": user, "channel": command.get("channel_id"), "team": command.get("team_id")}
+        if user not in self.settings.admin_user_ids:
+            refusal = PERSONA_NOT_ADMIN if self.settings.admin_user_ids else PERSONA_NO_ADMINS
+            log.warning("persona command refused", extra={**who, "reason": refusal})
+            await ack(response_type="ephemeral", text=refusal)
+            return
+        words = (command.get("text") or "").split(maxsplit=1)  # `set`, then the persona with its line breaks
+        action, rest = (words[0].lower() if words else ""), (words[1] if len(words) > 1 else "")
+        if action not in ("set", "show", "clear") or (action != "set" and rest):
+            await ack(response_type="ephemeral", text=persona_usage(self.settings.persona_command))
+            return
+        scope = Scope(platform=PLATFORM, workspace=command.get("team_id") or None, channel=command["channel_id"])
+        try:
+            answer = await asyncio.wait_for(self.persona_action(action, scope, from_slack(rest), who), PERSONA_TIMEOUT_S)
+        except (asyncio.TimeoutError, *REDIS_FAILED) as error:
+            log.error("persona command failed", extra={**who, "action": action, "error": str(error) or type(error).__name__})
+            answer = PERSONA_FAILED
+        await ack(response_type="ephemeral", text=answer)
+
+    async def persona_action(self, action: str, scope: Scope, text: str, who: dict) -> str:
+        if action == "set":
+            try:
+                await self.personas.set(scope, text)
+            except ValueError as refused:  # the persona itself: empty, too long; the message is for the user
+                log.info("persona refused", extra={**who, "reason": str(refused)})
+                return str(refused)
+            log.info("persona set", extra={**who, "chars": len(text.strip())})
+            return PERSONA_SET
+        if action == "show":
+            shown = await self.personas.system_prompt(scope)
+            log.info("persona shown", extra={**who, "source": shown.source})
+            return persona_shown(shown.text, shown.source)
+        had_one = await self.personas.clear(scope)
+        now = await self.personas.system_prompt(scope)
+        log.info("persona cleared", extra={**who, "had_one": had_one, "now": now.source})
+        return persona_cleared(had_one, now.source)
 
     async def submit(self, incoming: Incoming, author: str | None) -> None:
         reply_to = incoming.reply_to

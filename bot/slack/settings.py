@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -35,6 +35,10 @@ class SlackSettings(Strict):
     http_port: int = Field(3000, ge=1, le=65535)
     answer_mentions: bool = False
     reset_command: str = Field("/reset", pattern=r"^/[a-z0-9_-]+$")
+    persona_command: str = Field("/persona", pattern=r"^/[a-z0-9_-]+$")
+    admin_user_ids: list[Annotated[str, Field(pattern=r"^[UW][A-Z0-9]{2,}$")]] = Field(
+        default_factory=list, description="Slack user ids (U…) who may use persona_command; empty: nobody"
+    )
     edit_interval_s: float = Field(1.0, ge=0.5)
     streaming: bool = Field(True, description="native streaming (chat.startStream); false: post, then chat.update")
     stream_buffer_chars: int = Field(128, ge=1, description="new text gathered before one chat.appendStream")
