@@ -24,6 +24,7 @@ from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent, is_blank
 from contract.personas import Personas, configured
 from contract.work import Claim, WorkQueue
 from engine.prompts import Prompt, PromptBuilder, PromptTooSmall
+from engine.reasoning import CLOSE, Reasoning, split_reasoning
 from engine.serving.engine import Engine, EngineRequestFailed, on_model_thread
 from engine.serving.scheduler import Scheduler, Slot
 from service.config import HistorySettings, Settings
@@ -54,7 +55,11 @@ MODEL_FAILED = "Sorry, something went wrong while writing the answer. Please try
 GAVE_UP = "Sorry, this message could not be answered: it failed several times."
 EMPTY_ANSWER = "The model returned an empty answer. Please rephrase your message."
 PERSONA_TOO_LONG = "This channel's persona is too long for the model's context: an admin can shorten or clear it."
+THOUGHT_TOO_LONG = (
+    "The model spent its whole answer budget thinking and did not reach an answer. Please ask again, perhaps more simply."
+)
 MAX_PERSONA_BUILDERS = 256  # builders kept, one per distinct system prompt
+THINKING_TAIL_TOKENS = 16  # while a think block is open, a look decodes the new tokens and this many before them
 
 
 def readable_text(tokenizer, tokens: list[int]) -> str:
@@ -79,6 +84,25 @@ class Answer:
     first_token_at: float | None = None  # wall clock
     cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache
     partial_failed: bool = False  # a failed partial is logged once, not once per step
+    thinking_open: bool = False  # a think block was open at the last look: only its end is looked for
+    thinking_tokens: int = 0  # the think block's tokens, markers included (while open: as many as at the last look)
+
+
+def answer_so_far(tokenizer, slot: Slot[Answer], done: bool = False) -> Reasoning:
+    """The slot's output split into thinking and answer (engine/reasoning.py). While a think block is
+    open, a look decodes only the newest tokens, for its end: the slot is looked at every step until
+    its answer starts, and thinking can take thousands of tokens."""
+    answer = slot.payload
+    if answer.thinking_open and not done:
+        tail = slot.tokens[max(0, answer.thinking_tokens - THINKING_TAIL_TOKENS):]
+        if CLOSE not in tokenizer.decode(tail, skip_special_tokens=True):
+            answer.thinking_tokens = len(slot.tokens)
+            return Reasoning("", "", "thinking")
+    split = split_reasoning(readable_text(tokenizer, slot.tokens), done)
+    if split.state == "thinking" or answer.thinking_open:  # still open, or closed since the last look
+        answer.thinking_tokens = len(slot.tokens)
+    answer.thinking_open = split.state == "thinking"
+    return split
 
 
 def shown_text(answer: Answer, text: str) -> str:
@@ -103,6 +127,7 @@ def record_answered(slot: Slot[Answer], done: float) -> None:
             "dropped_turns": 2 * answer.prompt.dropped_exchanges,
             "cut": bool(answer.prompt.cut),
             "new_tokens": len(slot.tokens),
+            "thinking_tokens": answer.thinking_tokens,
             "queue_s": round(answer.claimed_at - job.submitted_at, 3),
             "ttft_s": round(first - job.submitted_at, 3),
             "total_s": round(done - job.submitted_at, 3),
@@ -447,9 +472,9 @@ class Worker:
             await asyncio.gather(*(self._publish_partial(slot, now) for slot in due))
 
     async def _publish_partial(self, slot: Slot[Answer], now: float) -> None:
-        text = readable_text(self.engine.tokenizer, slot.tokens)
+        text = answer_so_far(self.engine.tokenizer, slot).answer
         if not text:
-            return  # nothing readable yet (a half character): the next step tries again
+            return  # nothing to show yet (thinking, or half a character): the next step looks again
         slot.payload.published_at = now
         if not await self.publisher.partial(slot.payload, text):
             log.warning("job answered or taken over elsewhere; generation dropped", extra={"job": slot.payload.job.id})
@@ -458,7 +483,15 @@ class Worker:
     async def _finish(self, slot: Slot[Answer]) -> None:
         answer = slot.payload
         try:
-            text = readable_text(self.engine.tokenizer, slot.tokens)
+            split = answer_so_far(self.engine.tokenizer, slot, done=True)
+            if split.state == "thinking":  # the slot ended inside the think block: no answer, no turns
+                log.warning(
+                    "the model was still thinking when its answer ended",
+                    extra={"job": answer.job.id, "thinking_tokens": answer.thinking_tokens, "limit": slot.limit},
+                )
+                await self.publisher.answer(answer.job, "error", THOUGHT_TOO_LONG)
+                return
+            text = split.answer  # only the answer is shown and becomes the assistant's turn
             if not text:
                 await self.publisher.answer(answer.job, "error", EMPTY_ANSWER)
                 return
