@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -19,6 +21,7 @@ from contract import keys
 from contract.history import load_exchanges
 from contract.jobs import Conversation
 from engine.prompts import PromptBuilder
+from engine.serving.engine import EngineRequestFailed
 from engine.serving.openai_engine import OpenAIEngine
 from engine.worker import MODEL_FAILED, readable_text
 from service.observability import HEALTH
@@ -167,3 +170,25 @@ async def test_a_request_the_server_refuses_while_well_fails_only_that_job(redis
         failed = await final_event(redis, "local", "local:bad")
     assert failed.kind == "error" and failed.text == MODEL_FAILED
     assert not await redis.zcard(keys.LEASES) and not await redis.llen(keys.READY)  # answered, not handed back
+
+
+def test_a_stream_line_that_is_not_json_fails_the_request_not_the_worker():
+    class Garbled(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b"data: {not json\n\n")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Garbled)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        engine = OpenAIEngine.load(openai_settings(f"http://127.0.0.1:{server.server_port}/v1"), api_key=None)
+        [failure] = engine.prefill_many([(0, [1, 2, 3])])
+    finally:
+        server.shutdown()
+    assert isinstance(failure, EngineRequestFailed) and "not JSON" in str(failure)

@@ -194,7 +194,10 @@ class OpenAIEngine(Engine):
         if data == "[DONE]":
             stream.finished = True
             return
-        chunk = json.loads(data)
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise EngineRequestFailed(f"the model server sent a line that is not JSON: {data[:200]!r}", slot) from None
         if "error" in chunk:
             raise EngineRequestFailed(f"the model server failed mid-answer: {chunk['error']}", slot)
         for choice in chunk.get("choices", []):
