@@ -8,10 +8,11 @@ import sys
 import time
 import uuid
 
-from contract import history
+from contract import history, keys
 from contract.feedback import FeedbackStore
 from contract.intake import Intake
 from contract.jobs import RejectedMessage, conversation_argument
+from contract.pause import pause, resume
 from contract.replies import follow, last_entry_id
 from service.runtime import one_shot_client
 
@@ -32,6 +33,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "conversation", type=conversation_argument, help="conversation id as the logs show it, e.g. discord:1234 or slack:D0123:1700000000.000100"
     )
     reset.set_defaults(handler=reset_command)
+
+    pause = commands.add_parser("pause", help="stop taking new messages (people are told); running answers finish")
+    pause.add_argument("reason", nargs="?", default="", help="shown to people with the refusal, e.g. 'maintenance until 14:00 UTC'")
+    pause.set_defaults(handler=pause_command)
+
+    resume = commands.add_parser("resume", help="take messages again after `chatbot pause`")
+    resume.set_defaults(handler=resume_command)
 
     feedback = commands.add_parser("feedback", help="print users' recent ratings of answers, with question and answer")
     feedback.add_argument("--limit", type=int, default=20, help="how many ratings, newest first (default 20)")
@@ -77,6 +85,38 @@ def reset_command(args: argparse.Namespace) -> int:
         finally:
             await redis.aclose()
         print(f"{args.conversation.key}: history cleared (reset #{epoch})")
+        return 0
+
+    return asyncio.run(main())
+
+
+def pause_command(args: argparse.Namespace) -> int:
+    _, redis = one_shot_client(args.config)
+
+    async def main() -> int:
+        try:
+            await pause(redis, args.reason)
+            queued = int(await redis.get(keys.QUEUED) or 0)
+        finally:
+            await redis.aclose()
+        print(
+            f"paused: new messages are refused with a sentence{' giving the reason' if args.reason else ''}; "
+            f"answers being written finish; {queued} queued or running message(s) wait for `chatbot resume`"
+        )
+        return 0
+
+    return asyncio.run(main())
+
+
+def resume_command(args: argparse.Namespace) -> int:
+    _, redis = one_shot_client(args.config)
+
+    async def main() -> int:
+        try:
+            was_paused = await resume(redis)
+        finally:
+            await redis.aclose()
+        print("resumed: messages are taken again" if was_paused else "not paused: nothing to resume")
         return 0
 
     return asyncio.run(main())

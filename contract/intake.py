@@ -11,20 +11,23 @@ from redis.asyncio import Redis
 from contract import keys
 from contract.history import EPOCH_TTL_S
 from contract.jobs import Conversation, Job, RejectedMessage, Scope, Submitted, clean_text
+from contract.pause import paused, paused_sentence
 from contract.work import AFFINITY_TTL_S
 from service.config import LimitSettings
 
 # Result codes of _SUBMIT below zero; zero or more is the number of jobs ahead.
-DUPLICATE, CONVERSATION_FULL, AUTHOR_FULL, AUTHOR_TOO_FAST = -1, -2, -3, -4
+DUPLICATE, CONVERSATION_FULL, AUTHOR_FULL, AUTHOR_TOO_FAST, PAUSED = -1, -2, -3, -4, -5
 
 _SUBMIT = """
 local job_key, done_key, conv_jobs, ready, active, epoch_key, wake, queued, author_queued, author_minute, leases, affinity =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local paused = KEYS[13]
 local data, job_id, conversation = ARGV[1], ARGV[2], ARGV[3]
 local max_per_conversation, max_per_author, per_minute = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local has_author, epoch_ttl_s, prefix, affinity_ttl_s = ARGV[7] == '1', ARGV[8], ARGV[9], ARGV[10]
 
 if redis.call('EXISTS', job_key) == 1 or redis.call('EXISTS', done_key) == 1 then return -1 end  -- DUPLICATE
+if redis.call('EXISTS', paused) == 1 then return -5 end  -- PAUSED
 if redis.call('LLEN', conv_jobs) >= max_per_conversation then return -2 end  -- CONVERSATION_FULL
 local epoch = tonumber(redis.call('GET', epoch_key) or '0')
 -- kept while jobs arrive: a job answered after its epoch expired would find 0 and drop its turns
@@ -91,7 +94,7 @@ class Intake:
         script_keys = [
             keys.job(job.id), keys.done(job.id), keys.conv_jobs(job.conversation), keys.READY, keys.ACTIVE,
             keys.epoch(job.conversation), keys.WAKE, keys.QUEUED, f"{person}:queued", f"{person}:minute", keys.LEASES,
-            keys.affinity(job.conversation),
+            keys.affinity(job.conversation), keys.PAUSED,
         ]
         args = [
             job.model_dump_json(), job.id, job.conversation, limits.max_queued_per_conversation,
@@ -116,4 +119,6 @@ class Intake:
                 f"You are sending messages faster than {limits.messages_per_minute_per_author} a minute: "
                 "please wait a moment."
             )
+        if ahead == PAUSED:
+            raise RejectedMessage(paused_sentence(await paused(self.redis) or ""))
         return Submitted(job_id=job.id, ahead=ahead)

@@ -15,6 +15,7 @@ Queue (contract/intake.py writes, contract/work.py serves):
   suspects                 set of job ids whose lease fell due (their worker died): served alone, each such
                            delivery charged an attempt (work.py); an id leaves when its job is answered
   queued                   counter of jobs waiting or being answered
+  paused                   set while an operator has paused the service: its reason (contract/pause.py)
   wake                     one-element list an idle worker blocks on
   wake:<owner>             the same, for one worker: a message for a conversation whose context it holds
                            (AFFINITY_TTL_S)
@@ -72,6 +73,7 @@ LEASES = PREFIX + "leases"
 SUSPECTS = PREFIX + "suspects"
 WAKE = PREFIX + "wake"
 QUEUED = PREFIX + "queued"
+PAUSED = PREFIX + "paused"
 PERSONAS = PREFIX + "personas"
 FEEDBACK = PREFIX + "feedback"
 FEEDBACK_COUNTS = PREFIX + "feedback:counts"

@@ -72,6 +72,7 @@ for i = 1, #held, 2 do
 end
 
 local claimed, passed = {}, {}
+if redis.call('EXISTS', prefix .. 'paused') == 1 then return claimed end  -- paused: running answers finish, nothing starts
 while #claimed < max_jobs and #passed < MAX_PASSED do
   local conversation = redis.call('LPOP', ready)
   if not conversation then break end
