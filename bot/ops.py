@@ -7,6 +7,9 @@ import asyncio
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+
+from redis.asyncio import Redis
 
 from contract import history, keys
 from contract.feedback import FeedbackStore
@@ -76,61 +79,54 @@ def ask_command(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
-def reset_command(args: argparse.Namespace) -> int:
+def against_redis(args: argparse.Namespace, work: Callable[[Redis], Awaitable[int]]) -> int:
+    """Run one command's work with a connection to the configured Redis, closed after."""
     _, redis = one_shot_client(args.config)
 
     async def main() -> int:
         try:
-            epoch = await history.reset(redis, args.conversation.key)
+            return await work(redis)
         finally:
             await redis.aclose()
-        print(f"{args.conversation.key}: history cleared (reset #{epoch})")
-        return 0
 
     return asyncio.run(main())
 
 
-def pause_command(args: argparse.Namespace) -> int:
-    _, redis = one_shot_client(args.config)
+def reset_command(args: argparse.Namespace) -> int:
+    async def reset(redis: Redis) -> int:
+        epoch = await history.reset(redis, args.conversation.key)
+        print(f"{args.conversation.key}: history cleared (reset #{epoch})")
+        return 0
 
-    async def main() -> int:
-        try:
-            await pause(redis, args.reason)
-            queued = int(await redis.get(keys.QUEUED) or 0)
-        finally:
-            await redis.aclose()
+    return against_redis(args, reset)
+
+
+def pause_command(args: argparse.Namespace) -> int:
+    async def pause_all(redis: Redis) -> int:
+        await pause(redis, args.reason)
+        queued = int(await redis.get(keys.QUEUED) or 0)
         print(
             f"paused: new messages are refused with a sentence{' giving the reason' if args.reason else ''}; "
             f"answers being written finish; {queued} queued or running message(s) wait for `chatbot resume`"
         )
         return 0
 
-    return asyncio.run(main())
+    return against_redis(args, pause_all)
 
 
 def resume_command(args: argparse.Namespace) -> int:
-    _, redis = one_shot_client(args.config)
-
-    async def main() -> int:
-        try:
-            was_paused = await resume(redis)
-        finally:
-            await redis.aclose()
+    async def resume_all(redis: Redis) -> int:
+        was_paused = await resume(redis)
         print("resumed: messages are taken again" if was_paused else "not paused: nothing to resume")
         return 0
 
-    return asyncio.run(main())
+    return against_redis(args, resume_all)
 
 
 def feedback_command(args: argparse.Namespace) -> int:
-    _, redis = one_shot_client(args.config)
-
-    async def main() -> int:
+    async def show(redis: Redis) -> int:
         store = FeedbackStore(redis)
-        try:
-            votes, counts = await store.recent(args.limit), await store.counts()
-        finally:
-            await redis.aclose()
+        votes, counts = await store.recent(args.limit), await store.counts()
         print(f"{counts['good']} good, {counts['bad']} bad in all; the newest {len(votes)}:")
         for vote in votes:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(vote.at))
@@ -139,7 +135,7 @@ def feedback_command(args: argparse.Namespace) -> int:
             print(f"  answered: {_one_line(vote.answer)}")
         return 0
 
-    return asyncio.run(main())
+    return against_redis(args, show)
 
 
 def _one_line(text: str | None, limit: int = 200) -> str:
