@@ -290,3 +290,18 @@ def test_turns_stored_without_offsets_still_build_and_the_offsets_continue_after
     assert exchange_offsets(later) == sorted(exchange_offsets(later))
     # the first stored offset went on from where the legacy turns ended, not back to 0
     assert seen[1][0][-1].user.offset == sum(sizes) and later[0].user.offset > sum(sizes)
+
+
+@pytest.mark.parametrize("budget", [300, 450, 700])
+def test_counts_stored_under_another_tokenizer_never_change_the_truncation(llama_tokenizer, smollm2_path, budget):
+    """A conversation served by one model and then another (a changed model.id, a pool moved): the stored
+    counts are only an estimate that the exact count checks, so the prompt is the exact rule's anyway."""
+    smollm2 = PromptBuilder(AutoTokenizer.from_pretrained(smollm2_path), SYSTEM, budget)
+    llama = PromptBuilder(llama_tokenizer, SYSTEM, budget)
+    pairs = [(f"Question {n}: " + "tell me more " * (n % 7 + 1), "An answer, " * (n % 5 + 3)) for n in range(30)]
+    counted_elsewhere, counted_here = stored(smollm2, pairs), stored(llama, pairs)
+    assert [e.tokens for e in counted_elsewhere] != [e.tokens for e in counted_here]
+    prompt = llama.build(counted_elsewhere, "And now?")
+    assert prompt.ids == llama.build(counted_here, "And now?").ids
+    text, dropped = reference_truncation(llama, counted_here, "And now?")
+    assert (prompt.text, prompt.dropped_exchanges) == (text, dropped)
