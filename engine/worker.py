@@ -49,8 +49,8 @@ T = TypeVar("T")
 
 MAX_ATTEMPTS = 3  # a job whose worker died this often while serving it alone is answered with an error instead
 IDLE_WAIT_S = 1.0  # how long an idle worker blocks for new work before looking for expired leases
-RELEASE_PATIENCE_S = 5.0
-HEALTH_CHECK_TIMEOUT_S = 10.0  # on shutdown, don't wait longer than this for Redis: the lease expires anyway
+RELEASE_PATIENCE_S = 5.0  # on shutdown, don't wait longer than this for Redis: the lease expires anyway
+HEALTH_CHECK_TIMEOUT_S = 10.0  # a model server's health check that takes longer counts as failing
 MODEL_FAILED = "Sorry, something went wrong while writing the answer. Please try again."
 GAVE_UP = "Sorry, this message could not be answered: it failed several times."
 EMPTY_ANSWER = "The model returned an empty answer. Please rephrase your message."

@@ -27,7 +27,8 @@ import torch
 from transformers import GenerationConfig
 
 from contract.jobs import Conversation
-from engine.serving.neuron_engine import NeuronEngine, saved_end_ids
+from engine.serving.engine import saved_end_ids
+from engine.serving.neuron_engine import NeuronEngine
 from engine.serving.scheduler import Scheduler
 from service.config import GenerationSettings
 from tests.conftest import Queues, reply_events, run_staggered, running_worker, tiny_settings
@@ -174,8 +175,8 @@ def test_end_of_turn_ids_named_only_in_generation_config_json_end_the_answer(tmp
     (generation_utils.py:70), so an end id only generation_config.json names was missed."""
     model = FakeNeuronLlama(batch_size=1, sequence_length=64, answers=ANSWERS)  # eos from config.json: END only
     tokenizer = SimpleNamespace(eos_token_id=END)
-    assert saved_end_ids(tokenizer, model, str(tmp_path)) == {END}  # an export without the file
+    assert saved_end_ids(tokenizer, str(tmp_path), model.generation_config) == {END}  # an export without the file
     GenerationConfig(eos_token_id=[END, 103]).save_pretrained(tmp_path)
-    engine = NeuronEngine(model, tokenizer, GenerationSettings(), saved_end_ids(tokenizer, model, str(tmp_path)))
+    engine = NeuronEngine(model, tokenizer, GenerationSettings(), saved_end_ids(tokenizer, str(tmp_path), model.generation_config))
     outputs, _ = run_staggered(Scheduler(engine, max_new_tokens=50), PROMPTS[:1])
     assert outputs == {0: [101, 102]}  # 103 ends the turn

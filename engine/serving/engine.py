@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 T = TypeVar("T")
 
@@ -81,6 +81,16 @@ class Engine(ABC):
     def health(self) -> str | None:
         """What keeps a model server from serving now, or None. Engines in this process are as well as its loop."""
         return None
+
+
+def saved_end_ids(tokenizer, model_id: str, generation_config: GenerationConfig | None = None) -> frozenset[int]:
+    """End-of-turn ids: the tokenizer's, `generation_config`'s (a loaded model's), and those the model's
+    saved generation_config.json names, which a config built from config.json alone lacks."""
+    ids = end_of_turn_ids(tokenizer, generation_config or GenerationConfig())
+    try:
+        return ids | end_of_turn_ids(tokenizer, GenerationConfig.from_pretrained(model_id))
+    except OSError:  # no generation_config.json
+        return ids
 
 
 def end_of_turn_ids(tokenizer, generation_config) -> frozenset[int]:

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
-from transformers.utils import GENERATION_CONFIG_NAME
+from transformers import AutoTokenizer
 
 from engine.neuron.sdk import NeuronError, hub_errors, require_sdk
-from engine.serving.engine import Engine, end_of_turn_ids
+from engine.serving.engine import Engine, end_of_turn_ids, saved_end_ids
 from engine.serving.sampling import Sampler, neuron_sampling_row
 from service.config import GenerationSettings, ModelSettings
 
@@ -73,20 +72,6 @@ def check_shape(settings: ModelSettings, compiled: dict[str, int]) -> None:
         raise NeuronError("; ".join(wrong) + ": set config.yaml to the compiled values, or export the model again with yours")
 
 
-def saved_end_ids(tokenizer, model, folder: str) -> frozenset[int]:
-    """End-of-turn ids, those only the folder's generation_config.json names included.
-
-    optimum-neuron builds the model's generation config from config.json alone
-    (models/inference/backend/modules/generation/generation_utils.py:70,
-    `GenerationConfig.from_model_config(config)`), so ids listed only in generation_config.json
-    (Llama-3's <|eot_id|>, for one) would not end an answer.
-    """
-    ids = end_of_turn_ids(tokenizer, model.generation_config)
-    if (Path(folder) / GENERATION_CONFIG_NAME).exists():
-        ids |= end_of_turn_ids(tokenizer, GenerationConfig.from_pretrained(folder))
-    return ids
-
-
 class NeuronEngine(Engine):
     def __init__(self, model, tokenizer, generation: GenerationSettings, end_ids: frozenset[int] | None = None):
         self.model = model
@@ -121,7 +106,11 @@ class NeuronEngine(Engine):
                 "seconds": round(time.monotonic() - started, 2),
             },
         )
-        return cls(model, tokenizer, generation, saved_end_ids(tokenizer, model, path))
+        # optimum-neuron builds the model's generation config from config.json alone
+        # (models/inference/backend/modules/generation/generation_utils.py:70,
+        # `GenerationConfig.from_model_config(config)`): ids only generation_config.json names
+        # (Llama-3's <|eot_id|>, for one) would not end an answer.
+        return cls(model, tokenizer, generation, saved_end_ids(tokenizer, path, model.generation_config))
 
     @torch.inference_mode()
     def prefill(self, slot: int, prompt: list[int]) -> int:

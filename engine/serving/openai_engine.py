@@ -24,10 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
 from engine.assets import resolve_model
-from engine.serving.engine import Engine, EngineRequestFailed, end_of_turn_ids
+from engine.serving.engine import Engine, EngineRequestFailed, saved_end_ids
 from service.config import GenerationSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,7 @@ class OpenAIEngine(Engine):
     def load(cls, settings: Settings, api_key: str | None) -> OpenAIEngine:
         path = resolve_model(settings.model.id)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        try:
-            end_ids = end_of_turn_ids(tokenizer, GenerationConfig.from_pretrained(path))
-        except OSError:  # no generation_config.json: the tokenizer's end of sequence only
-            end_ids = end_of_turn_ids(tokenizer, GenerationConfig())
+        end_ids = saved_end_ids(tokenizer, path)
         server = settings.openai
         client = httpx.Client(
             base_url=server.base_url.rstrip("/"),
