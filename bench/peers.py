@@ -19,6 +19,7 @@ before each of its series, so no side inherits the other's work.
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -145,8 +146,9 @@ def stream_seconds(vllm: VllmServer, prompt: list[int], max_tokens: int, end_ids
     first = None
     with httpx.stream("POST", f"{vllm.base_url}/completions", json=body, timeout=300) as response:
         for line in response.iter_lines():
-            if first is None and '"token_ids":[' in line.replace(" ", "") and '"token_ids":[]' not in line.replace(" ", ""):
-                first = time.perf_counter() - started
+            if first is None and line.startswith("data: {"):
+                if any(choice.get("token_ids") for choice in json.loads(line[len("data: "):])["choices"]):
+                    first = time.perf_counter() - started
     return first or 0.0, time.perf_counter() - started
 
 
