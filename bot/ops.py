@@ -17,6 +17,7 @@ from contract.intake import Intake
 from contract.jobs import RejectedMessage, conversation_argument
 from contract.pause import pause, resume
 from contract.replies import follow, last_entry_id
+from service.doctor import doctor_command
 from service.runtime import one_shot_client
 
 DEFAULT_CONVERSATION = "cli:default"
@@ -47,6 +48,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     feedback = commands.add_parser("feedback", help="print users' recent ratings of answers, with question and answer")
     feedback.add_argument("--limit", type=int, default=20, help="how many ratings, newest first (default 20)")
     feedback.set_defaults(handler=feedback_command)
+
+    doctor = commands.add_parser("doctor", help="pre-flight checks before going live: Redis, the model budget, the Slack and Discord apps")
+    doctor.set_defaults(handler=doctor_command)
 
 
 def ask_command(args: argparse.Namespace) -> int:

@@ -9,7 +9,9 @@ INTERACTION_CREATE, ...) to every connected client with `dispatch`.
 The fake world: one guild with a text channel, a mention-only channel, a closed channel, a
 thread, two roles; users Alice (role "member"), Bob (no role), Ada (roles "member" and "admin"),
 Carol (role "member", without Manage Channels; everyone else has every permission), another
-bot; a DM channel.
+bot; a DM channel. The bot's application has the flags of `application_flags`, and
+`GET /users/@me/guilds` lists the servers of `guild_permissions` with the bot's permissions there;
+a request without the bot token is answered 401.
 """
 
 from __future__ import annotations
@@ -160,6 +162,8 @@ class FakeDiscord:
         self.files: dict[str, bytes] = {}  # attachment id/file name -> content
         self.threads: dict[int, dict[str, Any]] = {}  # the threads the bot opened and has not deleted, by id
         self.slow_channels: set[int] = set()  # posts and edits there are answered once the channel leaves the set
+        self.application_flags = 0  # the application's flags (GATEWAY_MESSAGE_CONTENT is 1 << 18)
+        self.guild_permissions = {GUILD_ID: ALL_PERMISSIONS}  # the servers the bot is in, with its permissions there
         self.held = 0
         self._ids = itertools.count(500_000)
         self._sockets: set[web.WebSocketResponse] = set()
@@ -309,7 +313,7 @@ class FakeDiscord:
         ready = {
             "v": 10, "user": BOT.payload(), "session_id": f"session-{self.identified}",
             "resume_gateway_url": self.gateway_url, "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
-            "application": {"id": str(APPLICATION_ID), "flags": 0}, "private_channels": [],
+            "application": {"id": str(APPLICATION_ID), "flags": self.application_flags}, "private_channels": [],
         }
         await socket.send_json({"op": 0, "t": "READY", "s": next(self._seq), "d": ready})
         await socket.send_json({"op": 0, "t": "GUILD_CREATE", "s": next(self._seq), "d": guild_payload()})
@@ -359,8 +363,14 @@ class FakeDiscord:
             return _json({
                 "id": str(APPLICATION_ID), "name": "Llama", "description": "", "icon": None, "bot_public": True,
                 "bot_require_code_grant": False, "owner": FakeUser(OWNER_ID, "Owner").payload(),
-                "verify_key": "0" * 64, "flags": 0, "interactions_endpoint_url": None,
+                "verify_key": "0" * 64, "flags": self.application_flags, "interactions_endpoint_url": None,
             })
+        if method == "GET" and parts == ["users", "@me", "guilds"]:
+            return _json([
+                {"id": str(guild_id), "name": "Test guild" if guild_id == GUILD_ID else f"Guild {guild_id}", "icon": None,
+                 "banner": None, "owner": False, "permissions": str(permissions), "features": []}
+                for guild_id, permissions in self.guild_permissions.items()
+            ])
         if method == "PUT" and parts[0] == "applications" and parts[-1] == "commands":
             guild = {"guild_id": parts[3]} if "guilds" in parts else {}
             return _json([

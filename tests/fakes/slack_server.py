@@ -14,7 +14,10 @@ thread Slack has not seen (no message of that ts in that channel) is `invalid_th
 are checked against the Block Kit types the adapter uses: an unknown type or a missing required
 field is `invalid_blocks`. Files a test shares (`share_file`, for a `file_share` event) are served
 at their `url_private_download` to a bearer bot token only, as Slack serves them; anyone else is
-redirected to a sign-in page.
+redirected to a sign-in page. Each answer to a bot token carries the scopes it was granted in its
+`x-oauth-scopes` header (the manifest's, unless a test changes `granted_scopes`); a token a test puts
+in `invalid_tokens` is `invalid_auth`; `bots.info` and `apps.manifest.export` (an app configuration
+token, xoxe.) describe the app as created from slack_manifest.yaml (`app_manifest`).
 
 Events reach the app as Slack sends them. Over HTTP (`deliver`), a request signed with the
 app's signing secret goes to its Request URL and is retried, with X-Slack-Retry-Num and
@@ -29,15 +32,18 @@ with `retry_attempt` counting. Slack retries three times: at once, after a minut
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import json
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from aiohttp import WSMsgType, web
 from slack_sdk.signature import SignatureVerifier
 
@@ -52,6 +58,11 @@ SOCKET_PATH = "/link"
 FILES_PATH = "/files-pri"
 ACK_TIMEOUT_S = 3.0  # Slack retries an event the app has not acknowledged within this
 RETRY_DELAYS_S = (0.0, 60.0, 300.0)  # Slack's three retries: at once, after a minute, after five
+# The app as created from the manifest: its scopes are granted, its events and commands configured.
+MANIFEST = yaml.safe_load((Path(__file__).resolve().parents[2] / "slack_manifest.yaml").read_text())
+# The kind of token a method wants (app-level for Socket Mode, an app configuration token to export
+# a manifest); every other method wants a bot token.
+TOKEN_KINDS = {"apps.connections.open": "xapp-", "apps.manifest.export": "xoxe."}
 
 
 def shown(text: str) -> str:
@@ -187,6 +198,9 @@ class FakeSlack:
         self._appends: dict[str, int] = {}
         self._refused: dict[str, str] = {}
         self._delays: dict[str, float] = {}
+        self.granted_scopes: list[str] = list(MANIFEST["oauth_config"]["scopes"]["bot"])  # sent in x-oauth-scopes
+        self.app_manifest: dict[str, Any] = copy.deepcopy(MANIFEST)  # what apps.manifest.export answers
+        self.invalid_tokens: set[str] = set()  # revoked or mistyped: invalid_auth
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)  # a few methods (users.info) are GETs
@@ -256,9 +270,11 @@ class FakeSlack:
         token = request.headers.get("Authorization", "").removeprefix("Bearer ") or body.get("token")
         self.calls.append(Call(method, body, token, time.monotonic()))
         await asyncio.sleep(self._delays.get(method, 0.0))
-        wanted = "xapp-" if method == "apps.connections.open" else "xoxb-"
+        wanted = TOKEN_KINDS.get(method, "xoxb-")
         if not token or not token.startswith(wanted):
             return web.json_response({"ok": False, "error": "not_allowed_token_type" if token else "not_authed"})
+        if token in self.invalid_tokens:
+            return web.json_response({"ok": False, "error": "invalid_auth"})
         if method in self._limited:
             retry_after = self._limited.pop(method)
             return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(retry_after)})
@@ -272,7 +288,9 @@ class FakeSlack:
         answer = getattr(self, "_" + method.replace(".", "_"), None)
         if answer is None:
             return web.json_response({"ok": False, "error": "unknown_method"})
-        return web.json_response(answer(body))
+        # Slack tells a bot token's scopes with every answer to it.
+        scopes = {"x-oauth-scopes": ",".join(self.granted_scopes)} if wanted == "xoxb-" else {}
+        return web.json_response(answer(body), headers=scopes)
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -291,6 +309,17 @@ class FakeSlack:
 
     def _apps_connections_open(self, body: dict) -> dict:
         return {"ok": True, "url": f"ws://127.0.0.1:{self.port}{SOCKET_PATH}?ticket={uuid.uuid4()}"}
+
+    def _bots_info(self, body: dict) -> dict:
+        if body.get("bot") != BOT_ID:
+            return {"ok": False, "error": "bot_not_found"}
+        return {"ok": True, "bot": {"id": BOT_ID, "deleted": False, "name": "llama", "updated": 0, "app_id": APP_ID,
+                                    "user_id": BOT_USER_ID, "icons": {}}}
+
+    def _apps_manifest_export(self, body: dict) -> dict:
+        if body.get("app_id") != APP_ID:
+            return {"ok": False, "error": "invalid_app_id"}
+        return {"ok": True, "manifest": self.app_manifest}
 
     def _users_info(self, body: dict) -> dict:
         user = body.get("user")
