@@ -52,7 +52,7 @@ def run_all(args: argparse.Namespace, local_only: bool) -> int:
     async def main(redis) -> None:
         worker = Worker(redis, model, settings, process_identity(settings.worker_name))
         on_terminate(worker.stop)
-        fronts = [adapter_runner(p)(settings, secrets, redis) for p in platforms] or [chat(redis, settings.limits)]
+        fronts = [adapter_runner(p)(settings, secrets, redis) for p in platforms] or [chat(redis, settings)]
         try:
             # The worker ends on SIGTERM/SIGINT, the terminal chat on /quit, an adapter on a fatal error.
             await until_first_ends(worker.run(), *fronts)

@@ -275,7 +275,7 @@ async def server_killed_mid_answer(redis_url: str, settings: Settings, vllm: Vll
     async with worker_running(redis_url, engine, settings) as run:
         for n, question in enumerate(QUESTIONS[:jobs]):
             await Intake(run.redis, settings.limits).submit(Conversation(platform="bench", channel=f"k{n}"), f"k{n}", question)
-        while await run.redis.zcard(keys.LEASES) < jobs:
+        while await run.redis.zcard(keys.leases("default")) < jobs:
             await asyncio.sleep(0.01)
         await asyncio.sleep(1.0)  # mid-answer
         killed = time.monotonic()

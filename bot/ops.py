@@ -17,6 +17,7 @@ from contract.intake import Intake
 from contract.jobs import RejectedMessage, conversation_argument
 from contract.pause import pause, resume
 from contract.replies import follow, last_entry_id
+from service.config import load_settings
 from service.doctor import doctor_command
 from service.runtime import one_shot_client
 
@@ -58,7 +59,7 @@ def ask_command(args: argparse.Namespace) -> int:
     conversation = args.conversation
 
     async def ask() -> int:
-        queue = Intake(redis, settings.limits)
+        queue = Intake(redis, settings.limits, settings.pools)
         after = await last_entry_id(redis, conversation.platform, conversation.key)
         try:
             submitted = await queue.submit(conversation, uuid.uuid4().hex, args.text)
@@ -108,7 +109,8 @@ def reset_command(args: argparse.Namespace) -> int:
 def pause_command(args: argparse.Namespace) -> int:
     async def pause_all(redis: Redis) -> int:
         await pause(redis, args.reason)
-        queued = int(await redis.get(keys.QUEUED) or 0)
+        settings = load_settings(args.config)
+        queued = sum([int(await redis.get(keys.queued(pool)) or 0) for pool in settings.pools.names])
         print(
             f"paused: new messages are refused with a sentence{' giving the reason' if args.reason else ''}; "
             f"answers being written finish; {queued} queued or running message(s) wait for `chatbot resume`"

@@ -15,7 +15,7 @@ from contract import history
 from contract.intake import Intake
 from contract.jobs import Conversation, RejectedMessage, ReplyEvent
 from contract.replies import follow, last_entry_id
-from service.config import LimitSettings
+from service.config import Settings
 
 HELP = "Type a message and press Enter. /reset forgets the conversation, /quit leaves."
 
@@ -37,9 +37,9 @@ async def read_line(prompt: str) -> str | None:
     return await line
 
 
-async def chat(redis: Redis, limits: LimitSettings, conversation: Conversation | None = None, out=sys.stdout) -> None:
+async def chat(redis: Redis, settings: Settings, conversation: Conversation | None = None, out=sys.stdout) -> None:
     conversation = conversation or Conversation(platform="local", channel="terminal")
-    queue = Intake(redis, limits)
+    queue = Intake(redis, settings.limits, settings.pools)
     print(HELP, file=out)
     while (line := await read_line("you> ")) is not None:
         text = line.strip()

@@ -12,8 +12,9 @@ from contract import keys
 from contract.history import EPOCH_TTL_S
 from contract.jobs import Conversation, Job, RejectedMessage, Scope, Submitted, clean_text
 from contract.pause import paused, paused_sentence
+from contract.pools import pool_for
 from contract.work import AFFINITY_TTL_S
-from service.config import LimitSettings
+from service.config import LimitSettings, PoolSettings
 
 # Result codes of _SUBMIT below zero; zero or more is the number of jobs ahead.
 DUPLICATE, CONVERSATION_FULL, AUTHOR_FULL, AUTHOR_TOO_FAST, PAUSED = -1, -2, -3, -4, -5
@@ -22,7 +23,7 @@ _SUBMIT = """
 local job_key, done_key, conv_jobs, ready, active, epoch_key, wake, queued, author_queued, author_minute, leases, affinity =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local paused = KEYS[13]
-local data, job_id, conversation = ARGV[1], ARGV[2], ARGV[3]
+local data, job_id, conversation, pool = ARGV[1], ARGV[2], ARGV[3], ARGV[11]
 local max_per_conversation, max_per_author, per_minute = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local has_author, epoch_ttl_s, prefix, affinity_ttl_s = ARGV[7] == '1', ARGV[8], ARGV[9], ARGV[10]
 
@@ -41,13 +42,17 @@ if has_author then
   redis.call('EXPIRE', author_queued, 86400)  -- a count that went wrong heals within a day
   redis.call('HSET', job_key, 'author_queued', author_queued)
 end
-redis.call('HSET', job_key, 'data', data, 'conversation', conversation, 'epoch', epoch, 'attempts', 0)
+local t = redis.call('TIME')
+redis.call(
+  'HSET', job_key, 'data', data, 'conversation', conversation, 'pool', pool, 'epoch', epoch, 'attempts', 0,
+  'queued_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+)
 redis.call('RPUSH', conv_jobs, job_id)
 if redis.call('SADD', active, conversation) == 1 then redis.call('RPUSH', ready, conversation) end
--- the worker that holds the conversation's context is woken, if it is alive; any idle worker otherwise
+-- the worker that holds the conversation's context is woken, if it is alive; any idle worker of the pool otherwise
 local preferred = redis.call('GET', affinity)
 if preferred and redis.call('EXISTS', prefix .. 'worker:' .. preferred) == 1 then
-  wake = wake .. ':' .. preferred
+  wake = prefix .. 'wake:' .. preferred
 end
 redis.call('DEL', wake)
 redis.call('RPUSH', wake, 1)
@@ -58,9 +63,10 @@ return math.max(0, redis.call('INCR', queued) - 1 - redis.call('ZCARD', leases))
 
 
 class Intake:
-    def __init__(self, redis: Redis, limits: LimitSettings):
+    def __init__(self, redis: Redis, limits: LimitSettings, pools: PoolSettings | None = None):
         self.redis = redis
         self.limits = limits
+        self.pools = pools or PoolSettings()
         self._submit = redis.register_script(_SUBMIT)
 
     async def submit(
@@ -77,9 +83,11 @@ class Intake:
 
         Raises RejectedMessage, with a sentence for the user, for an empty or over-long message
         and past the limits of the conversation or of its author (`author_id`, the platform's
-        user id); nothing is queued then. `scope` defaults to the conversation's own channel.
+        user id); nothing is queued then. `scope` defaults to the conversation's own channel, and
+        chooses the pool of workers that answers it.
         """
         limits = self.limits
+        scope = scope or Scope(platform=conversation.platform, channel=conversation.channel)
         job = Job(
             id=f"{conversation.platform}:{message_id}",
             conversation=conversation.key,
@@ -88,18 +96,19 @@ class Intake:
             author=author,
             author_id=author_id,
             reply_to=reply_to or {},
-            scope=scope or Scope(platform=conversation.platform, channel=conversation.channel),
+            scope=scope,
+            pool=pool_for(self.pools, scope),
         )
         person = keys.author(conversation.platform, author_id)
         script_keys = [
-            keys.job(job.id), keys.done(job.id), keys.conv_jobs(job.conversation), keys.READY, keys.ACTIVE,
-            keys.epoch(job.conversation), keys.WAKE, keys.QUEUED, f"{person}:queued", f"{person}:minute", keys.LEASES,
-            keys.affinity(job.conversation), keys.PAUSED,
+            keys.job(job.id), keys.done(job.id), keys.conv_jobs(job.conversation), keys.ready(job.pool), keys.ACTIVE,
+            keys.epoch(job.conversation), keys.wake(job.pool), keys.queued(job.pool), f"{person}:queued", f"{person}:minute",
+            keys.leases(job.pool), keys.affinity(job.conversation), keys.PAUSED,
         ]
         args = [
             job.model_dump_json(), job.id, job.conversation, limits.max_queued_per_conversation,
             limits.max_queued_per_author, limits.messages_per_minute_per_author, "1" if author_id else "0", EPOCH_TTL_S,
-            keys.PREFIX, AFFINITY_TTL_S,
+            keys.PREFIX, AFFINITY_TTL_S, job.pool,
         ]
         ahead = await self._submit(keys=script_keys, args=args)
         if ahead == DUPLICATE:

@@ -6,7 +6,8 @@ import argparse
 import re
 import time
 import unicodedata
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -60,6 +61,28 @@ class Scope(BaseModel):
     channel: str
 
 
+class ScopeRule(Protocol):
+    platform: str
+    workspace: str | None
+    channel: str | None
+
+
+Rule = TypeVar("Rule", bound=ScopeRule)
+
+
+def most_specific(rules: Sequence[Rule], scope: Scope | None) -> tuple[Rule, Literal["channel", "workspace"]] | None:
+    """The rule for the scope's channel, else for its workspace, with which of the two it is; None if neither has one."""
+    if scope is None:
+        return None
+    for rule in rules:
+        if rule.platform == scope.platform and rule.channel == scope.channel:
+            return rule, "channel"
+    for rule in rules:
+        if rule.platform == scope.platform and rule.channel is None and rule.workspace == scope.workspace:
+            return rule, "workspace"
+    return None
+
+
 class Job(BaseModel):
     id: str  # "<platform>:<platform message id>": the same message is never answered twice
     conversation: str
@@ -69,6 +92,7 @@ class Job(BaseModel):
     author_id: str | None = None  # the platform's user id, for per-person limits
     reply_to: dict[str, str] = Field(default_factory=dict)  # adapter routing data, opaque to the engine
     scope: Scope | None = None  # set by every adapter; None only on jobs queued before scopes existed
+    pool: str = "default"  # the workers that answer it (contract/pools.py), chosen from its scope at submission
     submitted_at: float = Field(default_factory=time.time)
     epoch: int = 0  # the conversation's reset count when the job was submitted
     attempts: int = 0  # deliveries served alone after a worker died with the job (contract/work.py: suspects)

@@ -3,22 +3,24 @@
 All keys start with `chatbot:`. "Bounded" means the key expires, or is a shared structure
 whose size is capped (a stream trimmed, a set or hash pruned), so nothing grows forever.
 
-Queue (contract/intake.py writes, contract/work.py serves):
-  job:<id>                 hash: data (Job JSON), conversation, epoch, attempts, owner, author_queued;
-                           deleted when the job is answered
+Queue (contract/intake.py writes, contract/work.py serves). Each pool of workers (contract/pools.py) has
+its own line; a conversation's jobs are in one list, and it waits in the line of its head job's pool:
+  job:<id>                 hash: data (Job JSON), conversation, pool, epoch, attempts, owner, queued_at,
+                           author_queued; deleted when the job is answered
   done:<id>                set once a job is answered: a redelivered job never answers twice (DONE_TTL_S)
   conv:<c>:jobs            list of a conversation's job ids, oldest first; only the head is worked on;
                            empty (gone) once its jobs are answered
-  ready                    list of conversations whose head job waits for a worker (round robin)
-  active                   set of conversations with queued jobs (in `ready` or leased)
-  leases                   zset job id -> lease deadline (ms)
+  pool:<p>:ready           list of conversations whose head job waits for one of the pool's workers (round robin)
+  pool:<p>:leases          zset of the pool's jobs being answered: job id -> lease deadline (ms)
+  pool:<p>:queued          counter of the pool's jobs waiting or being answered
+  pool:<p>:wake            one-element list the pool's idle workers block on
+  pool:<p>:alive           set while a worker of the pool serves (pools.absent_after_s after its last heartbeat)
+  active                   set of conversations with queued jobs (in a pool's ready line, or leased)
   suspects                 set of job ids whose lease fell due (their worker died): served alone, each such
                            delivery charged an attempt (work.py); an id leaves when its job is answered
-  queued                   counter of jobs waiting or being answered
   paused                   set while an operator has paused the service: its reason (contract/pause.py)
-  wake                     one-element list an idle worker blocks on
-  wake:<owner>             the same, for one worker: a message for a conversation whose context it holds
-                           (AFFINITY_TTL_S)
+  wake:<owner>             the pool's wake, for one worker: a message for a conversation whose context it
+                           holds (AFFINITY_TTL_S)
   conv:<c>:affinity        the worker that served the conversation last and keeps its context (an engine
                            with a prefix cache): its next message waits a moment for that worker (AFFINITY_TTL_S)
   worker:<owner>           a live worker's key (expires after the visibility timeout)
@@ -67,12 +69,8 @@ from __future__ import annotations
 
 PREFIX = "chatbot:"
 
-READY = PREFIX + "ready"
 ACTIVE = PREFIX + "active"
-LEASES = PREFIX + "leases"
 SUSPECTS = PREFIX + "suspects"
-WAKE = PREFIX + "wake"
-QUEUED = PREFIX + "queued"
 PAUSED = PREFIX + "paused"
 PERSONAS = PREFIX + "personas"
 FEEDBACK = PREFIX + "feedback"
@@ -110,7 +108,27 @@ def affinity(conversation: str) -> str:
 
 
 def wake_worker(owner: str) -> str:
-    return f"{WAKE}:{owner}"
+    return f"{PREFIX}wake:{owner}"
+
+
+def ready(pool: str) -> str:
+    return f"{PREFIX}pool:{pool}:ready"
+
+
+def leases(pool: str) -> str:
+    return f"{PREFIX}pool:{pool}:leases"
+
+
+def queued(pool: str) -> str:
+    return f"{PREFIX}pool:{pool}:queued"
+
+
+def wake(pool: str) -> str:
+    return f"{PREFIX}pool:{pool}:wake"
+
+
+def pool_alive(pool: str) -> str:
+    return f"{PREFIX}pool:{pool}:alive"
 
 
 def worker(owner: str) -> str:

@@ -15,7 +15,7 @@ from typing import Literal
 from redis.asyncio import Redis
 
 from contract import keys
-from contract.jobs import Scope
+from contract.jobs import Scope, most_specific
 from service.config import Settings
 
 MAX_PERSONA_CHARS = 4000  # a persona is part of every prompt's budget: the worker refuses one that leaves no room
@@ -58,11 +58,8 @@ def field(scope: Scope) -> str:
 
 def configured(settings: Settings, scope: Scope | None) -> SystemPrompt:
     """The system prompt config.yaml gives messages written in `scope`."""
-    if scope is not None:
-        for persona in settings.personas:
-            if persona.platform == scope.platform and persona.channel == scope.channel:
-                return SystemPrompt(persona.system_prompt.strip(), "channel in config.yaml")
-        for persona in settings.personas:
-            if persona.platform == scope.platform and persona.channel is None and persona.workspace == scope.workspace:
-                return SystemPrompt(persona.system_prompt.strip(), "workspace in config.yaml")
-    return SystemPrompt(settings.system_prompt.strip(), "global system_prompt")
+    found = most_specific(settings.personas, scope)
+    if found is None:
+        return SystemPrompt(settings.system_prompt.strip(), "global system_prompt")
+    persona, level = found
+    return SystemPrompt(persona.system_prompt.strip(), f"{level} in config.yaml")

@@ -108,12 +108,12 @@ return claimed
 """
 
 _COMPLETE = TRIM_REPLIES + APPEND_TURNS + """
-local done_key, job_key, conv_jobs, ready, active, leases, turns_key, epoch_key, replies, queued =
+local done_key, job_key, conv_jobs, active, leases, turns_key, epoch_key, replies, queued, suspects =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local job_id, conversation, epoch, event = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local max_turns, history_ttl_s, done_ttl_s, replies_maxlen = tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
-local new_turns = {unpack(ARGV, 10, 9 + tonumber(ARGV[9]))}
-local suspects = KEYS[11]
+local new_turns = {unpack(ARGV, 12, 11 + tonumber(ARGV[9]))}
+local prefix, default_pool = ARGV[10], ARGV[11]
 
 local answered = 0
 local author_queued = redis.call('HGET', job_key, 'author_queued')
@@ -130,7 +130,11 @@ redis.call('LREM', conv_jobs, 1, job_id)
 redis.call('DEL', job_key)
 redis.call('ZREM', leases, job_id)
 redis.call('SREM', suspects, job_id)
-if redis.call('LLEN', conv_jobs) > 0 then
+local next_job = redis.call('LINDEX', conv_jobs, 0)
+if next_job then
+  -- the conversation waits in the line of its next job's pool (the same one, unless config.yaml moved its channel)
+  local pool = redis.call('HGET', prefix .. 'job:' .. next_job, 'pool') or default_pool
+  local ready = prefix .. 'pool:' .. pool .. ':ready'
   if not redis.call('LPOS', ready, conversation) then redis.call('RPUSH', ready, conversation) end
 else
   redis.call('SREM', active, conversation)
@@ -168,11 +172,45 @@ return 1
 """
 
 
+_UNSERVED = """
+local prefix, owner, visibility, absent_after, max_jobs = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local claimed = {}
+for i = 6, #ARGV do
+  local pool = prefix .. 'pool:' .. ARGV[i]
+  if redis.call('EXISTS', pool .. ':alive') == 0 then
+    for _, conversation in ipairs(redis.call('LRANGE', pool .. ':ready', 0, max_jobs - 1)) do
+      local job_id = redis.call('LINDEX', prefix .. 'conv:' .. conversation .. ':jobs', 0)
+      local job_key = prefix .. 'job:' .. (job_id or '')
+      if job_id and #claimed < max_jobs and now - tonumber(redis.call('HGET', job_key, 'queued_at') or '0') >= absent_after then
+        -- leased like a claim, so that a worker arriving meanwhile does not answer it as well
+        redis.call('LREM', pool .. ':ready', 1, conversation)
+        redis.call('ZADD', pool .. ':leases', now + visibility, job_id)
+        redis.call('HSET', job_key, 'owner', owner)
+        redis.call('SET', prefix .. 'worker:' .. owner, now + visibility, 'PX', visibility)
+        local fields = redis.call('HMGET', job_key, 'data', 'epoch')
+        table.insert(claimed, {fields[1], fields[2]})
+      end
+    end
+  end
+end
+return claimed
+"""
+
+
 class WorkQueue:
     def __init__(
-        self, redis: Redis, visibility_timeout_s: float = 60.0, reply_stream_maxlen: int = 10_000, affinity_wait_s: float = 0.0,
+        self,
+        redis: Redis,
+        visibility_timeout_s: float = 60.0,
+        reply_stream_maxlen: int = 10_000,
+        affinity_wait_s: float = 0.0,
+        pool: str = "default",
     ):
+        """A queue as one pool's workers see it: they claim, hold and hand back that pool's jobs."""
         self.redis = redis
+        self.pool = pool
         self.visibility_ms = int(visibility_timeout_s * 1000)
         self.affinity_wait_ms = int(affinity_wait_s * 1000)
         self.reply_stream_maxlen = reply_stream_maxlen
@@ -180,6 +218,7 @@ class WorkQueue:
         self._complete = redis.register_script(_COMPLETE)
         self._release = redis.register_script(_RELEASE)
         self._partial = redis.register_script(_PARTIAL)
+        self._unserved = redis.register_script(_UNSERVED)
 
     async def claim(self, owner: str, max_jobs: int = 1, busy: bool = False, keeps_context: bool = False) -> list[Claim]:
         """Lease up to max_jobs head jobs, each from a different conversation, with their histories.
@@ -192,7 +231,7 @@ class WorkQueue:
         places in line, so order and turns are as without a preference; after that any worker takes them.
         """
         rows = await self._claim(
-            keys=[keys.READY, keys.LEASES, keys.ACTIVE, keys.SUSPECTS],
+            keys=[keys.ready(self.pool), keys.leases(self.pool), keys.ACTIVE, keys.SUSPECTS],
             args=[
                 keys.PREFIX, max_jobs, self.visibility_ms, owner, int(busy), int(keeps_context), self.affinity_wait_ms,
                 AFFINITY_TTL_S,
@@ -204,26 +243,40 @@ class WorkQueue:
             claims.append(Claim(job, pair_turns([Turn.model_validate_json(turn) for turn in turns]), bool(suspect)))
         return claims
 
+    async def claim_unserved(self, owner: str, pools: list[str], absent_after_s: float, max_jobs: int = 100) -> list[Job]:
+        """Lease the head jobs that waited `absent_after_s` in pools no live worker serves, to be told so."""
+        rows = await self._unserved(
+            keys=[], args=[keys.PREFIX, owner, self.visibility_ms, int(absent_after_s * 1000), max_jobs, *pools]
+        )
+        return [Job.model_validate_json(data).model_copy(update={"epoch": int(epoch)}) for data, epoch in rows]
+
     async def depth(self) -> tuple[int, int]:
-        """Jobs waiting or being answered, and conversations waiting for a worker."""
+        """The pool's jobs waiting or being answered, and its conversations waiting for a worker."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(keys.QUEUED)
-            pipe.llen(keys.READY)
+            pipe.get(keys.queued(self.pool))
+            pipe.llen(keys.ready(self.pool))
             queued, waiting = await pipe.execute()
         return int(queued or 0), waiting
 
     async def wait_for_work(self, owner: str, timeout_s: float) -> None:
-        """Block until a message arrives: one for a conversation whose context `owner` holds, or any."""
-        await self.redis.blpop([keys.wake_worker(owner), keys.WAKE], timeout=timeout_s)
+        """Block until a message arrives: one for a conversation whose context `owner` holds, or any of the pool's."""
+        await self.redis.blpop([keys.wake_worker(owner), keys.wake(self.pool)], timeout=timeout_s)
 
-    async def heartbeat(self, owner: str, jobs: list[Job]) -> None:
-        """Say that worker `owner` is alive, and push the lease deadline of the jobs it is working on."""
+    async def heartbeat(self, owner: str, jobs: list[Job], serving_for_s: float | None = None) -> None:
+        """Say that worker `owner` is alive, and push the lease deadline of the jobs it is working on.
+
+        With `serving_for_s`, the pool counts as served for that long: its messages wait for a worker
+        rather than being told that none is serving (claim_unserved). A worker that cannot serve
+        (its model server is down) leaves it out.
+        """
         seconds, micros = await self.redis.time()
         deadline = seconds * 1000 + micros // 1000 + self.visibility_ms
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.worker(owner), deadline, px=self.visibility_ms)
+            if serving_for_s is not None:
+                pipe.set(keys.pool_alive(self.pool), owner, px=int(serving_for_s * 1000))
             if jobs:
-                pipe.zadd(keys.LEASES, {job.id: deadline for job in jobs}, xx=True)
+                pipe.zadd(keys.leases(self.pool), {job.id: deadline for job in jobs}, xx=True)
             await pipe.execute()
 
     async def gone(self, owner: str) -> None:
@@ -233,21 +286,25 @@ class WorkQueue:
     async def release(self, owner: str, jobs: list[Job]) -> None:
         """Hand back the jobs worker `owner` still holds, unanswered and first in line (the worker is stopping)."""
         if jobs:
-            await self._release(keys=[keys.READY, keys.LEASES, keys.SUSPECTS], args=[keys.PREFIX, owner, *(job.id for job in jobs)])
+            await self._release(
+                keys=[keys.ready(self.pool), keys.leases(self.pool), keys.SUSPECTS], args=[keys.PREFIX, owner, *(job.id for job in jobs)]
+            )
 
-    async def complete(self, job: Job, event: ReplyEvent, turns: list[Turn], max_turns: int, ttl_s: int) -> bool:
-        """Post the reply, append the turns and mark the job done in one atomic step.
+    async def complete(self, job: Job, event: ReplyEvent, turns: list[Turn] = (), max_turns: int = 0, ttl_s: int = 0) -> bool:
+        """Post the reply, append the turns (up to the conversation's newest `max_turns`, kept `ttl_s`)
+        and mark the job done in one atomic step.
 
         Returns False if the job had been answered already (a redelivery): nothing is written.
         """
         script_keys = [
-            keys.done(job.id), keys.job(job.id), keys.conv_jobs(job.conversation), keys.READY, keys.ACTIVE, keys.LEASES,
-            keys.turns(job.conversation), keys.epoch(job.conversation), reply_stream(job.platform, job.conversation), keys.QUEUED,
-            keys.SUSPECTS,
+            keys.done(job.id), keys.job(job.id), keys.conv_jobs(job.conversation), keys.ACTIVE, keys.leases(job.pool),
+            keys.turns(job.conversation), keys.epoch(job.conversation), reply_stream(job.platform, job.conversation),
+            keys.queued(job.pool), keys.SUSPECTS,
         ]
         args = [
             job.id, job.conversation, str(job.epoch), event.model_dump_json(), max_turns, ttl_s, DONE_TTL_S,
-            self.reply_stream_maxlen, len(turns), *(turn.model_copy(update={"job": job.id}).model_dump_json() for turn in turns),
+            self.reply_stream_maxlen, len(turns), keys.PREFIX, self.pool,
+            *(turn.model_copy(update={"job": job.id}).model_dump_json() for turn in turns),
         ]
         return bool(await self._complete(keys=script_keys, args=args))
 
@@ -258,6 +315,6 @@ class WorkQueue:
         then stops generating for the job.
         """
         event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind="partial", text=text, reply_to=job.reply_to)
-        script_keys = [keys.done(job.id), keys.job(job.id), keys.LEASES, reply_stream(job.platform, job.conversation)]
+        script_keys = [keys.done(job.id), keys.job(job.id), keys.leases(job.pool), reply_stream(job.platform, job.conversation)]
         args = [job.id, owner, event.model_dump_json(), self.reply_stream_maxlen]
         return bool(await self._partial(keys=script_keys, args=args))

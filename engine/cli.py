@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from contract import history
 from contract.jobs import Scope, conversation_argument
 from contract.personas import Personas
+from contract.pools import pool_for
 from service.config import Settings
 from service.runtime import on_terminate, one_shot_client, process_identity, serve, startup
 
@@ -67,7 +68,7 @@ def prompt_command(args: argparse.Namespace) -> int:
         prompt = builder.with_system_prompt(system_prompt.text).build(exchanges, args.text)
         print(prompt.text)
         print(
-            f"--- system prompt: {system_prompt.source}; {len(prompt.ids)} tokens (budget {settings.model.max_prompt_tokens}); "
+            f"--- pool: {pool_for(settings.pools, scope)}; system prompt: {system_prompt.source}; {len(prompt.ids)} tokens (budget {settings.model.max_prompt_tokens}); "
             f"{prompt.kept_exchanges} exchanges kept, {prompt.dropped_exchanges} dropped"
             + ("; message cut" if prompt.cut else ""),
             file=sys.stderr,

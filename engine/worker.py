@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent, is_blank
 from contract.personas import Personas, configured
+from contract.pools import answer_unserved
 from contract.work import Claim, WorkQueue
 from engine.prompts import Prompt, PromptBuilder, PromptTooSmall
 from engine.reasoning import CLOSE, Reasoning, split_reasoning
@@ -167,7 +168,7 @@ class Publisher:
         if not answered:
             log.info("job was answered before; reply not repeated", extra={"job": job.id})
         else:
-            JOBS.labels("answered" if kind == "final" else "failed").inc()
+            JOBS.labels(job.pool, "answered" if kind == "final" else "failed").inc()
 
     async def partial(self, answer: Answer, text: str) -> bool:
         """Stream the answer so far; False once the job is no longer this worker's (answered or taken over)."""
@@ -198,8 +199,13 @@ class Worker:
         self.engine = engine
         self.settings = settings
         self.owner = owner
+        self.pool = settings.pools.served
         self.queue = WorkQueue(
-            redis, settings.queue.visibility_timeout_s, settings.queue.reply_stream_maxlen, settings.queue.affinity_wait_s
+            redis,
+            settings.queue.visibility_timeout_s,
+            settings.queue.reply_stream_maxlen,
+            settings.queue.affinity_wait_s,
+            self.pool,
         )
         self.builder = PromptBuilder.for_settings(engine.tokenizer, settings)
         self.personas = Personas(redis, settings)
@@ -210,6 +216,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self.publisher = Publisher(self.queue, owner, settings.history, self.stopping)
         self._heartbeat_at = 0.0
+        self._server_down = False  # waiting for the model server: the pool is not served meanwhile
         self._turn_at = time.monotonic()  # when the serving loop last came round
         room = engine.sequence_length - settings.model.max_prompt_tokens
         if room < settings.generation.max_new_tokens:
@@ -225,7 +232,7 @@ class Worker:
 
     async def run(self) -> None:
         self._turn_at = time.monotonic()
-        with HEALTH.checking("worker", self._loop_check), HEALTH.checking("engine", self._server_problem):
+        with HEALTH.checking("worker", self._loop_check, {"pool": self.pool}), HEALTH.checking("engine", self._server_problem):
             await self._serve()
 
     async def _loop_check(self) -> str | None:
@@ -236,16 +243,16 @@ class Worker:
     async def _serve(self) -> None:
         try:
             try:
-                await with_backoff(lambda: self.queue.heartbeat(self.owner, []), "register", give_up=self.stopping.is_set)
+                await with_backoff(self._say_alive, "register", give_up=self.stopping.is_set)
             except REDIS_DOWN:
                 return  # stopped before Redis ever answered
             self._heartbeat_at = time.monotonic()
             await self._wait_for_server()
-            log.info("worker ready", extra={"owner": self.owner, "slots": self.engine.batch_size})
+            log.info("worker ready", extra={"owner": self.owner, "pool": self.pool, "slots": self.engine.batch_size})
             claims: list[Claim] = []
             while not self.stopping.is_set():
                 self._turn_at = time.monotonic()
-                ACTIVE_SLOTS.set(len(self.scheduler.live))
+                ACTIVE_SLOTS.labels(self.pool).set(len(self.scheduler.live))
                 if not self.scheduler.live and not claims:  # claims made during the last step are served first
                     claims = await self._claim(self.scheduler.room())
                     if not claims:
@@ -307,7 +314,7 @@ class Worker:
         claimed_at = time.time()
         TIME_IN_QUEUE.observe(max(0.0, claimed_at - job.submitted_at))
         if claim.suspect:
-            JOBS.labels("redelivered").inc()
+            JOBS.labels(job.pool, "redelivered").inc()
         if job.attempts > MAX_ATTEMPTS:
             log.error("job failed too often", extra={"job": job.id, "attempts": job.attempts})
             await self.publisher.answer(job, "error", GAVE_UP)
@@ -361,8 +368,14 @@ class Worker:
         except REDIS_DOWN:
             pass  # _claim has said so, and waited
 
+    async def _say_alive(self) -> None:
+        """This worker's liveness and its jobs' leases; its pool counts as served unless the model server is down."""
+        serving_for_s = None if self._server_down else self.settings.pools.absent_after_s
+        await self.queue.heartbeat(self.owner, [slot.payload.job for slot in self.scheduler.live], serving_for_s)
+
     async def _heartbeat(self) -> None:
-        """Keep this worker's liveness and its jobs' leases, every quarter of the visibility timeout.
+        """Keep this worker's liveness and its jobs' leases, every quarter of the visibility timeout, and
+        tell the people whose messages wait for a pool nobody serves.
 
         Called between model steps and while idle, never from a timer: a stuck loop lets both expire.
         """
@@ -370,11 +383,12 @@ class Worker:
         if now - self._heartbeat_at < self.settings.queue.visibility_timeout_s / 4:
             return
         try:
-            await self.queue.heartbeat(self.owner, [slot.payload.job for slot in self.scheduler.live])
+            await self._say_alive()
             self._heartbeat_at = now
             queued, waiting = await self.queue.depth()
-            QUEUED_JOBS.set(queued)
-            WAITING_CONVERSATIONS.set(waiting)
+            QUEUED_JOBS.labels(self.pool).set(queued)
+            WAITING_CONVERSATIONS.labels(self.pool).set(waiting)
+            await answer_unserved(self.queue, self.owner, self.settings.pools)
         except REDIS_DOWN:
             pass  # the next turn tries again; leases outlive two steps (config.py)
         except RedisError as error:
@@ -434,6 +448,7 @@ class Worker:
         announced = False
         while not self.stopping.is_set():
             problem = await self._server_problem()
+            self._server_down = problem is not None
             if problem is None:
                 if announced:
                     log.info("model server available again; claiming resumes")

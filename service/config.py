@@ -145,18 +145,61 @@ class OpenAISettings(Strict):
     health_interval_s: float = Field(2.0, gt=0, description="how often an unavailable server is asked again")
 
 
-class Persona(Strict):
-    """A system prompt for one workspace (a Discord guild, a Slack team) or one channel, over `system_prompt`."""
+class ScopeRule(Strict):
+    """A setting for one workspace (a Discord guild, a Slack team) or one channel: a channel's beats its workspace's."""
 
     platform: str = Field(pattern=r"^[a-z0-9_-]+$", description="discord, slack, local")
     workspace: str | None = Field(None, description="guild or team id; unset: any")
     channel: str | None = Field(None, description="channel id (its threads included); unset: the whole workspace")
-    system_prompt: str = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _names_a_place(self) -> Persona:
+    def _names_a_place(self) -> ScopeRule:
         if self.workspace is None and self.channel is None:
-            raise ValueError("a persona names a workspace or a channel (the global one is system_prompt)")
+            raise ValueError("names a workspace or a channel (what holds everywhere else has its own setting)")
+        return self
+
+
+class Persona(ScopeRule):
+    """A system prompt for one workspace or channel, over `system_prompt`."""
+
+    system_prompt: str = Field(min_length=1)
+
+
+POOL_NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+
+
+class PoolRoute(ScopeRule):
+    """Messages written in one workspace or channel are answered by the workers of a named pool."""
+
+    pool: str = Field(pattern=POOL_NAME)
+
+
+class PoolSettings(Strict):
+    """Named pools of workers (a model each), and which channels each answers."""
+
+    default: str = Field("default", pattern=POOL_NAME, description="the pool of messages no route names")
+    serve: str | None = Field(None, pattern=POOL_NAME, description="the pool this process's worker serves; unset: default")
+    routes: list[PoolRoute] = Field(default_factory=list, description="workspaces and channels answered by another pool")
+    absent_after_s: float = Field(
+        120.0, gt=0, description="a message waits this long for a pool with no live worker, then is told none is serving"
+    )
+
+    @property
+    def served(self) -> str:
+        return self.serve or self.default
+
+    @property
+    def names(self) -> list[str]:
+        """Every pool a message can be routed to, the default first."""
+        return list(dict.fromkeys([self.default, *(route.pool for route in self.routes)]))
+
+    @model_validator(mode="after")
+    def _serves_a_routed_pool(self) -> PoolSettings:
+        if self.served not in self.names:
+            raise ValueError(
+                f"serve: no message reaches pool {self.served!r}: it is neither `default` nor named by a route "
+                f"(pools: {', '.join(self.names)})"
+            )
         return self
 
 
@@ -177,6 +220,7 @@ class Settings(Strict):
     personas: list[Persona] = Field(
         default_factory=list, description="system prompts per workspace or channel; a channel's beats its workspace's"
     )
+    pools: PoolSettings = PoolSettings()
     model: ModelSettings = ModelSettings()
     generation: GenerationSettings = GenerationSettings()
     history: HistorySettings = HistorySettings()
@@ -195,6 +239,17 @@ class Settings(Strict):
             raise ValueError(
                 f"openai.timeout_s ({self.openai.timeout_s:g}) must be below queue.step_timeout_s "
                 f"({self.queue.step_timeout_s:g})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pools_outlive_a_heartbeat(self) -> Settings:
+        # A live worker says so every quarter of the visibility timeout (engine/worker.py): a pool
+        # must not look absent between two of those.
+        if self.pools.absent_after_s < self.queue.visibility_timeout_s:
+            raise ValueError(
+                f"pools.absent_after_s ({self.pools.absent_after_s:g}) must be at least queue.visibility_timeout_s "
+                f"({self.queue.visibility_timeout_s:g})"
             )
         return self
 

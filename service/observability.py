@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
 # worker
-JOBS = Counter("chatbot_jobs_total", "Jobs by outcome: answered, failed (answered with an error), redelivered", ["outcome"])
+JOBS = Counter(
+    "chatbot_jobs_total", "Jobs by pool and outcome: answered, failed (answered with an error), redelivered", ["pool", "outcome"]
+)
 TIME_IN_QUEUE = Histogram("chatbot_time_in_queue_seconds", "Submission to claim", buckets=_LATENCY_BUCKETS)
 TIME_TO_FIRST_TOKEN = Histogram("chatbot_time_to_first_token_seconds", "Submission to first token", buckets=_LATENCY_BUCKETS)
 TIME_TO_FINAL = Histogram("chatbot_time_to_final_reply_seconds", "Submission to final reply", buckets=_LATENCY_BUCKETS)
@@ -30,9 +32,9 @@ PREFILLED_TOKENS = Counter(
 )
 PREFIX_CACHE_LOOKUPS = Counter("chatbot_prefix_cache_lookups_total", "Prefills that looked for a cached prefix", ["result"])
 GENERATED_TOKENS = Counter("chatbot_generated_tokens_total", "Tokens generated (rate() gives tokens/s)")
-ACTIVE_SLOTS = Gauge("chatbot_active_slots", "Batch slots generating now")
-QUEUED_JOBS = Gauge("chatbot_queued_jobs", "Jobs waiting or being answered, all workers (sampled by each worker)")
-WAITING_CONVERSATIONS = Gauge("chatbot_waiting_conversations", "Conversations whose next message waits for a worker")
+ACTIVE_SLOTS = Gauge("chatbot_active_slots", "Batch slots generating now", ["pool"])
+QUEUED_JOBS = Gauge("chatbot_queued_jobs", "A pool's jobs waiting or being answered, all its workers (sampled by each)", ["pool"])
+WAITING_CONVERSATIONS = Gauge("chatbot_waiting_conversations", "Conversations whose next message waits for a worker", ["pool"])
 # adapters
 DELIVERIES = Counter("chatbot_deliveries_total", "Reply events shown on a platform", ["platform", "kind"])
 PLATFORM_ERRORS = Counter("chatbot_platform_errors_total", "Failed platform calls by kind", ["platform", "kind"])
@@ -44,16 +46,20 @@ Check = Callable[[], Awaitable[str | None]]  # None when healthy, else what is w
 class Health:
     def __init__(self) -> None:
         self.checks: dict[str, Check] = {}
+        self.about: dict[str, str] = {}  # what the process serves (a worker's pool), shown beside the checks
 
     @contextmanager
-    def checking(self, name: str, check: Check) -> Iterator[None]:
-        """`check` is part of this process's health while the block runs."""
+    def checking(self, name: str, check: Check, about: dict[str, str] | None = None) -> Iterator[None]:
+        """`check` (and `about`) is part of this process's health while the block runs."""
         self.checks[name] = check
+        self.about.update(about or {})
         try:
             yield
         finally:
             if self.checks.get(name) is check:
                 del self.checks[name]
+            for key in about or {}:
+                self.about.pop(key, None)
 
     async def report(self) -> dict[str, str]:
         results = {}
@@ -79,7 +85,8 @@ def redis_check(redis: Redis) -> Check:
 async def healthz(health: Health) -> web.Response:
     results = await health.report()
     healthy = all(result == "ok" for result in results.values())
-    return web.json_response({"status": "ok" if healthy else "failing", "checks": results}, status=200 if healthy else 503)
+    body = {"status": "ok" if healthy else "failing", "checks": results, **health.about}
+    return web.json_response(body, status=200 if healthy else 503)
 
 
 def add_routes(app: web.Application, health: Health) -> None:

@@ -124,11 +124,11 @@ async def final_event(redis, platform: str, job_id: str, timeout: float = 60) ->
 
 
 @contextlib.asynccontextmanager
-async def running_worker(redis, engine, settings):
+async def running_worker(redis, engine, settings, owner: str = "test-worker"):
     """A real Worker serving in this test's event loop until the block ends."""
     from engine.worker import Worker
 
-    worker = Worker(redis, engine, settings, owner="test-worker")
+    worker = Worker(redis, engine, settings, owner=owner)
     task = asyncio.create_task(worker.run())
     try:
         yield worker

@@ -68,7 +68,7 @@ async def test_a_worker_process_serves_metrics_and_health(redis, redis_server, t
         while True:
             try:
                 status, body = await get(port, "/healthz")
-                if status == 200 and '"worker": "ok"' in body:
+                if status == 200 and '"worker": "ok"' in body and '"pool": "default"' in body:
                     break
             except aiohttp.ClientError:
                 pass
@@ -80,8 +80,8 @@ async def test_a_worker_process_serves_metrics_and_health(redis, redis_server, t
     finally:
         process.terminate()
         process.wait(20)
-    assert 'chatbot_jobs_total{outcome="answered"} 1.0' in metrics
+    assert 'chatbot_jobs_total{outcome="answered",pool="default"} 1.0' in metrics
     assert "chatbot_time_to_first_token_seconds_count 1.0" in metrics
     assert "chatbot_time_to_final_reply_seconds_count 1.0" in metrics
     assert "chatbot_time_in_queue_seconds_count 1.0" in metrics
-    assert "chatbot_generated_tokens_total" in metrics and "chatbot_active_slots" in metrics
+    assert "chatbot_generated_tokens_total" in metrics and 'chatbot_active_slots{pool="default"}' in metrics

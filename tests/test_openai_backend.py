@@ -99,11 +99,11 @@ async def test_an_outage_mid_answer_hands_the_job_back_and_it_is_answered_once(r
         while not await reply_events(redis, "local", "local:long"):
             await asyncio.sleep(0.02)
         await link.cut()
-        while await redis.zcard(keys.LEASES):  # handed back, not left to a lease
+        while await redis.zcard(keys.leases("default")):  # handed back, not left to a lease
             await asyncio.sleep(0.05)
         assert await redis.hget(keys.job("local:long"), "attempts") in (None, "0")  # uncharged
         await asyncio.sleep(1.0)  # the worker claims nothing while the server is away
-        assert await redis.lrange(keys.READY, 0, -1) == [CHAT.key]
+        assert await redis.lrange(keys.ready("default"), 0, -1) == [CHAT.key]
         assert "unreachable" in (await HEALTH.report())["engine"]
         await link.restore()
         final = await final_event(redis, "local", "local:long", timeout=120)
@@ -120,7 +120,7 @@ async def test_a_worker_started_while_the_server_is_away_waits_for_it(redis, vll
     await Queues(redis).submit(CHAT, "early", "Hello there.")
     async with running_worker(redis, OpenAIEngine.load(settings, api_key=None), settings):
         await asyncio.sleep(1.5)
-        assert not await reply_events(redis, "local") and not await redis.zcard(keys.LEASES)
+        assert not await reply_events(redis, "local") and not await redis.zcard(keys.leases("default"))
         await link.restore()
         assert (await final_event(redis, "local", "local:early")).kind == "final"
 
@@ -144,7 +144,7 @@ async def test_sigterm_hands_back_and_the_server_stops_generating(redis, redis_s
         assert process.wait(20) == 0
     finally:
         process.kill()
-    assert await redis.zcard(keys.LEASES) == 0 and await redis.lrange(keys.READY, 0, -1) == [CHAT.key]
+    assert await redis.zcard(keys.leases("default")) == 0 and await redis.lrange(keys.ready("default"), 0, -1) == [CHAT.key]
     assert "final" not in {event.kind for event in await reply_events(redis, "local")}
     deadline = time.monotonic() + 5  # the closed stream aborts the request: no 500 tokens generated for nobody
     while vllm.metric("vllm:num_requests_running"):
@@ -169,7 +169,7 @@ async def test_a_request_the_server_refuses_while_well_fails_only_that_job(redis
         await Queues(redis).submit(CHAT, "bad", "Hello.")
         failed = await final_event(redis, "local", "local:bad")
     assert failed.kind == "error" and failed.text == MODEL_FAILED
-    assert not await redis.zcard(keys.LEASES) and not await redis.llen(keys.READY)  # answered, not handed back
+    assert not await redis.zcard(keys.leases("default")) and not await redis.llen(keys.ready("default"))  # answered, not handed back
 
 
 def test_a_stream_line_that_is_not_json_fails_the_request_not_the_worker():

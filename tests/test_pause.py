@@ -35,7 +35,7 @@ async def test_a_pause_refuses_new_messages_and_starts_nothing_until_the_resume(
 
         assert (await final_event(redis, "local", "local:a1")).kind == "final"  # the running answer finished
         await asyncio.sleep(1.5)  # idle turns of the worker: bob's message waits
-        assert not await reply_events(redis, "local", "local:b1") and await redis.lrange(keys.READY, 0, -1) == [BOB.key]
+        assert not await reply_events(redis, "local", "local:b1") and await redis.lrange(keys.ready("default"), 0, -1) == [BOB.key]
 
         assert await resume(redis) and not await resume(redis)
         assert (await final_event(redis, "local", "local:b1")).kind == "final"

@@ -117,7 +117,7 @@ async def test_heartbeat_keeps_a_long_job_leased(redis):
 async def test_a_heartbeat_with_no_job_in_flight_only_says_the_worker_is_alive(redis):
     # The worker extends leases after each step, and a step can end the last live slot.
     await Queues(redis).heartbeat("w", [])
-    assert await redis.zcard("chatbot:leases") == 0 and await redis.exists("chatbot:worker:w")
+    assert await redis.zcard(keys.leases("default")) == 0 and await redis.exists("chatbot:worker:w")
 
 
 async def test_a_live_workers_jobs_are_never_taken_and_a_stopped_ones_are_taken_at_once(redis):
@@ -155,7 +155,7 @@ async def test_released_job_comes_back_first_without_counting_as_an_attempt(redi
     [suspect] = await claims(queue, "w2")  # still a suspect, charged for this delivery only
     assert suspect.job.id == job.id and suspect.suspect and suspect.job.attempts == 1
     await queue.release("w", [suspect.job])  # a stopping worker's hand-back of a job taken over changes nothing
-    assert await redis.zscore(keys.LEASES, job.id) is not None
+    assert await redis.zscore(keys.leases("default"), job.id) is not None
     assert await redis.hget(keys.job(job.id), "attempts") == "1"
 
 
@@ -298,7 +298,7 @@ async def test_a_follow_up_waits_a_moment_for_the_live_worker_that_holds_its_con
     assert await redis.llen(keys.wake_worker("a")) == 1  # a, idle, is woken for its conversation
     await queue.heartbeat("b", [])
     assert [c.job.id for c in await queue.claim("b", 2, keeps_context=True)] == ["local:b0"]
-    assert await redis.lrange(keys.READY, 0, -1) == [ALICE.key]  # passed over, still first in line
+    assert await redis.lrange(keys.ready("default"), 0, -1) == [ALICE.key]  # passed over, still first in line
     assert [c.job.id for c in await queue.claim("a", 2, keeps_context=True)] == ["local:m1"]
 
 

@@ -161,7 +161,7 @@ POISONED_WORKER = ("-c", "from tests.test_worker import serve_poisoned; raise Sy
 
 async def leases_held_by(redis, process: subprocess.Popen) -> list[str]:
     """The jobs leased to the worker running in `process` (its identity holds its pid)."""
-    leased = await redis.zrange(keys.LEASES, 0, -1)
+    leased = await redis.zrange(keys.leases("default"), 0, -1)
     owners = [await redis.hget(keys.job(job_id), "owner") for job_id in leased]
     return [job_id for job_id, owner in zip(leased, owners) if (owner or "").startswith(f"killable-{process.pid}-")]
 
@@ -258,14 +258,14 @@ async def test_sigterm_hands_back_every_job_in_a_slot_and_exits_cleanly(redis, r
         worker_mid_answer(redis, redis_server.url, tmp_path, CHATBOT__MODEL__BATCH_SIZE="2"), 60
     )
     try:
-        while await redis.zcard("chatbot:leases") < 2:  # both conversations hold a slot
+        while await redis.zcard(keys.leases("default")) < 2:  # both conversations hold a slot
             await asyncio.sleep(0.01)
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
     finally:
         process.kill()
-    assert await redis.zcard("chatbot:leases") == 0
-    assert sorted(await redis.lrange("chatbot:ready", 0, -1)) == sorted([CHAT.key, other.key])
+    assert await redis.zcard(keys.leases("default")) == 0
+    assert sorted(await redis.lrange(keys.ready("default"), 0, -1)) == sorted([CHAT.key, other.key])
     assert "final" not in {event.kind for event in await reply_events(redis, "local")}
 
 
@@ -317,8 +317,8 @@ async def test_a_stuck_model_step_ends_the_worker_and_the_job_is_answered_after_
         process.kill()
     log = (tmp_path / "worker.log").read_text()
     assert "a model step took longer than queue.step_timeout_s (1e-06 s)" in log
-    assert await redis.zcard("chatbot:leases") == 1  # still leased: delivered again when the lease expires
-    await redis.zadd("chatbot:leases", {"local:stuck": 0})  # (expire it now rather than wait a minute)
+    assert await redis.zcard(keys.leases("default")) == 1  # still leased: delivered again when the lease expires
+    await redis.zadd(keys.leases("default"), {"local:stuck": 0})  # (expire it now rather than wait a minute)
     process = worker_process(redis_server.url, tmp_path, CHATBOT__WORKER_NAME="another")
     try:
         assert (await final_event(redis, "local", "local:stuck")).kind == "final"
@@ -341,7 +341,7 @@ async def test_redis_refusing_one_answer_fails_only_that_job(redis, tiny_model, 
     assert "could not stream a partial answer" in messages  # logged once, not once per step
     assert messages.count("could not stream a partial answer") == 1
     assert "redis refused the answer" in messages
-    assert await redis.zscore("chatbot:leases", "broken:b1") is not None  # left to be delivered again
+    assert await redis.zscore(keys.leases("default"), "broken:b1") is not None  # left to be delivered again
 
 
 async def test_the_answer_log_line_times_the_job_from_submission(redis, worker, caplog):
@@ -364,9 +364,9 @@ async def test_a_partial_is_published_only_while_the_lease_is_held_and_the_job_u
     [claim] = await queue.claim("me")
     assert await queue.publish_partial(claim.job, "so far", "me")
     assert not await queue.publish_partial(claim.job, "so far", "someone else")  # lease taken over
-    await redis.zrem("chatbot:leases", claim.job.id)
+    await redis.zrem(keys.leases("default"), claim.job.id)
     assert not await queue.publish_partial(claim.job, "so far", "me")  # lease gone
-    await redis.zadd("chatbot:leases", {claim.job.id: 10**13})
+    await redis.zadd(keys.leases("default"), {claim.job.id: 10**13})
     await queue.complete(claim.job, ReplyEvent(job_id=claim.job.id, conversation=CHAT.key, kind="final", text="done"), [], 40, 60)
     assert not await queue.publish_partial(claim.job, "late", "me")  # answered already
     assert [e.text for e in await reply_events(redis, "local")] == ["so far", "done"]
@@ -425,7 +425,7 @@ async def test_three_workers_answer_every_job_once_and_a_killed_one_loses_nothin
 
         async def victim_mid_answer() -> None:
             while True:
-                owners = [await redis.hget(f"chatbot:job:{job_id}", "owner") for job_id in await redis.zrange("chatbot:leases", 0, -1)]
+                owners = [await redis.hget(f"chatbot:job:{job_id}", "owner") for job_id in await redis.zrange(keys.leases("default"), 0, -1)]
                 if any((owner or "").startswith(victim) for owner in owners) and await reply_count(redis, "local"):
                     return
                 await asyncio.sleep(0.01)

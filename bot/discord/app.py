@@ -14,6 +14,7 @@ from bot.discord.outbox import DiscordOutbox
 from bot.discord.routing import PLATFORM
 from bot.discord.typing_indicator import TypingIndicators
 from contract.intake import Intake
+from contract.pools import keep_answering_unserved
 from service.config import ConfigError, Secrets, Settings
 from service.observability import HEALTH
 from service.tasks import until_first_ends
@@ -31,7 +32,7 @@ async def run_discord(settings: Settings, secrets: Secrets, redis: Redis) -> Non
     """Serve Discord until cancelled."""
     token = secrets.require("DISCORD_TOKEN")["DISCORD_TOKEN"]
     typing = TypingIndicators()
-    client = ChatClient(settings.discord, Intake(redis, settings.limits), typing)
+    client = ChatClient(settings.discord, Intake(redis, settings.limits, settings.pools), typing)
     tree = command_tree(client, redis, settings)
     delivery = Delivery(
         redis, PLATFORM, DiscordOutbox(client), settings.discord.edit_interval_s, settings.queue.adapter_lease_s, waiting=typing
@@ -44,7 +45,9 @@ async def run_discord(settings: Settings, secrets: Secrets, redis: Redis) -> Non
             await sync_commands(tree, settings.discord.guilds)
             log.info("discord adapter started", extra={"bot_user": client.user.id, "guilds": settings.discord.guilds})
             with HEALTH.checking("discord", gateway_check(client)):
-                await until_first_ends(client.connect(), delivery.run())
+                await until_first_ends(
+                    client.connect(), delivery.run(), keep_answering_unserved(redis, settings, delivery.shards.holder)
+                )
         except discord.LoginFailure:
             raise ConfigError("Discord rejected DISCORD_TOKEN: copy the bot token again from the Developer Portal") from None
         except discord.PrivilegedIntentsRequired:

@@ -28,6 +28,7 @@ from bot.slack.status import ThreadStatus
 from contract.feedback import EXCHANGE_TTL_S, FeedbackStore
 from contract.intake import Intake
 from contract.personas import Personas
+from contract.pools import keep_answering_unserved
 from service.config import Secrets, Settings
 from service.observability import HEALTH
 from service.tasks import until_first_ends
@@ -82,7 +83,7 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
     dm_threads = DmThreads(redis, keep_s=max(settings.history.ttl_seconds, EXCHANGE_TTL_S))
     personas = Personas(redis, settings)  # the whole settings: `show` names config.yaml's personas too
     SlackListeners(
-        slack, settings.slack, Intake(redis, settings.limits), outbox, status, feedback, files, dm_threads, personas
+        slack, settings.slack, Intake(redis, settings.limits, settings.pools), outbox, status, feedback, files, dm_threads, personas
     ).register(app)
     return SlackBot(app, outbox, status)
 
@@ -114,7 +115,9 @@ async def serve(bot: SlackBot, settings: Settings, secrets: Secrets, redis: Redi
         redis, PLATFORM, bot.outbox, settings.slack.edit_interval_s, settings.queue.adapter_lease_s, waiting=bot.status
     )
     async with receiving(bot.app, settings, tokens):
-        await until_first_ends(delivery.run(), bot.status.keep_fresh())
+        await until_first_ends(
+            delivery.run(), bot.status.keep_fresh(), keep_answering_unserved(redis, settings, delivery.shards.holder)
+        )
 
 
 async def run_slack(settings: Settings, secrets: Secrets, redis: Redis) -> None:
