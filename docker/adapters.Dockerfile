@@ -6,7 +6,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-COPY pyproject.toml README.md chatbot.py ./
+COPY pyproject.toml README.md chatbot.py slack_manifest.yaml ./
 COPY contract ./contract
 COPY service ./service
 COPY engine ./engine

@@ -29,6 +29,7 @@ SECRET_NAMES = (
     "SLACK_BOT_TOKEN",
     "SLACK_APP_TOKEN",
     "SLACK_SIGNING_SECRET",
+    "SLACK_APP_CONFIG_TOKEN",  # only `chatbot doctor` reads it: an app configuration token, to compare the app with its manifest
     "HF_TOKEN",
     "OPENAI_API_KEY",
 )

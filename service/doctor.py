@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -28,8 +27,7 @@ if TYPE_CHECKING:
 
     from engine.serving.openai_engine import OpenAIEngine
 
-# Not among service/config.py's SECRET_NAMES: only the doctor reads it (bot/slack/doctor.py).
-APP_CONFIG_TOKEN = "SLACK_APP_CONFIG_TOKEN"
+APP_CONFIG_TOKEN = "SLACK_APP_CONFIG_TOKEN"  # read by bot/slack/doctor.py only
 # A server or platform that has not answered by then is reported, and the other checks still run.
 GROUP_TIMEOUT_S = 60.0
 REDIS_TIMEOUT_S = 5.0
@@ -272,8 +270,6 @@ async def diagnose(
 
 def doctor_command(args: argparse.Namespace) -> int:
     settings, secrets = startup(args.config)
-    if os.environ.get(APP_CONFIG_TOKEN):
-        secrets = Secrets(values={**secrets.values, APP_CONFIG_TOKEN: os.environ[APP_CONFIG_TOKEN]})
     # The terminal gets one line per check; the libraries' logs go to the file, with every token masked.
     log_to_file(settings, secrets)
     try:
