@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 from bot.split import split_message
 from contract import keys
 from contract.jobs import ReplyEvent
-from contract.replies import Entry, ReplyReader, shard_of
+from contract.replies import POSTED_TTL_S, Entry, ReplyReader, shard_of
 from contract.reply_shards import ShardLeases
 from service.observability import DELIVERIES, PLATFORM_ERRORS
 from service.redis_client import REDIS_FAILED, with_backoff
@@ -39,7 +39,6 @@ from service.runtime import process_identity
 from service.tasks import cancel_until_done
 
 log = logging.getLogger(__name__)
-POSTED_TTL_S = 24 * 3600
 ABANDONED_AFTER_S = 3600  # a streamed reply silent this long will not be finished
 FAILED = "Sorry, I could not deliver the answer."
 LANE_IDLE_S = 30.0  # a conversation's lane ends after this long without replies

@@ -35,10 +35,13 @@ return epoch
 """
 
 # Lua, run inside the worker's answer script (contract/work.py): append a job's turns if the
-# conversation was not reset since the job was submitted, keep the newest max_turns.
+# conversation was not reset since the job was submitted, keep the newest max_turns. A regeneration
+# first drops the exchange it replaces, if that is still the latest.
 APPEND_TURNS = """
-local function append_turns(turns_key, epoch_key, submitted_epoch, max_turns, ttl_s, new_turns)
+local function append_turns(turns_key, epoch_key, submitted_epoch, max_turns, ttl_s, new_turns, replaces)
   if (redis.call('GET', epoch_key) or '0') ~= submitted_epoch or #new_turns == 0 then return end
+  local last = redis.call('LINDEX', turns_key, -1)
+  if replaces ~= '' and last and cjson.decode(last).job == replaces then redis.call('LTRIM', turns_key, 0, -3) end
   for _, turn in ipairs(new_turns) do redis.call('RPUSH', turns_key, turn) end
   redis.call('LTRIM', turns_key, -max_turns, -1)
   redis.call('EXPIRE', turns_key, ttl_s)
@@ -50,6 +53,7 @@ class Turn(BaseModel):
     role: Literal["user", "assistant"]
     text: str
     name: str | None = None  # the author's display name, for user turns in shared channels
+    author_id: str | None = None  # the asker's platform user id, on both turns: who may regenerate the answer
     tokens: int = Field(ge=0)  # what this turn adds to a prompt; an exchange's template overhead is booked on its reply
     job: str | None = None  # the job that wrote it: a rating of that answer finds its question and answer here
     # Prompt tokens of the conversation's earlier turns since its start or reset: a position that trimming old

@@ -9,10 +9,12 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from contract import keys
-from contract.history import EPOCH_TTL_S
+from contract.controls import NOT_YOURS, ONLY_THE_LATEST
+from contract.history import EPOCH_TTL_S, load_exchanges
 from contract.jobs import Conversation, Job, RejectedMessage, Scope, Submitted, clean_text
 from contract.pause import paused, paused_sentence
 from contract.pools import pool_for
+from contract.replies import POSTED_TTL_S
 from contract.work import AFFINITY_TTL_S
 from service.config import LimitSettings, PoolSettings
 
@@ -99,7 +101,52 @@ class Intake:
             scope=scope,
             pool=pool_for(self.pools, scope),
         )
-        person = keys.author(conversation.platform, author_id)
+        return await self._enqueue(job)
+
+    async def regenerate(
+        self,
+        conversation: Conversation,
+        answer_job_id: str,
+        request_id: str,
+        by: str | None,
+        admin: bool = False,
+        reply_to: dict[str, str] | None = None,
+        scope: Scope | None = None,
+    ) -> Submitted:
+        """Queue a new answer to the question of answer `answer_job_id`, to replace it (in history and
+        on the platform, where its messages are edited); `request_id` (the platform's click id)
+        makes a retried click a no-op, and the regeneration counts against the asker's limits as a
+        message does. Only the conversation's latest answer can be regenerated, by its asker (the
+        platform user id `by`) or an admin; RejectedMessage otherwise, with a sentence for the user.
+        """
+        exchanges = await load_exchanges(self.redis, conversation.key)
+        if not exchanges or exchanges[-1].assistant.job != answer_job_id:
+            raise RejectedMessage(ONLY_THE_LATEST)
+        question = exchanges[-1].user
+        if not admin and question.author_id != by:
+            raise RejectedMessage(NOT_YOURS)
+        scope = scope or Scope(platform=conversation.platform, channel=conversation.channel)
+        job = Job(
+            id=f"{conversation.platform}:regenerate:{request_id}",
+            conversation=conversation.key,
+            platform=conversation.platform,
+            text=question.text,
+            author=question.name,
+            author_id=question.author_id,
+            reply_to=reply_to or {},
+            scope=scope,
+            pool=pool_for(self.pools, scope),
+            replaces=answer_job_id,
+        )
+        submitted = await self._enqueue(job)
+        posted = await self.redis.get(keys.posted(answer_job_id))
+        if posted and not submitted.duplicate:  # the new answer edits the old one's messages rather than posting anew
+            await self.redis.set(keys.posted(job.id), posted, ex=POSTED_TTL_S, nx=True)
+        return submitted
+
+    async def _enqueue(self, job: Job) -> Submitted:
+        limits, author_id = self.limits, job.author_id
+        person = keys.author(job.platform, author_id)
         script_keys = [
             keys.job(job.id), keys.done(job.id), keys.conv_jobs(job.conversation), keys.ready(job.pool), keys.ACTIVE,
             keys.epoch(job.conversation), keys.wake(job.pool), keys.queued(job.pool), f"{person}:queued", f"{person}:minute",

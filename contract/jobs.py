@@ -92,6 +92,7 @@ class Job(BaseModel):
     author_id: str | None = None  # the platform's user id, for per-person limits
     reply_to: dict[str, str] = Field(default_factory=dict)  # adapter routing data, opaque to the engine
     scope: Scope | None = None  # set by every adapter; None only on jobs queued before scopes existed
+    replaces: str | None = None  # a regeneration: the id of the answer (the conversation's latest) it replaces
     pool: str = "default"  # the workers that answer it (contract/pools.py), chosen from its scope at submission
     submitted_at: float = Field(default_factory=time.time)
     epoch: int = 0  # the conversation's reset count when the job was submitted

@@ -24,6 +24,7 @@ its own line; a conversation's jobs are in one list, and it waits in the line of
   conv:<c>:affinity        the worker that served the conversation last and keeps its context (an engine
                            with a prefix cache): its next message waits a moment for that worker (AFFINITY_TTL_S)
   worker:<owner>           a live worker's key (expires after the visibility timeout)
+  stop:<id>                set when someone asked to stop the job's answer (contract/controls.py; STOP_TTL_S)
   author:<platform>:<user>:queued   that person's waiting jobs (1 day)
   author:<platform>:<user>:minute   that person's messages this minute (60 s)
 
@@ -81,6 +82,10 @@ SLACK_STATUS_ROUND = PREFIX + "slack:waiting:round"
 
 def job(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
+
+
+def stop(job_id: str) -> str:
+    return f"{PREFIX}stop:{job_id}"
 
 
 def done(job_id: str) -> str:

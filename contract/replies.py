@@ -29,6 +29,7 @@ GROUP = "adapters"
 CONSUMER = "delivery"
 # Fixed: the worker and every adapter process must agree on it.
 REPLY_SHARDS = 8
+POSTED_TTL_S = 24 * 3600  # how long the platform message ids of a reply are kept (keys.posted), for edits after a restart
 
 # Lua, run after each XADD to a reply stream (contract/work.py): trim without dropping what an
 # adapter has not acknowledged. With consumer groups, only entries below every group's oldest

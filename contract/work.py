@@ -112,14 +112,14 @@ local done_key, job_key, conv_jobs, active, leases, turns_key, epoch_key, replie
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local job_id, conversation, epoch, event = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local max_turns, history_ttl_s, done_ttl_s, replies_maxlen = tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
-local new_turns = {unpack(ARGV, 12, 11 + tonumber(ARGV[9]))}
-local prefix, default_pool = ARGV[10], ARGV[11]
+local new_turns = {unpack(ARGV, 13, 12 + tonumber(ARGV[9]))}
+local prefix, default_pool, replaces = ARGV[10], ARGV[11], ARGV[12]
 
 local answered = 0
 local author_queued = redis.call('HGET', job_key, 'author_queued')
 if author_queued and redis.call('DECR', author_queued) < 0 then redis.call('SET', author_queued, 0) end
 if redis.call('EXISTS', done_key) == 0 then
-  append_turns(turns_key, epoch_key, epoch, max_turns, history_ttl_s, new_turns)
+  append_turns(turns_key, epoch_key, epoch, max_turns, history_ttl_s, new_turns, replaces)
   redis.call('XADD', replies, '*', 'event', event)
   trim_replies(replies, replies_maxlen)
   redis.call('SET', done_key, 1, 'EX', done_ttl_s)
@@ -303,8 +303,8 @@ class WorkQueue:
         ]
         args = [
             job.id, job.conversation, str(job.epoch), event.model_dump_json(), max_turns, ttl_s, DONE_TTL_S,
-            self.reply_stream_maxlen, len(turns), keys.PREFIX, self.pool,
-            *(turn.model_copy(update={"job": job.id}).model_dump_json() for turn in turns),
+            self.reply_stream_maxlen, len(turns), keys.PREFIX, self.pool, job.replaces or "",
+            *(turn.model_copy(update={"job": job.id, "author_id": job.author_id}).model_dump_json() for turn in turns),
         ]
         return bool(await self._complete(keys=script_keys, args=args))
 

@@ -20,6 +20,7 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from contract.controls import ONLY_THE_LATEST, stops_requested
 from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent, is_blank
 from contract.personas import Personas, configured
 from contract.pools import answer_unserved
@@ -59,6 +60,8 @@ PERSONA_TOO_LONG = "This channel's persona is too long for the model's context: 
 THOUGHT_TOO_LONG = (
     "The model spent its whole answer budget thinking and did not reach an answer. Please ask again, perhaps more simply."
 )
+STOPPED_NOTE = "_(stopped)_"
+STOPPED_BEFORE_ANSWER = "_(stopped before the answer began)_"
 MAX_PERSONA_BUILDERS = 256  # builders kept, one per distinct system prompt
 THINKING_TAIL_TOKENS = 16  # while a think block is open, a look decodes the new tokens and this many before them
 
@@ -111,7 +114,7 @@ def shown_text(answer: Answer, text: str) -> str:
     return f"{answer.prompt.cut.notice()}\n\n{text}" if answer.prompt.cut else text
 
 
-def record_answered(slot: Slot[Answer], done: float) -> None:
+def record_answered(slot: Slot[Answer], done: float, stopped: bool = False) -> None:
     """Metrics and the log line of an answered job, its times measured from submission."""
     answer, job = slot.payload, slot.payload.job
     first = answer.first_token_at or done
@@ -134,6 +137,7 @@ def record_answered(slot: Slot[Answer], done: float) -> None:
             "total_s": round(done - job.submitted_at, 3),
             "tokens_per_s": round(len(slot.tokens) / (done - first), 1) if done > first else None,
             "attempt": job.attempts,
+            "stopped": stopped,
         },
     )
 
@@ -328,8 +332,16 @@ class Worker:
             log.error("the channel's persona leaves no room for a message", extra={"job": job.id, "error": str(error)})
             await self.publisher.answer(job, "error", PERSONA_TOO_LONG)
             return None
+        history = claim.history
+        if job.replaces:  # a regeneration: asked again without the answer it replaces
+            if not history or history[-1].assistant.job != job.replaces:
+                await self.publisher.answer(job, "error", ONLY_THE_LATEST)  # reset, or replaced by another meanwhile
+                return None
+            history = history[:-1]
         try:
-            return Answer(job, builder.build(claim.history, job.text, job.author), claim.suspect, claimed_at=claimed_at)
+            # A regeneration's text is its question as stored, the author's name already in it.
+            name = None if job.replaces else job.author
+            return Answer(job, builder.build(history, job.text, name), claim.suspect, claimed_at=claimed_at)
         except Exception:
             log.exception("could not build the prompt", extra={"job": job.id})
             await self.publisher.answer(job, "error", MODEL_FAILED)
@@ -476,6 +488,7 @@ class Worker:
     async def _after_step(self, ended: list[Slot[Answer]]) -> None:
         for slot in ended:
             await self._finish(slot)
+        await self._stop_requested()
         await self._heartbeat()
         now = time.monotonic()
         interval = self.settings.queue.partial_interval_s
@@ -486,6 +499,18 @@ class Worker:
         if due:
             await asyncio.gather(*(self._publish_partial(slot, now) for slot in due))
 
+    async def _stop_requested(self) -> None:
+        """End the answers someone asked to stop, keeping what was written; their slots are free for the next jobs."""
+        live = {slot.payload.job.id: slot for slot in self.scheduler.live}
+        try:
+            stopped = await stops_requested(self.redis, list(live))
+        except REDIS_FAILED:
+            return  # the next step looks again
+        for job_id in stopped:
+            slot = live[job_id]
+            self.scheduler.free(slot)
+            await self._finish(slot, stopped=True)
+
     async def _publish_partial(self, slot: Slot[Answer], now: float) -> None:
         text = answer_so_far(self.engine.tokenizer, slot).answer
         if not text:
@@ -495,26 +520,29 @@ class Worker:
             log.warning("job answered or taken over elsewhere; generation dropped", extra={"job": slot.payload.job.id})
             self.scheduler.free(slot)
 
-    async def _finish(self, slot: Slot[Answer]) -> None:
+    async def _finish(self, slot: Slot[Answer], stopped: bool = False) -> None:
         answer = slot.payload
         try:
             split = answer_so_far(self.engine.tokenizer, slot, done=True)
-            if split.state == "thinking":  # the slot ended inside the think block: no answer, no turns
-                log.warning(
-                    "the model was still thinking when its answer ended",
-                    extra={"job": answer.job.id, "thinking_tokens": answer.thinking_tokens, "limit": slot.limit},
-                )
-                await self.publisher.answer(answer.job, "error", THOUGHT_TOO_LONG)
-                return
-            text = split.answer  # only the answer is shown and becomes the assistant's turn
+            text = split.answer if split.state != "thinking" else ""  # only the answer is shown and kept
             if not text:
-                await self.publisher.answer(answer.job, "error", EMPTY_ANSWER)
+                if stopped:
+                    await self.publisher.answer(answer.job, "final", STOPPED_BEFORE_ANSWER)
+                elif split.state == "thinking":  # the slot ended inside the think block: no answer, no turns
+                    log.warning(
+                        "the model was still thinking when its answer ended",
+                        extra={"job": answer.job.id, "thinking_tokens": answer.thinking_tokens, "limit": slot.limit},
+                    )
+                    await self.publisher.answer(answer.job, "error", THOUGHT_TOO_LONG)
+                else:
+                    await self.publisher.answer(answer.job, "error", EMPTY_ANSWER)
                 return
             # The new exchange starts where the history it was prompted with ends (the prompt computed it from there).
             prompt = answer.prompt
             turns = list(self.builder.exchange_turns(prompt.user_content, text, answer.job.author, prompt.next_offset))
-            await self.publisher.answer(answer.job, "final", shown_text(answer, text), turns)
-            record_answered(slot, time.time())
+            shown = shown_text(answer, text)
+            await self.publisher.answer(answer.job, "final", f"{shown}\n\n{STOPPED_NOTE}" if stopped else shown, turns)
+            record_answered(slot, time.time(), stopped)
         except Exception:
             # Only this job fails; it stays leased to this worker until the lease expires, then is delivered again.
             log.exception("could not finish the answer", extra={"job": answer.job.id})
