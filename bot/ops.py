@@ -1,4 +1,4 @@
-"""Commands that act on conversations through Redis, as an adapter would: ask, reset, feedback."""
+"""Operator commands that act through Redis, as an adapter would: ask, reset, pause, feedback, usage, forget-user, doctor."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio import Redis
 
 from contract import history, keys
+from contract.erasure import forget_user
 from contract.feedback import FeedbackStore
 from contract.intake import Intake
 from contract.jobs import RejectedMessage, conversation_argument
 from contract.pause import pause, resume
 from contract.replies import follow, last_entry_id
+from contract.usage import DIMENSIONS, USAGE_KEEP_DAYS, report
 from service.config import load_settings
 from service.doctor import doctor_command
 from service.runtime import one_shot_client
@@ -49,6 +51,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     feedback = commands.add_parser("feedback", help="print users' recent ratings of answers, with question and answer")
     feedback.add_argument("--limit", type=int, default=20, help="how many ratings, newest first (default 20)")
     feedback.set_defaults(handler=feedback_command)
+
+    usage = commands.add_parser("usage", help="print tokens used per author, conversation or workspace over the last days")
+    usage.add_argument("--by", choices=DIMENSIONS, default="author", help="group by (default: author)")
+    usage.add_argument(
+        "--days", type=int, choices=range(1, USAGE_KEEP_DAYS + 1), default=7, metavar=f"1..{USAGE_KEEP_DAYS}",
+        help="days back, today (UTC) included (default 7)",
+    )
+    usage.add_argument("--limit", type=int, default=50, help="rows, most tokens first (default 50)")
+    usage.set_defaults(handler=usage_command)
+
+    forget = commands.add_parser(
+        "forget-user", help="erase one person's messages, the answers to them, their ratings and usage everywhere"
+    )
+    forget.add_argument("platform", choices=["discord", "slack", "local"])
+    forget.add_argument("user_id", help="the platform's user id (Discord: a number; Slack: U0123ABCD)")
+    forget.set_defaults(handler=forget_user_command)
 
     doctor = commands.add_parser("doctor", help="pre-flight checks before going live: Redis, the model budget, the Slack and Discord apps")
     doctor.set_defaults(handler=doctor_command)
@@ -142,6 +160,32 @@ def feedback_command(args: argparse.Namespace) -> int:
         return 0
 
     return against_redis(args, show)
+
+
+def usage_command(args: argparse.Namespace) -> int:
+    async def show(redis: Redis) -> int:
+        rows = await report(redis, args.by, args.days)
+        print(f"{args.by:<48} {'tokens in':>12} {'tokens out':>12} {'answers':>9}   (last {args.days} day(s), UTC)")
+        for row in rows[: args.limit]:
+            print(f"{row.name:<48} {row.tokens_in:>12,} {row.tokens_out:>12,} {row.messages:>9,}")
+        if len(rows) > args.limit:
+            print(f"... and {len(rows) - args.limit} more (--limit)")
+        total_in, total_out = sum(r.tokens_in for r in rows), sum(r.tokens_out for r in rows)
+        print(f"{'total':<48} {total_in:>12,} {total_out:>12,} {sum(r.messages for r in rows):>9,}")
+        return 0
+
+    return against_redis(args, show)
+
+
+def forget_user_command(args: argparse.Namespace) -> int:
+    async def forget(redis: Redis) -> int:
+        erased = await forget_user(redis, args.platform, args.user_id)
+        print(f"forgot {args.platform} user {args.user_id}: {erased.summary()}")
+        if erased.still_queued:
+            print("their queued messages will be answered and stored: run this again once they are (or pause first)")
+        return 0
+
+    return against_redis(args, forget)
 
 
 def _one_line(text: str | None, limit: int = 200) -> str:

@@ -15,17 +15,19 @@ from contract.jobs import Conversation, Job, RejectedMessage, Scope, Submitted, 
 from contract.pause import paused, paused_sentence
 from contract.pools import pool_for
 from contract.replies import POSTED_TTL_S
+from contract.usage import author_name, day, over_budget
 from contract.work import AFFINITY_TTL_S
 from service.config import LimitSettings, PoolSettings
 
 # Result codes of _SUBMIT below zero; zero or more is the number of jobs ahead.
-DUPLICATE, CONVERSATION_FULL, AUTHOR_FULL, AUTHOR_TOO_FAST, PAUSED = -1, -2, -3, -4, -5
+DUPLICATE, CONVERSATION_FULL, AUTHOR_FULL, AUTHOR_TOO_FAST, PAUSED, OVER_BUDGET = -1, -2, -3, -4, -5, -6
 
 _SUBMIT = """
 local job_key, done_key, conv_jobs, ready, active, epoch_key, wake, queued, author_queued, author_minute, leases, affinity =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local paused = KEYS[13]
+local paused, used_in, used_out = KEYS[13], KEYS[14], KEYS[15]
 local data, job_id, conversation, pool = ARGV[1], ARGV[2], ARGV[3], ARGV[11]
+local daily_budget, author_name = tonumber(ARGV[12]), ARGV[13]
 local max_per_conversation, max_per_author, per_minute = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local has_author, epoch_ttl_s, prefix, affinity_ttl_s = ARGV[7] == '1', ARGV[8], ARGV[9], ARGV[10]
 
@@ -36,6 +38,10 @@ local epoch = tonumber(redis.call('GET', epoch_key) or '0')
 -- kept while jobs arrive: a job answered after its epoch expired would find 0 and drop its turns
 if epoch > 0 then redis.call('EXPIRE', epoch_key, epoch_ttl_s) end
 if has_author then
+  if daily_budget > 0 then
+    local used = tonumber(redis.call('HGET', used_in, author_name) or '0') + tonumber(redis.call('HGET', used_out, author_name) or '0')
+    if used >= daily_budget then return -6 end  -- OVER_BUDGET
+  end
   if tonumber(redis.call('GET', author_queued) or '0') >= max_per_author then return -3 end  -- AUTHOR_FULL
   local sent = redis.call('INCR', author_minute)
   if sent == 1 then redis.call('EXPIRE', author_minute, 60) end
@@ -147,15 +153,16 @@ class Intake:
     async def _enqueue(self, job: Job) -> Submitted:
         limits, author_id = self.limits, job.author_id
         person = keys.author(job.platform, author_id)
+        today = keys.usage_day(day())
         script_keys = [
             keys.job(job.id), keys.done(job.id), keys.conv_jobs(job.conversation), keys.ready(job.pool), keys.ACTIVE,
             keys.epoch(job.conversation), keys.wake(job.pool), keys.queued(job.pool), f"{person}:queued", f"{person}:minute",
-            keys.leases(job.pool), keys.affinity(job.conversation), keys.PAUSED,
+            keys.leases(job.pool), keys.affinity(job.conversation), keys.PAUSED, today + "author:in", today + "author:out",
         ]
         args = [
             job.model_dump_json(), job.id, job.conversation, limits.max_queued_per_conversation,
             limits.max_queued_per_author, limits.messages_per_minute_per_author, "1" if author_id else "0", EPOCH_TTL_S,
-            keys.PREFIX, AFFINITY_TTL_S, job.pool,
+            keys.PREFIX, AFFINITY_TTL_S, job.pool, limits.daily_tokens_per_author or 0, author_name(job.platform, author_id),
         ]
         ahead = await self._submit(keys=script_keys, args=args)
         if ahead == DUPLICATE:
@@ -175,6 +182,8 @@ class Intake:
                 f"You are sending messages faster than {limits.messages_per_minute_per_author} a minute: "
                 "please wait a moment."
             )
+        if ahead == OVER_BUDGET:
+            raise RejectedMessage(over_budget(limits.daily_tokens_per_author or 0))
         if ahead == PAUSED:
             raise RejectedMessage(paused_sentence(await paused(self.redis) or ""))
         return Submitted(job_id=job.id, ahead=ahead)

@@ -39,6 +39,10 @@ Replies (contract/replies.py reads; the worker writes):
   replies:<platform>:holders          zset of the platform's live adapter processes (expiry as score)
   posted:<job>             platform message ids of a job's reply, for an adapter restarted mid-reply (1 day)
 
+Usage (contract/usage.py):
+  usage:<day>:<dimension>:<measure>   hash author|conversation|workspace -> tokens in, tokens out, or answers
+                           that day (UTC), written with each answer (USAGE_KEEP_DAYS)
+
 Personas (contract/personas.py):
   personas                 hash "<platform>:<channel>" -> the system prompt an admin set for that channel at run
                            time (bounded: one field per channel, removed by clearing it)
@@ -86,6 +90,11 @@ def job(job_id: str) -> str:
 
 def stop(job_id: str) -> str:
     return f"{PREFIX}stop:{job_id}"
+
+
+def usage_day(day: str) -> str:
+    """The prefix of a day's usage hashes; `<dimension>:<measure>` completes it."""
+    return f"{PREFIX}usage:{day}:"
 
 
 def done(job_id: str) -> str:

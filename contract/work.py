@@ -27,6 +27,7 @@ from contract import keys
 from contract.history import APPEND_TURNS, Exchange, Turn, pair_turns
 from contract.jobs import Job, ReplyEvent
 from contract.replies import TRIM_REPLIES, reply_stream
+from contract.usage import COUNT_USAGE, Usage, usage_args
 
 DONE_TTL_S = 7 * 24 * 3600
 AFFINITY_TTL_S = 3600  # a worker's prefix cache rarely keeps a conversation's context longer on a busy service
@@ -107,13 +108,15 @@ for i = #passed, 1, -1 do redis.call('LPUSH', ready, passed[i]) end
 return claimed
 """
 
-_COMPLETE = TRIM_REPLIES + APPEND_TURNS + """
+_COMPLETE = TRIM_REPLIES + APPEND_TURNS + COUNT_USAGE + """
 local done_key, job_key, conv_jobs, active, leases, turns_key, epoch_key, replies, queued, suspects =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
 local job_id, conversation, epoch, event = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local max_turns, history_ttl_s, done_ttl_s, replies_maxlen = tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8]
-local new_turns = {unpack(ARGV, 13, 12 + tonumber(ARGV[9]))}
 local prefix, default_pool, replaces = ARGV[10], ARGV[11], ARGV[12]
+local usage_day, usage_keep_s, tokens_in, tokens_out = ARGV[13], ARGV[14], tonumber(ARGV[15]), tonumber(ARGV[16])
+local usage_names = {ARGV[17], ARGV[18], ARGV[19]}
+local new_turns = {unpack(ARGV, 20, 19 + tonumber(ARGV[9]))}
 
 local answered = 0
 local author_queued = redis.call('HGET', job_key, 'author_queued')
@@ -124,6 +127,7 @@ if redis.call('EXISTS', done_key) == 0 then
   trim_replies(replies, replies_maxlen)
   redis.call('SET', done_key, 1, 'EX', done_ttl_s)
   redis.call('DECR', queued)
+  if usage_day ~= '' then count_usage(usage_day, usage_keep_s, tokens_in, tokens_out, usage_names) end
   answered = 1
 end
 redis.call('LREM', conv_jobs, 1, job_id)
@@ -290,9 +294,17 @@ class WorkQueue:
                 keys=[keys.ready(self.pool), keys.leases(self.pool), keys.SUSPECTS], args=[keys.PREFIX, owner, *(job.id for job in jobs)]
             )
 
-    async def complete(self, job: Job, event: ReplyEvent, turns: list[Turn] = (), max_turns: int = 0, ttl_s: int = 0) -> bool:
-        """Post the reply, append the turns (up to the conversation's newest `max_turns`, kept `ttl_s`)
-        and mark the job done in one atomic step.
+    async def complete(
+        self,
+        job: Job,
+        event: ReplyEvent,
+        turns: list[Turn] = (),
+        max_turns: int = 0,
+        ttl_s: int = 0,
+        usage: Usage | None = None,
+    ) -> bool:
+        """Post the reply, append the turns (up to the conversation's newest `max_turns`, kept `ttl_s`),
+        count the answer's `usage` and mark the job done in one atomic step.
 
         Returns False if the job had been answered already (a redelivery): nothing is written.
         """
@@ -303,7 +315,7 @@ class WorkQueue:
         ]
         args = [
             job.id, job.conversation, str(job.epoch), event.model_dump_json(), max_turns, ttl_s, DONE_TTL_S,
-            self.reply_stream_maxlen, len(turns), keys.PREFIX, self.pool, job.replaces or "",
+            self.reply_stream_maxlen, len(turns), keys.PREFIX, self.pool, job.replaces or "", *usage_args(job, usage),
             *(turn.model_copy(update={"job": job.id, "author_id": job.author_id}).model_dump_json() for turn in turns),
         ]
         return bool(await self._complete(keys=script_keys, args=args))

@@ -24,6 +24,7 @@ from contract.controls import ONLY_THE_LATEST, stops_requested
 from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent, is_blank
 from contract.personas import Personas, configured
 from contract.pools import answer_unserved
+from contract.usage import Usage
 from contract.work import Claim, WorkQueue
 from engine.prompts import Prompt, PromptBuilder, PromptTooSmall
 from engine.reasoning import CLOSE, Reasoning, split_reasoning
@@ -41,6 +42,7 @@ from service.observability import (
     TIME_IN_QUEUE,
     TIME_TO_FINAL,
     TIME_TO_FIRST_TOKEN,
+    TOKENS,
     WAITING_CONVERSATIONS,
 )
 from service.redis_client import REDIS_DOWN, REDIS_FAILED, after, with_backoff
@@ -151,13 +153,13 @@ class Publisher:
         self.history = history
         self.stopping = stopping
 
-    async def answer(self, job: Job, kind: str, text: str, turns=()) -> None:
+    async def answer(self, job: Job, kind: str, text: str, turns=(), usage: Usage | None = None) -> None:
         event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind=kind, text=text, reply_to=job.reply_to)
         try:
             # Keep trying while serving: the answer is worth the wait. Once stopping, the lease
             # runs out instead and the job is answered again by the next worker.
             answered = await with_backoff(
-                lambda: self.queue.complete(job, event, list(turns), self.history.max_turns, self.history.ttl_seconds),
+                lambda: self.queue.complete(job, event, list(turns), self.history.max_turns, self.history.ttl_seconds, usage),
                 "complete",
                 give_up=self.stopping.is_set,
             )
@@ -173,6 +175,9 @@ class Publisher:
             log.info("job was answered before; reply not repeated", extra={"job": job.id})
         else:
             JOBS.labels(job.pool, "answered" if kind == "final" else "failed").inc()
+            if usage:
+                TOKENS.labels(job.platform, job.pool, "in").inc(usage.prompt_tokens)
+                TOKENS.labels(job.platform, job.pool, "out").inc(usage.output_tokens)
 
     async def partial(self, answer: Answer, text: str) -> bool:
         """Stream the answer so far; False once the job is no longer this worker's (answered or taken over)."""
@@ -522,26 +527,27 @@ class Worker:
 
     async def _finish(self, slot: Slot[Answer], stopped: bool = False) -> None:
         answer = slot.payload
+        usage = Usage(len(answer.prompt.ids), len(slot.tokens))  # spent whether or not an answer came of it
         try:
             split = answer_so_far(self.engine.tokenizer, slot, done=True)
             text = split.answer if split.state != "thinking" else ""  # only the answer is shown and kept
             if not text:
                 if stopped:
-                    await self.publisher.answer(answer.job, "final", STOPPED_BEFORE_ANSWER)
+                    await self.publisher.answer(answer.job, "final", STOPPED_BEFORE_ANSWER, usage=usage)
                 elif split.state == "thinking":  # the slot ended inside the think block: no answer, no turns
                     log.warning(
                         "the model was still thinking when its answer ended",
                         extra={"job": answer.job.id, "thinking_tokens": answer.thinking_tokens, "limit": slot.limit},
                     )
-                    await self.publisher.answer(answer.job, "error", THOUGHT_TOO_LONG)
+                    await self.publisher.answer(answer.job, "error", THOUGHT_TOO_LONG, usage=usage)
                 else:
-                    await self.publisher.answer(answer.job, "error", EMPTY_ANSWER)
+                    await self.publisher.answer(answer.job, "error", EMPTY_ANSWER, usage=usage)
                 return
             # The new exchange starts where the history it was prompted with ends (the prompt computed it from there).
             prompt = answer.prompt
             turns = list(self.builder.exchange_turns(prompt.user_content, text, answer.job.author, prompt.next_offset))
             shown = shown_text(answer, text)
-            await self.publisher.answer(answer.job, "final", f"{shown}\n\n{STOPPED_NOTE}" if stopped else shown, turns)
+            await self.publisher.answer(answer.job, "final", f"{shown}\n\n{STOPPED_NOTE}" if stopped else shown, turns, usage)
             record_answered(slot, time.time(), stopped)
         except Exception:
             # Only this job fails; it stays leased to this worker until the lease expires, then is delivered again.

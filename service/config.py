@@ -135,6 +135,9 @@ class LimitSettings(Strict):
     max_queued_per_author: int = Field(5, ge=1, description="messages one person has waiting, across conversations")
     messages_per_minute_per_author: int = Field(20, ge=1)
     max_message_chars: int = Field(40_000, ge=100, description="Slack's own limit; Discord's is 2,000 (4,000 with Nitro)")
+    daily_tokens_per_author: int | None = Field(
+        None, ge=1, description="tokens (prompt and answer) one person may use a day (UTC), checked at submission; unset: no budget"
+    )
 
 
 class OpenAISettings(Strict):

@@ -31,6 +31,10 @@ PREFILLED_TOKENS = Counter(
     "chatbot_prefill_tokens_total", "Prompt tokens prefilled: computed, or taken from the prefix cache (cached)", ["source"]
 )
 PREFIX_CACHE_LOOKUPS = Counter("chatbot_prefix_cache_lookups_total", "Prefills that looked for a cached prefix", ["result"])
+TOKENS = Counter(
+    "chatbot_tokens_total", "Tokens of answered messages: prompt (in) and generated (out), as usage counts them",
+    ["platform", "pool", "direction"],
+)
 GENERATED_TOKENS = Counter("chatbot_generated_tokens_total", "Tokens generated (rate() gives tokens/s)")
 ACTIVE_SLOTS = Gauge("chatbot_active_slots", "Batch slots generating now", ["pool"])
 QUEUED_JOBS = Gauge("chatbot_queued_jobs", "A pool's jobs waiting or being answered, all its workers (sampled by each)", ["pool"])
