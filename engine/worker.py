@@ -27,7 +27,7 @@ from contract.pools import answer_unserved
 from contract.usage import Usage
 from contract.work import Claim, WorkQueue
 from engine.prompts import Prompt, PromptBuilder, PromptTooSmall
-from engine.reasoning import CLOSE, Reasoning, split_reasoning
+from engine.reasoning import CLOSE, OPEN, Reasoning, split_reasoning
 from engine.serving.engine import Engine, EngineRequestFailed, on_model_thread
 from engine.serving.scheduler import Scheduler, Slot
 from service.config import HistorySettings, Settings
@@ -90,6 +90,7 @@ class Answer:
     first_token_at: float | None = None  # wall clock
     cached_tokens: int = 0  # prompt tokens the engine took from its prefix cache
     partial_failed: bool = False  # a failed partial is logged once, not once per step
+    thinks_first: bool = False  # the prompt ends with <think> (the template opens the block): output starts inside it
     thinking_open: bool = False  # a think block was open at the last look: only its end is looked for
     thinking_tokens: int = 0  # the think block's tokens, markers included (while open: as many as at the last look)
 
@@ -104,7 +105,8 @@ def answer_so_far(tokenizer, slot: Slot[Answer], done: bool = False) -> Reasonin
         if CLOSE not in tokenizer.decode(tail, skip_special_tokens=True):
             answer.thinking_tokens = len(slot.tokens)
             return Reasoning("", "", "thinking")
-    split = split_reasoning(readable_text(tokenizer, slot.tokens), done)
+    text = readable_text(tokenizer, slot.tokens)
+    split = split_reasoning(OPEN + text if answer.thinks_first else text, done)
     if split.state == "thinking" or answer.thinking_open:  # still open, or closed since the last look
         answer.thinking_tokens = len(slot.tokens)
     answer.thinking_open = split.state == "thinking"
@@ -346,7 +348,11 @@ class Worker:
         try:
             # A regeneration's text is its question as stored, the author's name already in it.
             name = None if job.replaces else job.author
-            return Answer(job, builder.build(history, job.text, name), claim.suspect, claimed_at=claimed_at)
+            prompt = builder.build(history, job.text, name)
+            thinks_first = prompt.text.rstrip().endswith(OPEN)
+            return Answer(
+                job, prompt, claim.suspect, claimed_at=claimed_at, thinks_first=thinks_first, thinking_open=thinks_first
+            )
         except Exception:
             log.exception("could not build the prompt", extra={"job": job.id})
             await self.publisher.answer(job, "error", MODEL_FAILED)

@@ -6,6 +6,7 @@ token in the SmolLM2 tokenizer's tokens, what a reasoning model would.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -175,3 +176,22 @@ async def test_a_reasoning_model_is_answered_without_its_thoughts(redis, tokeniz
     assert jobs["endless"].job_id not in answered
     [warning] = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert warning.getMessage() == "the model was still thinking when its answer ended" and warning.thinking_tokens == 40
+
+
+async def test_a_template_that_opens_the_think_block_itself(redis, tokenizer):
+    """Templates of some reasoning models end the prompt with <think>: the output starts inside the block."""
+    opening = copy.deepcopy(tokenizer)
+    opening.chat_template = tokenizer.chat_template.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
+    scripts = {"What is 2+2?": "The user asks 2+2. That is 4.</think>The answer is 4.", "Say hello.": "</think>Hello there!"}
+    engine = ScriptedEngine(opening, scripts, batch_size=2)
+    queue = Queues(redis)
+    jobs = [await queue.submit(conversation("maths"), "m1", "What is 2+2?"), await queue.submit(conversation("hi"), "h1", "Say hello.")]
+    async with running_worker(redis, engine, tiny_settings(model={"batch_size": 2}, generation={"max_new_tokens": 40})):
+        finals = [await final_event(redis, "local", job.job_id) for job in jobs]
+    assert all(prompt.rstrip().endswith("<think>") for prompt in engine.prompts)
+    assert [(event.kind, event.text) for event in finals] == [("final", "The answer is 4."), ("final", "Hello there!")]
+    for job, final in zip(jobs, finals):
+        partials = [event.text for event in await reply_events(redis, "local", job.job_id) if event.kind == "partial"]
+        assert all(final.text.startswith(text) and "2+2. That" not in text for text in partials)
+    [exchange] = await history.load_exchanges(redis, "local:maths")
+    assert exchange.assistant.text == "The answer is 4."
