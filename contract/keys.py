@@ -3,6 +3,8 @@
 All keys start with `chatbot:`. "Bounded" means the key expires, or is a shared structure
 whose size is capped (a stream trimmed, a set or hash pruned), so nothing grows forever.
 
+  schema                   the version of the data below (contract/schema.py)
+
 Queue (contract/intake.py writes, contract/work.py serves). Each pool of workers (contract/pools.py) has
 its own line; a conversation's jobs are in one list, and it waits in the line of its head job's pool:
   job:<id>                 hash: data (Job JSON), conversation, pool, epoch, attempts, owner, queued_at,
@@ -74,6 +76,7 @@ from __future__ import annotations
 
 PREFIX = "chatbot:"
 
+SCHEMA = PREFIX + "schema"
 ACTIVE = PREFIX + "active"
 SUSPECTS = PREFIX + "suspects"
 PAUSED = PREFIX + "paused"

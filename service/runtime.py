@@ -12,10 +12,11 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
+from contract.schema import check_schema
 from service.config import ConfigError, Secrets, Settings, load_settings
 from service.logs import setup_logging
 from service.observability import HEALTH, redis_check, serving
-from service.redis_client import connect
+from service.redis_client import connect, with_backoff
 from service.redis_server import RedisServer
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def serve(settings: Settings, main, start_embedded: bool = True) -> int:
     async def _run() -> None:
         redis = connect(url)
         try:
+            await with_backoff(lambda: check_schema(redis), "schema check")
             with HEALTH.checking("redis", redis_check(redis)):
                 async with serving(HEALTH, settings.metrics.port):
                     await main(redis)
