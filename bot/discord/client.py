@@ -8,6 +8,7 @@ import discord
 from redis.exceptions import RedisError
 
 from bot.discord.attachments import NOT_READABLE, SEPARATOR, attachment_text
+from bot.discord.controls import RegenerateButton, StopButton
 from bot.discord.routing import conversation_of, reply_route, scope_of
 from bot.discord.rules import Seen, message_text, opens_thread, refusal, text_refusal
 from bot.discord.settings import DiscordSettings
@@ -54,6 +55,10 @@ class ChatClient(discord.Client):
         self.settings = settings
         self.queue = queue
         self.typing = typing
+
+    async def setup_hook(self) -> None:
+        # The answers' buttons, dispatched on their custom_id: those posted before this process started work too.
+        self.add_dynamic_items(StopButton, RegenerateButton)
 
     async def on_message(self, message: discord.Message) -> None:
         facts = seen(message, self.user)

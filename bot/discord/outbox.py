@@ -1,10 +1,12 @@
-"""The Discord side of reply delivery: post and edit channel messages over REST."""
+"""The Discord side of reply delivery: post and edit channel messages over REST, with the answer's
+buttons (Stop while it streams, Regenerate once finished: bot/discord/controls.py)."""
 
 from __future__ import annotations
 
 import discord
 
 from bot.delivery import Part
+from bot.discord.controls import controls_for
 
 LIMIT = 2000  # characters in one Discord message
 # Replies ping their author; text the model writes never pings anyone.
@@ -13,7 +15,8 @@ REPLY_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=Fals
 
 class DiscordOutbox:
     limit = LIMIT
-    settles = False  # an edit with the same text would only spend the channel's rate limit
+    # A message whose text stops changing is edited once more: its Stop button goes, or turns into Regenerate.
+    settles = True
 
     def __init__(self, client: discord.Client):
         self.client = client
@@ -26,12 +29,13 @@ class DiscordOutbox:
             reference = discord.MessageReference(
                 message_id=int(reply_to["message"]), channel_id=channel.id, fail_if_not_exists=False
             )
-        message = await channel.send(part.text, reference=reference, allowed_mentions=REPLY_MENTIONS)
+        message = await channel.send(part.text, reference=reference, allowed_mentions=REPLY_MENTIONS, view=controls_for(part))
         return str(message.id)
 
     async def edit(self, message_id: str, part: Part) -> None:
         channel = self.client.get_partial_messageable(int(part.reply_to["channel"]))
-        await channel.get_partial_message(int(message_id)).edit(content=part.text)
+        # No buttons (None) removes those the message had.
+        await channel.get_partial_message(int(message_id)).edit(content=part.text, view=controls_for(part))
 
     async def remove(self, message_id: str, reply_to: dict[str, str]) -> None:
         channel = self.client.get_partial_messageable(int(reply_to["channel"]))

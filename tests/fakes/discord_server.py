@@ -4,12 +4,14 @@ One aiohttp server on 127.0.0.1 serves both. REST requests are recorded (method,
 body, arrival time) and answered with payloads discord.py can parse. The gateway speaks plain
 JSON text frames: discord.py asks for a compressed stream in the URL but decompresses only
 binary frames, so text frames need no compression. A test pushes dispatches (MESSAGE_CREATE,
-INTERACTION_CREATE, ...) to every connected client with `dispatch`.
+INTERACTION_CREATE, ...) to every connected client with `dispatch`, and clicks a button of a
+bot message with `click`. The bot messages keep their components (buttons) as the bot last
+set them; an interaction is answered once, as Discord answers it (a second answer is refused).
 
 The fake world: one guild with a text channel, a mention-only channel, a closed channel, a
 thread, two roles; users Alice (role "member"), Bob (no role), Ada (roles "member" and "admin"),
-Carol (role "member", without Manage Channels; everyone else has every permission), another
-bot; a DM channel. The bot's application has the flags of `application_flags`, and
+Carol (role "member", without Manage Channels), Dave (role "member", without Manage Channels or Manage
+Messages; everyone else has every permission), another bot; a DM channel. The bot's application has the flags of `application_flags`, and
 `GET /users/@me/guilds` lists the servers of `guild_permissions` with the bot's permissions there;
 a request without the bot token is answered 401.
 """
@@ -46,6 +48,10 @@ MEMBER_ROLE = 300
 ADMIN_ROLE = 301
 ALL_PERMISSIONS = 2147483647  # what a member's permissions in a channel say when nothing is withheld
 MANAGE_CHANNELS = 1 << 4
+MANAGE_MESSAGES = 1 << 13
+COMPONENT_INTERACTION = 3  # an interaction's type when a button is clicked (MESSAGE_COMPONENT)
+BUTTON = 2  # a component's type
+ALREADY_ACKNOWLEDGED = {"message": "Interaction has already been acknowledged.", "code": 40060}
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ BOB = FakeUser(1002, "Bob")
 ADMIN = FakeUser(1003, "Ada", roles=(MEMBER_ROLE, ADMIN_ROLE))
 OTHER_BOT = FakeUser(1004, "Robot", bot=True)
 CAROL = FakeUser(1005, "Carol", roles=(MEMBER_ROLE,), permissions=ALL_PERMISSIONS & ~MANAGE_CHANNELS)
+DAVE = FakeUser(1006, "Dave", roles=(MEMBER_ROLE,), permissions=ALL_PERMISSIONS & ~MANAGE_CHANNELS & ~MANAGE_MESSAGES)
 
 
 @dataclass
@@ -94,10 +101,25 @@ class BotMessage:
     contents: list[str]
     reply_to: int | None  # the message it replies to
     times: list[float] = field(default_factory=list)  # post, then each edit
+    components: list[list[dict[str, Any]]] = field(default_factory=list)  # its components after the post and each edit
 
     @property
     def text(self) -> str:
         return self.contents[-1]
+
+    @property
+    def buttons(self) -> list[dict[str, Any]]:
+        """The buttons the message shows now."""
+        return buttons_of(self.components[-1] if self.components else [])
+
+    def button(self, custom_id_prefix: str) -> dict[str, Any] | None:
+        """The button shown now whose custom_id starts with `custom_id_prefix`, if any."""
+        return next((b for b in self.buttons if b.get("custom_id", "").startswith(custom_id_prefix)), None)
+
+
+def buttons_of(components: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The buttons in a message's components (action rows of buttons)."""
+    return [item for row in components for item in row.get("components", []) if item["type"] == BUTTON]
 
 
 def subcommand(name: str, **strings: str) -> dict[str, Any]:
@@ -165,6 +187,8 @@ class FakeDiscord:
         self.application_flags = 0  # the application's flags (GATEWAY_MESSAGE_CONTENT is 1 << 18)
         self.guild_permissions = {GUILD_ID: ALL_PERMISSIONS}  # the servers the bot is in, with its permissions there
         self.held = 0
+        self.interactions: dict[str, dict[str, Any]] = {}  # the interactions dispatched, by id
+        self.answered: set[str] = set()  # interactions the bot answered (Discord takes one answer each)
         self._ids = itertools.count(500_000)
         self._sockets: set[web.WebSocketResponse] = set()
         self._seq = itertools.count(1)
@@ -204,6 +228,8 @@ class FakeDiscord:
         return next(self._ids)
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        if event == "INTERACTION_CREATE":
+            self.interactions[data["id"]] = data
         for socket in list(self._sockets):
             await socket.send_json({"op": 0, "t": event, "s": next(self._seq), "d": data})
 
@@ -267,6 +293,16 @@ class FakeDiscord:
             "member": {**user.member(), "user": user.payload()},
             "data": {**data["data"], "guild_id": str(GUILD_ID)},
             "authorizing_integration_owners": {"0": str(GUILD_ID)}, "context": 0,
+        }
+
+    def click(self, message_id: int, custom_id: str, user: FakeUser = ALICE) -> dict[str, Any]:
+        """An INTERACTION_CREATE payload for `user` clicking the button `custom_id` on the bot message
+        `message_id`, as Discord sends it (the message with its components, the member's permissions)."""
+        message = self.bot_messages[message_id]
+        data = self.interaction("", user=user, channel_id=message.channel_id)
+        return {
+            **data, "type": COMPONENT_INTERACTION, "message": self._message_payload(message),
+            "data": {"custom_id": custom_id, "component_type": BUTTON},
         }
 
     def requests(self, method: str | None = None, prefix: str = "") -> list[Call]:
@@ -385,21 +421,28 @@ class FakeDiscord:
             reference = (body.get("message_reference") or {}).get("message_id")
             message = BotMessage(self.next_id(), int(parts[1]), [body["content"]], int(reference) if reference else None)
             message.times.append(time.monotonic())
+            message.components.append(body.get("components") or [])
             self.bot_messages[message.id] = message
             return _json(self._message_payload(message))
         if method == "PATCH" and parts[0] == "channels" and parts[2] == "messages":
             message = self.bot_messages.get(int(parts[3]))
             if message is None:
                 return _json({"message": "Unknown Message", "code": 10008}, status=404)
-            message.contents.append(body["content"])
+            message.contents.append(body.get("content", message.text))
             message.times.append(time.monotonic())
+            # An edit without components keeps those the message had.
+            message.components.append(body.get("components", message.components[-1] if message.components else []))
             return _json(self._message_payload(message))
         if method == "DELETE" and parts[0] == "channels" and parts[2] == "messages":
             if self.bot_messages.pop(int(parts[3]), None) is None:
                 return _json({"message": "Unknown Message", "code": 10008}, status=404)
             return web.Response(status=204)
         if method == "POST" and parts[0] == "interactions" and parts[-1] == "callback":
-            return _json({"interaction": {"id": parts[1], "type": 2}})
+            if parts[1] in self.answered:
+                return _json(ALREADY_ACKNOWLEDGED, status=400)
+            self.answered.add(parts[1])
+            kind = self.interactions.get(parts[1], {}).get("type", 2)
+            return _json({"interaction": {"id": parts[1], "type": kind}})
         return _json({"message": "404: Not Found", "code": 0}, status=404)
 
     def _message_payload(self, message: BotMessage) -> dict[str, Any]:
@@ -407,5 +450,8 @@ class FakeDiscord:
             "id": str(message.id), "channel_id": str(message.channel_id), "type": 19 if message.reply_to else 0,
             "content": message.text, "author": BOT.payload(), "timestamp": TIMESTAMP, "edited_timestamp": None,
             "tts": False, "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": [],
-            "embeds": [], "pinned": False, "flags": 0,
+            "embeds": [], "pinned": False, "flags": 0, "components": message.components[-1] if message.components else [],
+            # discord.py reads a reply's reference from here (a button's click carries its message).
+            **({"message_reference": {"type": 0, "message_id": str(message.reply_to), "channel_id": str(message.channel_id)}}
+               if message.reply_to else {}),
         }
