@@ -18,12 +18,14 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.delivery import Delivery
 from bot.slack.budget import PacedSlack, SlackBudget
+from bot.slack.controls import SlackControls
 from bot.slack.dm_threads import DmThreads
 from bot.slack.files import SlackFiles
 from bot.slack.handlers import SlackListeners
 from bot.slack.http import http_server
 from bot.slack.messages import PLATFORM
 from bot.slack.outbox import SlackOutbox
+from bot.slack.sessions import AgentSessions
 from bot.slack.status import ThreadStatus
 from contract.feedback import EXCHANGE_TTL_S, FeedbackStore
 from contract.intake import Intake
@@ -78,13 +80,14 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
     slack = PacedSlack(app.client, SlackBudget(redis, settings.slack.rate_limits))
     feedback = FeedbackStore(redis)
     status = ThreadStatus(redis, slack, settings.slack)
-    outbox = SlackOutbox(slack, settings.slack)
+    sessions = AgentSessions(redis, slack)
+    outbox = SlackOutbox(slack, settings.slack, sessions)
+    intake = Intake(redis, settings.limits, settings.pools)
     files = SlackFiles(tokens.bot, app.client.base_url, settings.slack.file_max_bytes)
     dm_threads = DmThreads(redis, keep_s=max(settings.history.ttl_seconds, EXCHANGE_TTL_S))
     personas = Personas(redis, settings)  # the whole settings: `show` names config.yaml's personas too
-    SlackListeners(
-        slack, settings.slack, Intake(redis, settings.limits, settings.pools), outbox, status, feedback, files, dm_threads, personas
-    ).register(app)
+    SlackListeners(slack, settings.slack, intake, outbox, status, feedback, files, dm_threads, personas, sessions).register(app)
+    SlackControls(slack, settings.slack, intake, outbox, sessions).register(app)
     return SlackBot(app, outbox, status)
 
 

@@ -14,6 +14,7 @@ from bot.slack.dm_threads import DmThreads
 from bot.slack.files import NOT_READABLE, SlackFiles
 from bot.slack.messages import PLATFORM, Incoming, direct_message, from_slack, mention
 from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox, feedback_value
+from bot.slack.sessions import AgentSessions
 from bot.slack.settings import SlackSettings
 from bot.slack.status import ThreadStatus
 from bot.titles import thread_title
@@ -102,7 +103,7 @@ class SlackListeners:
 
     def __init__(
         self, slack: PacedSlack, settings: SlackSettings, queue: Intake, outbox: SlackOutbox, status: ThreadStatus,
-        feedback: FeedbackStore, files: SlackFiles, dm_threads: DmThreads, personas: Personas,
+        feedback: FeedbackStore, files: SlackFiles, dm_threads: DmThreads, personas: Personas, sessions: AgentSessions,
     ):
         self.slack = slack
         self.settings = settings
@@ -114,6 +115,7 @@ class SlackListeners:
         self.files = files
         self.dm_threads = dm_threads
         self.personas = personas
+        self.sessions = sessions
         self.names = DisplayNames(slack)
         self.background = Background()
         self.prompts = [prompt.model_dump() for prompt in settings.suggested_prompts]
@@ -273,6 +275,8 @@ class SlackListeners:
             self.tell(incoming, attached.cut_notice(limit))
         # Slack wants the event acknowledged within 3 s: its status and title go on after.
         self.background.run("status", self.status.show(submitted.job_id, reply_to, submitted.ahead))
+        # Slack's native Stop shows while the thread's agent session is processing (bot/slack/controls.py).
+        self.background.run("session", self.sessions.processing(reply_to, incoming.user))
         if incoming.starts_thread:
             title = thread_title(incoming.text or ", ".join(file.name for file in incoming.files))
             self.background.run("title", self.slack.call(

@@ -3,12 +3,14 @@
 A reply's first message starts a stream, streamed through slack-sdk's buffered helper
 (`AsyncChatStream`: chat.startStream, then chat.appendStream once `stream_buffer_chars` of
 new text gathered); the stream is stopped (chat.stopStream) when the message is settled,
-with the feedback buttons on an answer's last message. Every call the helper makes passes
+with the feedback and Regenerate buttons on an answer's last message (an edited, not streamed,
+answer carries a Stop button while it is written: bot/slack/controls.py). Every call the helper makes passes
 the workspace's rate budget. Where streaming fails (an expired stream, a workspace without
 the feature, a method or network error) that message falls back to chat.update of its whole
 text, and the log says so; a workspace that has no streaming is not asked again for
 STREAMING_RETRY_S. Text that is settled when first shown (a short answer, a refusal) is one
-chat.postMessage.
+chat.postMessage. Once an answer's last message is shown, its thread's agent session goes back to
+`active` (bot/slack/sessions.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from slack_sdk.web.async_slack_response import AsyncSlackResponse
 from bot.delivery import Deferred, Part
 from bot.slack.budget import CALL_FAILED, PacedSlack
 from bot.slack.messages import to_markdown
+from bot.slack.sessions import AgentSessions
 from bot.slack.settings import SlackSettings
 from service.observability import PLATFORM_ERRORS
 
@@ -35,6 +38,8 @@ log = logging.getLogger(__name__)
 # chat.appendStream takes at most 12,000 at once).
 LIMIT = 3900
 FEEDBACK_ACTION = "answer_feedback"
+STOP_ACTION = "stop_answer"
+REGENERATE_ACTION = "regenerate_answer"
 STREAMING_RETRY_S = 600.0
 # chat.startStream errors that mean the workspace or app cannot stream at all, not just this message.
 NO_STREAMING = {"feature_not_enabled", "not_allowed", "unknown_method", "missing_scope", "method_deprecated"}
@@ -79,6 +84,12 @@ def feedback_block(job_id: str, conversation: str) -> dict:
     return {"type": "context_actions", "elements": [{"type": "feedback_buttons", "action_id": FEEDBACK_ACTION, **buttons}]}
 
 
+def button_block(action_id: str, text: str, job_id: str) -> dict:
+    """One button whose click names the answer (its job id)."""
+    button = {"type": "button", "action_id": action_id, "text": {"type": "plain_text", "text": text}, "value": job_id}
+    return {"type": "actions", "elements": [button]}
+
+
 def feedback_value(value: str) -> tuple[str, str, str | None]:
     """Rating, job id and conversation of a feedback click (buttons posted before conversations were added lack it)."""
     parts = value.split(" ", 2)
@@ -90,9 +101,10 @@ class SlackOutbox:
     limit = LIMIT
     settles = True  # a message whose text is complete is told so: its stream is stopped
 
-    def __init__(self, slack: PacedSlack, settings: SlackSettings):
+    def __init__(self, slack: PacedSlack, settings: SlackSettings, sessions: AgentSessions):
         self.slack = slack
         self.settings = settings
+        self.sessions = sessions
         self.streams: dict[str, Stream] = {}  # by message ts, while the message streams
         self.no_streaming_until: dict[str, float] = {}  # team -> time.monotonic()
 
@@ -116,8 +128,9 @@ class SlackOutbox:
                 self._stream_failed(part, "chat.startStream", error)
         response = await self.slack.call(
             "chat.postMessage", reply_to, wait=part.settled,
-            channel=reply_to["channel"], thread_ts=reply_to.get("thread_ts"), **self._content(part),
+            channel=reply_to["channel"], thread_ts=reply_to.get("thread_ts"), **self._content(part, edit=False),
         )
+        await self._end_session_if_over(part)
         return response["ts"]
 
     async def edit(self, message_id: str, part: Part) -> None:
@@ -127,6 +140,7 @@ class SlackOutbox:
             if markdown.startswith(stream.given):
                 try:
                     await self._stream_on(message_id, stream, part, markdown)
+                    await self._end_session_if_over(part)
                     return
                 except CALL_FAILED as error:  # Slack may or may not have the text: rewrite it whole
                     self._stream_failed(part, "chat.appendStream/stopStream", error)
@@ -136,8 +150,15 @@ class SlackOutbox:
                     await stream.helper.stop()
             self.streams.pop(message_id, None)
         await self.slack.call(
-            "chat.update", part.reply_to, wait=part.settled, channel=part.reply_to["channel"], ts=message_id, **self._content(part)
+            "chat.update", part.reply_to, wait=part.settled, channel=part.reply_to["channel"], ts=message_id,
+            **self._content(part, edit=True),
         )
+        await self._end_session_if_over(part)
+
+    def forget_streams(self, message_ids: list[str]) -> None:
+        """Slack stopped these streams (its native Stop): their messages are finished with chat.update."""
+        for message_id in message_ids:
+            self.streams.pop(message_id, None)
 
     async def remove(self, message_id: str, reply_to: dict[str, str]) -> None:
         self.streams.pop(message_id, None)
@@ -146,8 +167,7 @@ class SlackOutbox:
     async def _stream_on(self, message_id: str, stream: Stream, part: Part, markdown: str) -> None:
         new_text, stream.given = markdown[len(stream.given):], markdown
         if part.settled:
-            blocks = [feedback_block(part.job_id, part.conversation)] if self._asks_feedback(part) else None
-            await stream.helper.stop(markdown_text=new_text or None, blocks=blocks)
+            await stream.helper.stop(markdown_text=new_text or None, blocks=self._controls(part) or None)
             del self.streams[message_id]
         elif await stream.helper.append(markdown_text=new_text) is None:
             raise Deferred("buffered")  # in the helper's buffer: it goes with a later call
@@ -173,12 +193,27 @@ class SlackOutbox:
             extra={"job": part.job_id, "method": method, "error": reason, "team": team},
         )
 
-    def _content(self, part: Part) -> dict:
-        markdown = to_markdown(part.text)
-        if not self._asks_feedback(part):
-            return {"markdown_text": markdown}
-        # With blocks, `text` is only the notification; markdown_text cannot go with blocks.
-        return {"text": markdown, "blocks": [{"type": "markdown", "text": markdown}, feedback_block(part.job_id, part.conversation)]}
+    async def _end_session_if_over(self, part: Part) -> None:
+        # A settled message ends the answer when it is the finished answer's last, or when the job
+        # is gone (an error reply); a full message with more to come leaves the session processing.
+        if part.settled and (part.feedback or await self.sessions.ended(part.job_id)):
+            await self.sessions.active(part.reply_to)
 
-    def _asks_feedback(self, part: Part) -> bool:
-        return part.feedback and self.settings.feedback
+    def _content(self, part: Part, edit: bool) -> dict:
+        markdown = to_markdown(part.text)
+        controls = self._controls(part)
+        if not controls and not edit:
+            return {"markdown_text": markdown}
+        # An edit names all its blocks, so no button of the message's earlier text (a Stop, a
+        # replaced answer's Regenerate) stays. With blocks, `text` is only the notification;
+        # markdown_text cannot go with blocks.
+        return {"text": markdown, "blocks": [{"type": "markdown", "text": markdown}, *controls]}
+
+    def _controls(self, part: Part) -> list[dict]:
+        """Stop while the answer is written; the feedback buttons and Regenerate once it is finished."""
+        if part.feedback:
+            feedback = [feedback_block(part.job_id, part.conversation)] if self.settings.feedback else []
+            return [*feedback, button_block(REGENERATE_ACTION, "Regenerate", part.job_id)]
+        if not part.settled:
+            return [button_block(STOP_ACTION, "Stop", part.job_id)]
+        return []

@@ -23,6 +23,8 @@ SLACK_RATE_LIMITS = {
     "chat.startStream": 20,
     "chat.appendStream": 100,
     "chat.stopStream": 20,
+    "chat.postEphemeral": 100,
+    "agents.sessions.setStatus": 50,
     "assistant.threads.setStatus": 50,
     "assistant.threads.setTitle": 100,
     "assistant.threads.setSuggestedPrompts": 100,

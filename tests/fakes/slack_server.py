@@ -10,7 +10,12 @@ stopStream references: only in threads, with a recipient outside DMs, 12,000 cha
 call, `message_not_in_streaming_state` once stopped or expired (a test sets after how many
 appends). The agent methods (assistant.threads.setStatus / setTitle / setSuggestedPrompts)
 are recorded, and a reply in a thread clears its status, as Slack does; a status or title for a
-thread Slack has not seen (no message of that ts in that channel) is `invalid_thread_ts`. Blocks
+thread Slack has not seen (no message of that ts in that channel) is `invalid_thread_ts`. Agent
+sessions (agents.sessions.setStatus) keep each thread's lifecycle status, with Slack's
+`missing_agent_session_stopped_event_subscription` warning while the manifest lacks that event;
+`native_stop` is a person clicking Slack's Stop under a processing session: the thread's streams
+stop, and it returns the `agent_session_stopped` event Slack sends. Ephemeral messages
+(chat.postEphemeral) are kept with who may see them. Blocks
 are checked against the Block Kit types the adapter uses: an unknown type or a missing required
 field is `invalid_blocks`. Files a test shares (`share_file`, for a `file_share` event) are served
 at their `url_private_download` to a bearer bot token only, as Slack serves them; anyone else is
@@ -114,6 +119,15 @@ class Message:
             for element in block.get("elements", []) if element.get("type") == "feedback_buttons"
         ]
 
+    @property
+    def buttons(self) -> dict[str, dict]:
+        """The message's buttons by action_id."""
+        return {
+            element["action_id"]: element
+            for block in self.blocks if block.get("type") == "actions"
+            for element in block.get("elements", []) if element.get("type") == "button"
+        }
+
 
 @dataclass(frozen=True)
 class Throttle:
@@ -153,14 +167,25 @@ def _feedback_button(value: Any) -> bool:
 # Each Block Kit type the adapter sends, with what Slack requires of it.
 _ELEMENTS: dict[str, Callable[[dict], bool]] = {
     "feedback_buttons": lambda e: _feedback_button(e.get("positive_button")) and _feedback_button(e.get("negative_button")),
+    "button": lambda e: _text_object(e.get("text"), ("plain_text",)) and len(e["text"]["text"]) <= 75
+    and isinstance(e.get("action_id"), str) and len(e.get("value", "")) <= 2000,
 }
+
+
+def _elements(block: dict, allowed: tuple[str, ...]) -> bool:
+    elements = block.get("elements")
+    return bool(elements) and all(
+        isinstance(e, dict) and e.get("type") in allowed and _ELEMENTS[e["type"]](e) for e in elements
+    )
+
+
 _BLOCKS: dict[str, Callable[[dict], bool]] = {
     "markdown": lambda b: isinstance(b.get("text"), str) and bool(b["text"]),
     "section": lambda b: _text_object(b.get("text")) or bool(b.get("fields")),
-    "context_actions": lambda b: bool(b.get("elements")) and all(
-        isinstance(e, dict) and _ELEMENTS.get(e.get("type"), lambda _: False)(e) for e in b["elements"]
-    ),
+    "context_actions": lambda b: _elements(b, ("feedback_buttons",)),
+    "actions": lambda b: _elements(b, ("button",)) and len(b["elements"]) <= 25,
 }
+SESSION_STATUSES = {"active", "processing", "suspended", "closed"}
 
 
 def valid_blocks(blocks: Any) -> bool:
@@ -194,6 +219,8 @@ class FakeSlack:
         self.status_now: dict[tuple[str, str], str] = {}  # what each thread shows now
         self.titles: dict[tuple[str, str], str] = {}
         self.suggested: list[dict] = []  # setSuggestedPrompts bodies
+        self.sessions: dict[tuple[str, str], str] = {}  # (channel, thread_ts) -> agent session status now
+        self.ephemerals: list[dict] = []  # chat.postEphemeral bodies: channel, user (who sees it), text, thread_ts
         self.expire_after_appends: int | None = None  # a stream given this many appends then expires
         self._appends: dict[str, int] = {}
         self._refused: dict[str, str] = {}
@@ -454,7 +481,34 @@ class FakeSlack:
         return {"ok": True}
 
     def _chat_postEphemeral(self, body: dict) -> dict:
+        if not body.get("channel") or not body.get("user"):
+            return {"ok": False, "error": "invalid_arguments"}
+        if not body.get("text") and not body.get("blocks"):
+            return {"ok": False, "error": "no_text"}
+        self.ephemerals.append(body)
         return {"ok": True, "message_ts": f"{time.time():.6f}"}
+
+    def _agents_sessions_setStatus(self, body: dict) -> dict:
+        channel, thread = body.get("channel_id"), body.get("thread_ts")
+        if not channel or body.get("status") not in SESSION_STATUSES:
+            return {"ok": False, "error": "invalid_arguments"}
+        if (channel, thread) not in self._seen:
+            return {"ok": False, "error": "invalid_thread_ts"}
+        self.sessions[(channel, thread)] = body["status"]
+        answer = {"ok": True, "status": body["status"]}
+        if "agent_session_stopped" not in self.app_manifest["settings"]["event_subscriptions"]["bot_events"]:
+            answer["warning"] = "missing_agent_session_stopped_event_subscription"  # no Stop shown, only a loading line
+        return answer
+
+    def native_stop(self, channel: str, thread_ts: str, user: str) -> dict[str, Any]:
+        """A person clicks Slack's Stop under a processing session: Slack stops the thread's streams and
+        sends this event (the session's status stays for the app to change)."""
+        assert self.sessions.get((channel, thread_ts)) == "processing", "Slack shows Stop only while a session is processing"
+        stopped = [m for m in self.messages if m.channel == channel and m.thread_ts == thread_ts and m.streaming]
+        for message in stopped:
+            message.streaming = False
+        return {"type": "agent_session_stopped", "channel": channel, "thread_ts": thread_ts, "user": user,
+                "streaming_message_ts": [m.ts for m in stopped], "event_ts": f"{time.time():.6f}"}
 
     def _remember(self, payload: dict[str, Any]) -> None:
         """A person's message Slack sends the app is one Slack knows, and so is the thread it is in."""
