@@ -82,7 +82,7 @@ async def test_all_ok_exits_0(redis_server, slack, discord_fake):
     )
     assert line(lines, "slack scopes") == "ok       slack scopes: the bot token has the manifest's 9 scopes"
     assert line(lines, "slack socket mode") == "ok       slack socket mode: apps.connections.open accepts SLACK_APP_TOKEN"
-    assert line(lines, "slack events") == "ok       slack events: the app is subscribed to the manifest's 3 bot events"
+    assert line(lines, "slack events") == "ok       slack events: the app is subscribed to the manifest's 4 bot events"
     assert line(lines, "slack commands") == "ok       slack commands: the app has /reset and /persona"
     assert line(lines, "discord intents") == "ok       discord intents: Message Content intent enabled"
     assert line(lines, f"discord server Test guild ({GUILD_ID})").startswith("ok ")

@@ -570,7 +570,9 @@ def test_manifest_matches_the_adapter():
     assert [c["command"] for c in features["slash_commands"]] == [SlackSettings().reset_command, SlackSettings().persona_command]
     assert all(c["description"] and c["should_escape"] is False for c in features["slash_commands"])
     # The agent surface's events; assistant_thread_started belongs to the legacy assistant_view.
-    assert set(manifest["settings"]["event_subscriptions"]["bot_events"]) == {"message.im", "app_mention", "app_home_opened"}
+    assert set(manifest["settings"]["event_subscriptions"]["bot_events"]) == {
+        "message.im", "app_mention", "app_home_opened", "agent_session_stopped"  # the last: the session's native Stop
+    }
     scopes = {"assistant:write", "chat:write", "im:history", "commands", "users:read", "files:read"}
     assert scopes <= set(manifest["oauth_config"]["scopes"]["bot"])
     assert manifest["settings"]["socket_mode_enabled"] and SlackSettings().mode == "socket"
