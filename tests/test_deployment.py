@@ -16,7 +16,8 @@ from compose_spec import PyCompose
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {"DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET", "HF_TOKEN"}
 SECRETS |= {"OPENAI_API_KEY", "VLLM_API_KEY"}  # the model server's key, on the worker's side and on vLLM's
-SERVICES = ["redis", "worker", "discord", "slack", "neuron-server", "worker-openai"]
+SERVICES = ["redis", "worker", "discord", "slack", "neuron-server", "worker-openai", "prometheus", "grafana"]
+MONITORING = {"prometheus", "grafana"}  # profile monitoring: tests/test_monitoring.py checks them
 NEEDS = {
     "worker": {"HF_TOKEN"},
     "discord": {"DISCORD_TOKEN"},
@@ -24,6 +25,8 @@ NEEDS = {
     "redis": set(),
     "neuron-server": {"VLLM_API_KEY"},  # the key it requires on /v1, OPENAI_API_KEY's value
     "worker-openai": {"HF_TOKEN", "OPENAI_API_KEY"},
+    "prometheus": set(),
+    "grafana": set(),
 }
 PROFILE = "neuron-serve"
 CHATBOT_COMMANDS = {"worker": "worker", "worker-openai": "worker", "discord": "discord", "slack": "slack"}
@@ -74,6 +77,8 @@ def test_every_service_has_a_health_check_on_its_own_healthz(compose):
         test = " ".join(service["healthcheck"]["test"])
         if name == "redis":
             assert "redis-cli ping" in test
+            continue
+        if name in MONITORING:  # their own health endpoints: tests/test_monitoring.py
             continue
         if name == "neuron-server":  # vLLM's own health endpoint, on the port it serves
             assert f"http://127.0.0.1:{server_port(service)}/health'" in test
@@ -130,7 +135,7 @@ def test_the_worker_has_time_to_hand_its_jobs_back_on_docker_stop(compose):
 
 def test_the_neuron_serve_profile_holds_the_model_server_and_its_worker(compose):
     services = compose["services"]
-    profiled = {name for name, service in services.items() if "profiles" in service}
+    profiled = {name for name, service in services.items() if "profiles" in service} - MONITORING
     assert profiled == {"neuron-server", "worker-openai"}
     for name in profiled:
         assert services[name]["profiles"] == [PROFILE], name
