@@ -13,7 +13,11 @@ from contract.pools import NO_WORKER, keep_answering_unserved
 from engine.serving.transformers_engine import TransformersEngine
 from service.config import PoolSettings
 from tests.conftest import final_event, running_worker, tiny_settings
+from tests.test_discord import fake as discord_fake
 from tests.test_personas import recording_engine
+from tests.test_slack import fake as slack_fake
+
+__all__ = ["discord_fake", "slack_fake"]  # the platforms' fake-server fixtures
 
 ROUTES = [
     {"platform": "discord", "workspace": "g1", "pool": "big"},
@@ -24,6 +28,13 @@ ROUTES = [
 
 def pool_settings(serve: str | None = None, **sections):
     return tiny_settings(pools={"default": "small", "routes": ROUTES, "serve": serve, "absent_after_s": 4}, **sections)
+
+
+async def pool_of(redis, job_id: str) -> str:
+    """The pool a job was queued for, once it is queued."""
+    while (pool := await redis.hget(keys.job(job_id), "pool")) is None:
+        await asyncio.sleep(0.02)
+    return pool
 
 
 async def test_each_message_is_queued_for_the_pool_of_its_channel_or_workspace(redis):
@@ -94,3 +105,31 @@ async def test_an_adapter_tells_people_when_no_worker_of_any_pool_is_alive(redis
         assert not await redis.llen(keys.ready("small")) and not await redis.exists(keys.job(submitted.job_id))
     finally:
         sweeping.cancel()
+
+
+async def test_a_discord_guild_routed_to_a_pool_without_workers_hears_why(redis, discord_fake):
+    """Through the real Discord adapter: its sweep tells the channel once the message has waited its pool's wait."""
+    from tests.fakes.discord_server import GUILD_ID
+    from tests.test_discord import adapter, say, shown_answer
+
+    settings = tiny_settings(
+        discord={"guilds": [GUILD_ID]},
+        pools={"routes": [{"platform": "discord", "workspace": str(GUILD_ID), "pool": "inf2"}], "absent_after_s": 4},
+    )
+    async with adapter(redis, discord_fake, settings):
+        message_id = await say(discord_fake, "Anyone serving here?")
+        queued_in = await asyncio.wait_for(pool_of(redis, f"discord:{message_id}"), 10)
+        await shown_answer(discord_fake, message_id, NO_WORKER)
+    assert queued_in == "inf2"
+
+
+async def test_a_slack_channel_routed_to_a_pool_without_workers_hears_why(redis, slack_fake):
+    from tests.test_slack import DM, adapter, answer_shown, send_dm, slack_settings
+
+    settings = slack_settings().model_copy(
+        update={"pools": PoolSettings(routes=[{"platform": "slack", "channel": DM, "pool": "inf2"}], absent_after_s=4)}
+    )
+    async with adapter(slack_fake, redis, settings):
+        sent = await send_dm(slack_fake, "Anyone serving here?")
+        assert await redis.hget(keys.job(sent.job_id), "pool") == "inf2"
+        assert (await answer_shown(slack_fake, redis, sent.job_id, before=0)).text == NO_WORKER
