@@ -43,6 +43,10 @@ WAITING_CONVERSATIONS = Gauge("chatbot_waiting_conversations", "Conversations wh
 DELIVERIES = Counter("chatbot_deliveries_total", "Reply events shown on a platform", ["platform", "kind"])
 PLATFORM_ERRORS = Counter("chatbot_platform_errors_total", "Failed platform calls by kind", ["platform", "kind"])
 FEEDBACK = Counter("chatbot_feedback_total", "Users' ratings of answers", ["platform", "rating"])
+# every process
+HEALTH_CHECKS = Gauge(
+    "chatbot_health_check", "1 while a check of /healthz passes (redis, worker, engine, discord, slack), else 0", ["check"]
+)
 
 Check = Callable[[], Awaitable[str | None]]  # None when healthy, else what is wrong
 
@@ -72,6 +76,7 @@ class Health:
                 results[name] = await asyncio.wait_for(check(), 2) or "ok"
             except Exception as error:  # a check that fails to answer is a failing check
                 results[name] = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            HEALTH_CHECKS.labels(name).set(results[name] == "ok")
         return results
 
 
@@ -95,6 +100,7 @@ async def healthz(health: Health) -> web.Response:
 
 def add_routes(app: web.Application, health: Health) -> None:
     async def metrics(_: web.Request) -> web.Response:
+        await health.report()  # each scrape carries the checks' state (chatbot_health_check), for alerts
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health_report(_: web.Request) -> web.Response:

@@ -473,6 +473,14 @@ ALERT_CASES = """
     - {at: 15m, alertname: ChatbotAdapterDown, fire: []}
     - {at: 40m, alertname: ChatbotAdapterDown, fire: [{severity: critical, job: discord}, {severity: critical, job: slack}]}
 
+- name: the Slack adapter runs but its connection is down
+  input_series:
+    - {series: 'chatbot_health_check{job="slack", instance="s:9100", check="slack"}', values: '1x10 0x20'}
+    - {series: 'chatbot_health_check{job="slack", instance="s:9100", check="redis"}', values: '1x30'}
+  alerts:
+    - {at: 10m, alertname: ChatbotPlatformDisconnected, fire: []}
+    - {at: 20m, alertname: ChatbotPlatformDisconnected, fire: [{severity: critical, job: slack, instance: "s:9100", check: slack}]}
+
 - name: every Slack call fails while Discord delivers
   input_series:
     - {series: 'chatbot_platform_errors_total{job="slack", instance="s:9100", platform="slack", kind="SlackApiError"}', values: '0+1x40'}

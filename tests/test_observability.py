@@ -81,6 +81,7 @@ async def test_a_worker_process_serves_metrics_and_health(redis, redis_server, t
         process.terminate()
         process.wait(20)
     assert 'chatbot_jobs_total{outcome="answered",pool="default"} 1.0' in metrics
+    assert 'chatbot_health_check{check="worker"} 1.0' in metrics and 'chatbot_health_check{check="redis"} 1.0' in metrics
     assert "chatbot_time_to_first_token_seconds_count 1.0" in metrics
     assert "chatbot_time_to_final_reply_seconds_count 1.0" in metrics
     assert "chatbot_time_in_queue_seconds_count 1.0" in metrics
