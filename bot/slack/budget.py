@@ -20,6 +20,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bot.delivery import Deferred
+from bot.slack.tokens import BotTokens
 from contract import keys
 from service.observability import PLATFORM_ERRORS
 from service.redis_client import REDIS_FAILED
@@ -30,6 +31,8 @@ CALL_FAILED = (SlackClientError, aiohttp.ClientError, asyncio.TimeoutError)
 # What a best-effort call (a status, a title, a name lookup) may meet; the caller logs it and goes on.
 SLACK_FAILED = (*CALL_FAILED, Deferred)
 BURST_MINUTES = 0.25  # a bucket holds this much of a minute's calls
+# Slack's answers to a token that is no longer good: a cached one is looked up again next time.
+TOKEN_GONE = {"invalid_auth", "token_revoked", "account_inactive"}
 
 # Returns 0 when a call was taken, else the milliseconds until one will be there.
 _TAKE = """
@@ -100,21 +103,26 @@ def retry_after_s(error: SlackApiError) -> float:
 
 
 class PacedSlack:
-    """Web API calls within the workspace's budget; a 429 pauses that workspace and method only."""
+    """Web API calls within the workspace's budget, with its bot token; a 429 pauses that workspace and method only."""
 
-    def __init__(self, client: AsyncWebClient, budget: SlackBudget):
+    def __init__(self, client: AsyncWebClient, budget: SlackBudget, tokens: BotTokens):
         self.client = client
         self.budget = budget
+        self.tokens = tokens
 
     async def call(self, method: str, reply_to: dict[str, str], wait: bool, **arguments: Any) -> AsyncSlackResponse:
         """Call `method`; without `wait`, Deferred when the budget is short or Slack says 429."""
         scope = reply_to["channel"] if method == "chat.postMessage" else reply_to.get("team", "workspace")
+        # Over any token the caller passed (slack-sdk's stream helper passes its own, None).
+        arguments["token"] = await self.tokens.of(reply_to)
         while True:
             if not await self.budget.take(scope, method, wait):
                 raise Deferred(method)
             try:
                 return await getattr(self.client, method.replace(".", "_"))(**arguments)
             except SlackApiError as error:
+                if error.response.get("error") in TOKEN_GONE:
+                    self.tokens.forget(reply_to)
                 if error.response.status_code != 429:
                     raise
                 await self.budget.pause(scope, method, retry_after_s(error))

@@ -19,7 +19,7 @@ import logging
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
 
 from bot.slack.budget import SLACK_FAILED, PacedSlack
-from bot.slack.messages import PLATFORM
+from bot.slack.messages import PLATFORM, workspace
 from bot.slack.outbox import REGENERATE_ACTION, STOP_ACTION, SlackOutbox
 from bot.slack.sessions import AgentSessions
 from bot.slack.settings import SlackSettings
@@ -65,9 +65,8 @@ class SlackControls:
             await self.tell(where, user, said)
 
     async def on_session_stopped(self, event: dict, context: AsyncBoltContext) -> None:
-        user, where = event.get("user", ""), {"channel": event["channel"], "thread_ts": event["thread_ts"]}
-        if context.team_id:
-            where["team"] = context.team_id
+        user = event.get("user", "")
+        where = {"channel": event["channel"], "thread_ts": event["thread_ts"], **workspace(context.team_id, context.enterprise_id)}
         # Slack stopped these streams: what is left of their answers is written with chat.update.
         self.outbox.forget_streams(event.get("streaming_message_ts") or [])
         conversation = Conversation(platform=PLATFORM, channel=event["channel"], thread=event["thread_ts"])
@@ -143,7 +142,4 @@ def clicked_in(body: dict) -> dict[str, str]:
     thread = container.get("thread_ts") or message.get("thread_ts")
     if thread:
         where["thread_ts"] = thread
-    team = (body.get("team") or {}).get("id")
-    if team:
-        where["team"] = team
-    return where
+    return {**where, **workspace((body.get("team") or {}).get("id"), (body.get("enterprise") or {}).get("id"))}

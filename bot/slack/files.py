@@ -1,4 +1,4 @@
-"""Files shared with a Slack message: text files downloaded with the bot token, as Slack requires,
+"""Files shared with a Slack message: text files downloaded with the workspace's bot token, as Slack requires,
 and read into the message by bot/attachments_text.py's rules (Discord's attachments follow them too)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import aiohttp
 
 from bot.attachments_text import NOTHING_ATTACHED, SEPARATOR, Attached, AttachedFile, attached_text, is_text
 from bot.slack.messages import SharedFile
+from bot.slack.tokens import BotTokens
 
 log = logging.getLogger(__name__)
 
@@ -21,24 +22,28 @@ DOWNLOAD_TIMEOUT_S = 2.0
 
 
 class SlackFiles:
-    def __init__(self, token: str, api_url: str, max_bytes: int):
-        self.token = token
+    def __init__(self, tokens: BotTokens, api_url: str, max_bytes: int):
+        self.tokens = tokens
         self.slack_host = urlsplit(api_url).hostname or ""
         self.max_bytes = max_bytes
 
-    async def message_text(self, text: str, files: tuple[SharedFile, ...], max_chars: int) -> tuple[str | None, Attached]:
+    async def message_text(
+        self, text: str, files: tuple[SharedFile, ...], max_chars: int, where: dict[str, str]
+    ) -> tuple[str | None, Attached]:
         """The message's text followed by what its files add, within `max_chars` (a text file cut to
-        fit says so), with what the files added; None for files alone of which none could be read."""
-        attached = attached_text(await self.read(files), room=max_chars - len(text)) if files else NOTHING_ATTACHED
+        fit says so), with what the files added; None for files alone of which none could be read.
+        `where` names the workspace (a reply_to) whose token reads them."""
+        attached = attached_text(await self.read(files, where), room=max_chars - len(text)) if files else NOTHING_ATTACHED
         if files and not text and not attached.read_any:
             return None, attached
         if attached.cut:
             log.info("shared file cut to fit the message", extra={"files": list(attached.cut), "max_chars": max_chars})
         return SEPARATOR.join(part for part in (text, attached.text) if part), attached
 
-    async def read(self, files: tuple[SharedFile, ...]) -> list[AttachedFile]:
+    async def read(self, files: tuple[SharedFile, ...], where: dict[str, str]) -> list[AttachedFile]:
         timeout = aiohttp.ClientTimeout(total=DOWNLOAD_TIMEOUT_S)
-        async with aiohttp.ClientSession(timeout=timeout, headers={"Authorization": f"Bearer {self.token}"}) as session:
+        token = await self.tokens.of(where)
+        async with aiohttp.ClientSession(timeout=timeout, headers={"Authorization": f"Bearer {token}"}) as session:
             return list(await asyncio.gather(*(self._read(session, file) for file in files)))
 
     async def _read(self, session: aiohttp.ClientSession, file: SharedFile) -> AttachedFile:

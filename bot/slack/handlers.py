@@ -12,7 +12,7 @@ from bot.delivery import Part
 from bot.slack.budget import SLACK_FAILED, PacedSlack
 from bot.slack.dm_threads import DmThreads
 from bot.slack.files import NOT_READABLE, SlackFiles
-from bot.slack.messages import PLATFORM, Incoming, direct_message, from_slack, mention
+from bot.slack.messages import PLATFORM, Incoming, direct_message, from_slack, mention, workspace
 from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox, feedback_value
 from bot.slack.sessions import AgentSessions
 from bot.slack.settings import SlackSettings
@@ -135,14 +135,14 @@ class SlackListeners:
             )
 
     async def on_message(self, event: dict, context: AsyncBoltContext) -> None:
-        incoming = direct_message(event, context.team_id)
+        incoming = direct_message(event, context.team_id, context.enterprise_id)
         if incoming is None:
             log.debug("message event ignored", extra={"subtype": event.get("subtype"), "channel_type": event.get("channel_type")})
             return
         await self.submit(incoming, author=None)
 
     async def on_mention(self, event: dict, context: AsyncBoltContext) -> None:
-        incoming = mention(event, context.team_id, context.bot_user_id) if self.settings.answer_mentions else None
+        incoming = mention(event, context.team_id, context.bot_user_id, context.enterprise_id) if self.settings.answer_mentions else None
         if incoming is None:
             return
         await self.submit(incoming, await self.names.of(incoming.user, incoming.reply_to))
@@ -160,7 +160,7 @@ class SlackListeners:
             log.info("suggested prompts skipped", extra={"user": event["user"], "error": str(error) or type(error).__name__})
             return
         if due:
-            chat = {"channel": event["channel"], **({"team": context.team_id} if context.team_id else {})}
+            chat = {"channel": event["channel"], **workspace(context.team_id, context.enterprise_id)}
             self.background.run("suggested prompts", self.set_prompts(chat, key))
 
     async def set_prompts(self, chat: dict[str, str], key: str) -> None:
@@ -244,7 +244,7 @@ class SlackListeners:
     async def submit(self, incoming: Incoming, author: str | None) -> None:
         reply_to = incoming.reply_to
         limit = self.queue.limits.max_message_chars
-        text, attached = await self.files.message_text(incoming.text, incoming.files, limit)
+        text, attached = await self.files.message_text(incoming.text, incoming.files, limit, reply_to)
         if text is None:
             log.info("message without readable text", extra={"slack_message": incoming.message_id})
             self.tell(incoming, NOT_READABLE)

@@ -2,7 +2,9 @@
 
 Requests are checked before bolt sees them: bolt parses the body before it verifies the
 signature, and its verifier calls int() on the timestamp unguarded, so a malformed or
-unsigned request would otherwise end in a 500 and a traceback.
+unsigned request would otherwise end in a 500 and a traceback. With many workspaces
+(bot/slack/workspaces.py), bolt's server adds the install and OAuth redirect pages: people's
+browsers reach them, unsigned.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ async def http_server(app: AsyncApp, port: int, signing_secret: str, host: str =
     try:
         await web.TCPSite(runner, host, port).start()
         log.info("listening for slack requests", extra={"port": port, "path": EVENTS_PATH})
+        if app.oauth_flow is not None:
+            log.info("slack installs served", extra={"install": app.oauth_flow.install_path, "redirect": app.oauth_flow.redirect_uri_path})
         yield
     finally:
         await runner.cleanup()

@@ -36,7 +36,7 @@ class Incoming:
     message_id: str  # the event's ts scoped by channel: Slack's retried deliveries carry the same one
     text: str
     user: str | None
-    reply_to: dict[str, str]  # channel and thread_ts; team and user, for streaming and rate budgets
+    reply_to: dict[str, str]  # channel, thread_ts; team (enterprise on Grid), user: streams, rate budgets, the token
     in_dm: bool
     starts_thread: bool  # a top-level DM message: it opens a new thread, and a new conversation
     files: tuple[SharedFile, ...] = ()
@@ -62,7 +62,12 @@ def shared_files(event: dict) -> tuple[SharedFile, ...]:
     )
 
 
-def _incoming(event: dict, team: str | None, text: str) -> Incoming:
+def workspace(team: str | None, enterprise: str | None) -> dict[str, str]:
+    """The workspace as reply_to names it: which rate budget a call takes from, and which bot token it uses."""
+    return {**({"team": team} if team else {}), **({"enterprise": enterprise} if enterprise else {})}
+
+
+def _incoming(event: dict, team: str | None, text: str, enterprise: str | None) -> Incoming:
     channel, thread = event["channel"], event.get("thread_ts") or event["ts"]
     user = event.get("user")
     in_dm = event.get("channel_type") == "im"
@@ -71,7 +76,7 @@ def _incoming(event: dict, team: str | None, text: str) -> Incoming:
         message_id=f"{channel}-{event['ts']}",
         text=text,
         user=user,
-        reply_to={"channel": channel, "thread_ts": thread, **({"team": team} if team else {}), **({"user": user} if user else {})},
+        reply_to={"channel": channel, "thread_ts": thread, **workspace(team, enterprise), **({"user": user} if user else {})},
         in_dm=in_dm,
         starts_thread=in_dm and "thread_ts" not in event,
         files=shared_files(event),
@@ -79,7 +84,7 @@ def _incoming(event: dict, team: str | None, text: str) -> Incoming:
     )
 
 
-def direct_message(event: dict, team: str | None) -> Incoming | None:
+def direct_message(event: dict, team: str | None, enterprise: str | None = None) -> Incoming | None:
     """A `message` event worth answering: a person writing in a DM with the bot.
 
     As in Slack's agent apps, each thread is a conversation: a top-level message starts a
@@ -87,14 +92,14 @@ def direct_message(event: dict, team: str | None) -> Incoming | None:
     """
     if event.get("channel_type") != "im" or not _answerable(event):
         return None
-    return _incoming(event, team, from_slack(event.get("text", "")))
+    return _incoming(event, team, from_slack(event.get("text", "")), enterprise)
 
 
-def mention(event: dict, team: str | None, bot_user_id: str | None) -> Incoming | None:
+def mention(event: dict, team: str | None, bot_user_id: str | None, enterprise: str | None = None) -> Incoming | None:
     """An `app_mention` worth answering: answered in its thread, which is its own conversation."""
     if not _answerable(event):
         return None
-    return _incoming(event, team, from_slack(event.get("text", ""), drop_user=bot_user_id))
+    return _incoming(event, team, from_slack(event.get("text", ""), drop_user=bot_user_id), enterprise)
 
 
 def from_slack(text: str, drop_user: str | None = None) -> str:

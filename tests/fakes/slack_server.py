@@ -42,10 +42,12 @@ import itertools
 import json
 import time
 import uuid
+from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import yaml
@@ -63,6 +65,9 @@ SOCKET_PATH = "/link"
 FILES_PATH = "/files-pri"
 ACK_TIMEOUT_S = 3.0  # Slack retries an event the app has not acknowledged within this
 RETRY_DELAYS_S = (0.0, 60.0, 300.0)  # Slack's three retries: at once, after a minute, after five
+CLIENT_ID = "1000000000.2000000000"  # the app's credentials for the OAuth flow (Basic Information → App Credentials)
+CLIENT_SECRET = "fake-client-secret-0123456789"
+AUTHORIZE_URL = "https://slack.com/oauth/v2/authorize"
 # The app as created from the manifest: its scopes are granted, its events and commands configured.
 MANIFEST = yaml.safe_load((Path(__file__).resolve().parents[2] / "slack_manifest.yaml").read_text())
 # The kind of token a method wants (app-level for Socket Mode, an app configuration token to export
@@ -228,6 +233,8 @@ class FakeSlack:
         self.granted_scopes: list[str] = list(MANIFEST["oauth_config"]["scopes"]["bot"])  # sent in x-oauth-scopes
         self.app_manifest: dict[str, Any] = copy.deepcopy(MANIFEST)  # what apps.manifest.export answers
         self.invalid_tokens: set[str] = set()  # revoked or mistyped: invalid_auth
+        self.installed: dict[str, str] = {}  # bot token handed out by oauth.v2.access -> its workspace
+        self._codes: dict[str, tuple[str, str, str]] = {}  # OAuth code -> (team, installer, scopes), until traded
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)  # a few methods (users.info) are GETs
@@ -297,11 +304,15 @@ class FakeSlack:
         token = request.headers.get("Authorization", "").removeprefix("Bearer ") or body.get("token")
         self.calls.append(Call(method, body, token, time.monotonic()))
         await asyncio.sleep(self._delays.get(method, 0.0))
+        if method == "oauth.v2.access":  # the app's credentials, not a token
+            return web.json_response(self._oauth_v2_access(body, request.headers.get("Authorization", "")))
         wanted = TOKEN_KINDS.get(method, "xoxb-")
         if not token or not token.startswith(wanted):
             return web.json_response({"ok": False, "error": "not_allowed_token_type" if token else "not_authed"})
         if token in self.invalid_tokens:
             return web.json_response({"ok": False, "error": "invalid_auth"})
+        if token in self.installed and (body.get("channel") or body.get("channel_id")) and self._team_of(body) != self.installed[token]:
+            return web.json_response({"ok": False, "error": "channel_not_found"})  # a workspace's token sees its own channels only
         if method in self._limited:
             retry_after = self._limited.pop(method)
             return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(retry_after)})
@@ -317,7 +328,7 @@ class FakeSlack:
             return web.json_response({"ok": False, "error": "unknown_method"})
         # Slack tells a bot token's scopes with every answer to it.
         scopes = {"x-oauth-scopes": ",".join(self.granted_scopes)} if wanted == "xoxb-" else {}
-        return web.json_response(answer(body), headers=scopes)
+        return web.json_response(self._auth_test(token) if method == "auth.test" else answer(body), headers=scopes)
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -330,9 +341,55 @@ class FakeSlack:
     async def _sign_in(self, request: web.Request) -> web.Response:
         return web.Response(text="<html><body>Sign in to Slack</body></html>", content_type="text/html")
 
-    def _auth_test(self, body: dict) -> dict:
-        return {"ok": True, "url": "https://fake.slack.test/", "team": "Fake", "user": "llama", "team_id": TEAM_ID,
-                "user_id": BOT_USER_ID, "bot_id": BOT_ID, "is_enterprise_install": False}
+    def _auth_test(self, token: str) -> dict:
+        team = self.installed.get(token, TEAM_ID)
+        bot_user, bot = (BOT_USER_ID, BOT_ID) if team == TEAM_ID else (f"U0BOT{team}", f"B0BOT{team}")
+        return {"ok": True, "url": "https://fake.slack.test/", "team": "Fake", "user": "llama", "team_id": team,
+                "user_id": bot_user, "bot_id": bot, "is_enterprise_install": False}
+
+    # --- OAuth: installs into more workspaces ---------------------------------------------
+
+    def approve(self, authorize_url: str, team: str, installer: str = "U1ALICE") -> dict[str, str]:
+        """A person in `team` clicks Allow on the authorize page the app sent them to: the query Slack
+        appends to the app's redirect URL (`code`, `state`)."""
+        url = urlsplit(authorize_url)
+        query = {name: values[0] for name, values in parse_qs(url.query).items()}
+        assert f"{url.scheme}://{url.netloc}{url.path}" == AUTHORIZE_URL, authorize_url
+        assert query.get("client_id") == CLIENT_ID, "Slack shows an error page for an unknown client_id"
+        requested = {scope for scope in query.get("scope", "").split(",") if scope}
+        assert requested <= set(MANIFEST["oauth_config"]["scopes"]["bot"]), "Slack refuses scopes the app does not configure"
+        code = f"code-{uuid.uuid4().hex}"
+        self._codes[code] = (team, installer, ",".join(sorted(requested)))
+        return {"code": code, "state": query.get("state", "")}
+
+    def _oauth_v2_access(self, body: dict, authorization: str) -> dict:
+        basic = authorization.removeprefix("Basic ")
+        client_id, _, secret = b64decode(basic).decode().partition(":") if basic != authorization else ("", "", "")
+        if (client_id or body.get("client_id")) != CLIENT_ID:
+            return {"ok": False, "error": "invalid_client_id"}
+        if (secret or body.get("client_secret")) != CLIENT_SECRET:
+            return {"ok": False, "error": "bad_client_secret"}
+        if body.get("code") not in self._codes:
+            return {"ok": False, "error": "invalid_code"}  # unknown, or already traded
+        team, installer, scopes = self._codes.pop(body["code"])
+        token = f"xoxb-{team}-{uuid.uuid4().hex}"
+        self.installed[token] = team
+        return {"ok": True, "access_token": token, "token_type": "bot", "scope": scopes, "bot_user_id": f"U0BOT{team}",
+                "app_id": APP_ID, "team": {"id": team, "name": f"Workspace {team}"}, "enterprise": None,
+                "is_enterprise_install": False, "authed_user": {"id": installer}}
+
+    def uninstall(self, team: str) -> dict[str, Any]:
+        """Someone removes the app from `team`: its tokens stop working, and Slack sends this event."""
+        self._revoke(team)
+        return {"type": "app_uninstalled", "event_ts": f"{time.time():.6f}"}
+
+    def revoke_bot(self, team: str) -> dict[str, Any]:
+        """The bot's token in `team` is revoked (an admin, or Slack): it stops working, and Slack sends this event."""
+        self._revoke(team)
+        return {"type": "tokens_revoked", "tokens": {"oauth": [], "bot": [f"U0BOT{team}"]}, "event_ts": f"{time.time():.6f}"}
+
+    def _revoke(self, team: str) -> None:
+        self.invalid_tokens |= {token for token, installed_in in self.installed.items() if installed_in == team}
 
     def _apps_connections_open(self, body: dict) -> dict:
         return {"ok": True, "url": f"ws://127.0.0.1:{self.port}{SOCKET_PATH}?ticket={uuid.uuid4()}"}
