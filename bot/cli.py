@@ -28,8 +28,8 @@ def adapter_runner(platform: str):
 
 
 def platforms_configured(secrets) -> list[str]:
-    wanted = {"discord": ("DISCORD_TOKEN",), "slack": ("SLACK_BOT_TOKEN",)}
-    return [platform for platform, names in wanted.items() if all(secrets.get(n) for n in names)]
+    slack = secrets.get("SLACK_BOT_TOKEN") or secrets.get("SLACK_CLIENT_ID")  # one workspace, or many through OAuth
+    return [platform for platform, wanted in (("discord", secrets.get("DISCORD_TOKEN")), ("slack", slack)) if wanted]
 
 
 def run_adapter(args: argparse.Namespace, platform: str) -> int:

@@ -67,6 +67,9 @@ Slack (bot/slack/):
   slack:waiting:round      lock of one status refresh round (lapses within the round)
   slack:begun:<job>        the answer's first text is shown (GIVE_UP_S)
   slack:budget:<scope>:<method>  a rate-limit bucket (its refill time + 60 s)
+  slack:installation:<enterprise or ->:<team or ->  a workspace's installation of the app (many-workspace mode),
+                           Fernet-encrypted JSON; deleted on uninstall or when its bot token is revoked
+  slack:oauth-state:<state>  an install in progress, used once by Slack's redirect (600 s)
 
 The scripts address keys they compute from job data, so this needs a single Redis server,
 not Redis Cluster.

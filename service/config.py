@@ -29,6 +29,9 @@ SECRET_NAMES = (
     "SLACK_BOT_TOKEN",
     "SLACK_APP_TOKEN",
     "SLACK_SIGNING_SECRET",
+    "SLACK_CLIENT_ID",  # these three: the app installed in many workspaces (docs/slack.md, "Many workspaces")
+    "SLACK_CLIENT_SECRET",
+    "SLACK_INSTALLATION_KEY",
     "SLACK_APP_CONFIG_TOKEN",  # only `chatbot doctor` reads it: an app configuration token, to compare the app with its manifest
     "HF_TOKEN",
     "OPENAI_API_KEY",
