@@ -59,14 +59,24 @@ async def tell(interaction: discord.Interaction, text: str) -> None:
         log.info("click already answered", extra={"interaction": interaction.id, "error": str(error)})
 
 
-class StopButton(discord.ui.DynamicItem[discord.ui.Button], template=re.compile("stop:" + JOB_ID)):
+class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=re.compile("(?!)")):
+    """A button acting on one job; each kind has its action (the custom_id's prefix), label and template."""
+
+    action: str
+    label: str
+
     def __init__(self, job_id: str) -> None:
-        super().__init__(discord.ui.Button(label="Stop", style=discord.ButtonStyle.secondary, custom_id=f"stop:{job_id}"))
+        button = discord.ui.Button(label=self.label, style=discord.ButtonStyle.secondary, custom_id=f"{self.action}:{job_id}")
+        super().__init__(button)
         self.job_id = job_id
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]):
         return cls(match["job_id"])
+
+
+class StopButton(JobButton, template=re.compile("stop:" + JOB_ID)):
+    action, label = "stop", "Stop"
 
     async def callback(self, interaction: discord.Interaction[ChatClient]) -> None:
         who = {"user": interaction.user.id, "job": self.job_id}
@@ -84,16 +94,8 @@ class StopButton(discord.ui.DynamicItem[discord.ui.Button], template=re.compile(
         await tell(interaction, sentence)
 
 
-class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button], template=re.compile("regenerate:" + JOB_ID)):
-    def __init__(self, job_id: str) -> None:
-        super().__init__(
-            discord.ui.Button(label="Regenerate", style=discord.ButtonStyle.secondary, custom_id=f"regenerate:{job_id}")
-        )
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]):
-        return cls(match["job_id"])
+class RegenerateButton(JobButton, template=re.compile("regenerate:" + JOB_ID)):
+    action, label = "regenerate", "Regenerate"
 
     async def callback(self, interaction: discord.Interaction[ChatClient]) -> None:
         who = {"user": interaction.user.id, "job": self.job_id}
