@@ -12,6 +12,7 @@ from bot.discord.controls import RegenerateButton, StopButton
 from bot.discord.routing import conversation_of, reply_route, scope_of
 from bot.discord.rules import Seen, message_text, opens_thread, refusal, text_refusal
 from bot.discord.settings import DiscordSettings
+from bot.discord.sharding import IdentifyLock
 from bot.discord.typing_indicator import TypingIndicators
 from bot.titles import thread_title
 from contract.intake import Intake
@@ -24,10 +25,11 @@ ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 QUEUE_NOTICE = "Your message is number {position} in the queue; I will answer as soon as I can."
 
 
-def intents() -> discord.Intents:
+def intents(message_content: bool) -> discord.Intents:
     # Message Content is privileged; member lists are not needed (messages carry the author's roles).
     wanted = discord.Intents.none()
-    wanted.guilds = wanted.guild_messages = wanted.dm_messages = wanted.message_content = True
+    wanted.guilds = wanted.guild_messages = wanted.dm_messages = True
+    wanted.message_content = message_content
     return wanted
 
 
@@ -49,16 +51,43 @@ def seen(message: discord.Message, me: discord.ClientUser) -> Seen:
     )
 
 
-class ChatClient(discord.Client):
+class ChatClient(discord.AutoShardedClient):
+    """The bot's gateway shards of this process (settings.shard_ids, or all of them), each handling the
+    messages, commands and clicks of its own servers, the DMs on shard 0. Replies go out over REST,
+    from whichever process holds their reply shard (bot/delivery.py)."""
+
     def __init__(self, settings: DiscordSettings, queue: Intake, typing: TypingIndicators):
-        super().__init__(intents=intents(), max_messages=None, allowed_mentions=discord.AllowedMentions.none())
+        super().__init__(
+            intents=intents(settings.message_content), max_messages=None, allowed_mentions=discord.AllowedMentions.none(),
+            shard_count=settings.shard_count, shard_ids=settings.shard_ids,
+        )
         self.settings = settings
         self.queue = queue
         self.typing = typing
+        self.identify_lock = IdentifyLock(queue.redis, settings.identify_spacing_s)
+        self.max_concurrency = 1  # sessions Discord starts at once (its rate-limit buckets): asked at login
 
     async def setup_hook(self) -> None:
         # The answers' buttons, dispatched on their custom_id: those posted before this process started work too.
         self.add_dynamic_items(StopButton, RegenerateButton)
+        limits = await self.fetch_session_start_limits()
+        self.max_concurrency = limits.max_concurrency
+        log.info(
+            "discord gateway",
+            extra={
+                "shard_count": self.shard_count or "recommended", "shard_ids": self.shard_ids or "all",
+                "max_concurrency": limits.max_concurrency, "sessions_left": limits.remaining,
+            },
+        )
+
+    @property
+    def publishes_commands(self) -> bool:
+        """One process publishes the application commands: the one running shard 0."""
+        return self.shard_ids is None or 0 in self.shard_ids
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        # In place of discord.py's 5 s sleep between this process's shards: a wait shared with every process.
+        await self.identify_lock.take(shard_id or 0, self.max_concurrency)
 
     async def on_message(self, message: discord.Message) -> None:
         facts = seen(message, self.user)

@@ -52,7 +52,7 @@ async def discord_checks(settings: DiscordSettings, token: str) -> list[Check]:
         application = client.application
         return [
             ok("discord token", f"valid: bot {client.user} of application {application.name} ({application.id})"),
-            _intent(application.flags),
+            _intent(application.flags, settings),
             *_permissions(guilds, settings, application.id),
         ]
 
@@ -67,14 +67,17 @@ async def _guilds(client: discord.Client) -> list[dict]:
             return guilds
 
 
-def _intent(flags: discord.ApplicationFlags) -> Check:
+def _intent(flags: discord.ApplicationFlags, settings: DiscordSettings) -> Check:
+    if not settings.message_content:
+        return ok("discord intents", "Message Content intent not requested (discord.message_content: false)")
     if flags.gateway_message_content:
         return ok("discord intents", "Message Content intent enabled")
     if flags.gateway_message_content_limited:
         return ok("discord intents", "Message Content intent enabled (below 100 servers; verification needs Discord's approval for it)")
     return fail(
         "discord intents", "the Message Content intent is off: Discord refuses the connection",
-        "Developer Portal -> your application -> Bot -> Privileged Gateway Intents -> turn on Message Content Intent",
+        "Developer Portal -> your application -> Bot -> Privileged Gateway Intents -> turn on Message Content Intent,"
+        " or set discord.message_content: false (mentions, DMs and slash commands only)",
     )
 
 

@@ -42,7 +42,9 @@ def refusal(settings: DiscordSettings, seen: Seen) -> str | None:
         return "channel not allowed"
     if settings.roles and not seen.role_ids & set(settings.roles):
         return "author has no allowed role"
-    mention_only = settings.mention_only or bool(channels & set(settings.mention_only_channels))
+    # Without the Message Content intent Discord sends a server message's text only when it mentions
+    # the bot (a reply to the bot does, unless its ping is turned off).
+    mention_only = settings.mention_only or not settings.message_content or bool(channels & set(settings.mention_only_channels))
     if mention_only and not seen.mentions_me:
         return "bot not mentioned"
     return None

@@ -4,14 +4,21 @@ One aiohttp server on 127.0.0.1 serves both. REST requests are recorded (method,
 body, arrival time) and answered with payloads discord.py can parse. The gateway speaks plain
 JSON text frames: discord.py asks for a compressed stream in the URL but decompresses only
 binary frames, so text frames need no compression. A test pushes dispatches (MESSAGE_CREATE,
-INTERACTION_CREATE, ...) to every connected client with `dispatch`, and clicks a button of a
+INTERACTION_CREATE, ...) to the connected clients (of its shard) with `dispatch`, and clicks a button of a
 bot message with `click`. The bot messages keep their components (buttons) as the bot last
 set them; an interaction is answered once, as Discord answers it (a second answer is refused).
 
-The fake world: one guild with a text channel, a mention-only channel, a closed channel, a
+The gateway shards as Discord does: IDENTIFY's `shard: [id, count]` names the session's shard
+(none: one session for everything), a server belongs to shard `(guild_id >> 22) % count` and
+its events (GUILD_CREATE, messages, interactions, threads) go to that shard's sessions only, DMs
+to shard 0's; `GET /gateway/bot` answers `recommended_shards` and `max_concurrency`, and each
+IDENTIFY is recorded in `identifies` (its shard, intents and time).
+
+The fake world: one guild (shard 0 of any count) with a text channel, a mention-only channel, a closed channel, a
 thread, two roles; users Alice (role "member"), Bob (no role), Ada (roles "member" and "admin"),
 Carol (role "member", without Manage Channels), Dave (role "member", without Manage Channels or Manage
-Messages; everyone else has every permission), another bot; a DM channel. The bot's application has the flags of `application_flags`, and
+Messages; everyone else has every permission), another bot; a DM channel. `add_guild` adds servers of
+one text channel each, on the shards a test chooses. The bot's application has the flags of `application_flags`, and
 `GET /users/@me/guilds` lists the servers of `guild_permissions` with the bot's permissions there;
 a request without the bot token is answered 401.
 """
@@ -93,6 +100,18 @@ class Call:
 
 
 @dataclass
+class Identify:
+    shard: tuple[int, int]  # (id, count); (0, 1) for a session without sharding
+    intents: int
+    at: float  # time.monotonic() on arrival
+
+
+def shard_of(guild_id: int, shard_count: int) -> int:
+    """The gateway shard a server's events go to (Discord's formula)."""
+    return (guild_id >> 22) % shard_count
+
+
+@dataclass
 class BotMessage:
     """A message the bot posted, with its edits."""
 
@@ -133,9 +152,9 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"})
 
 
-def _channel(channel_id: int, name: str, position: int) -> dict[str, Any]:
+def _channel(channel_id: int, name: str, position: int, guild_id: int = GUILD_ID) -> dict[str, Any]:
     return {
-        "id": str(channel_id), "type": 0, "name": name, "position": position, "guild_id": str(GUILD_ID),
+        "id": str(channel_id), "type": 0, "name": name, "position": position, "guild_id": str(guild_id),
         "permission_overwrites": [], "nsfw": False, "parent_id": None, "topic": None, "last_message_id": None,
         "rate_limit_per_user": 0,
     }
@@ -148,28 +167,38 @@ def _role(role_id: int, name: str, position: int) -> dict[str, Any]:
     }
 
 
-def thread_payload(thread_id: int, name: str, parent_id: int = GENERAL, owner: FakeUser = ALICE) -> dict[str, Any]:
+def thread_payload(
+    thread_id: int, name: str, parent_id: int = GENERAL, owner: FakeUser = ALICE, guild_id: int = GUILD_ID
+) -> dict[str, Any]:
     return {
-        "id": str(thread_id), "type": 11, "name": name, "guild_id": str(GUILD_ID), "parent_id": str(parent_id),
+        "id": str(thread_id), "type": 11, "name": name, "guild_id": str(guild_id), "parent_id": str(parent_id),
         "owner_id": str(owner.id), "last_message_id": None, "rate_limit_per_user": 0, "message_count": 0,
         "member_count": 1, "flags": 0,
         "thread_metadata": {"archived": False, "auto_archive_duration": 1440, "archive_timestamp": TIMESTAMP, "locked": False},
     }
 
 
-def guild_payload() -> dict[str, Any]:
-    thread = thread_payload(THREAD, "a thread")
-    return {
-        "id": str(GUILD_ID), "name": "Test guild", "icon": None, "owner_id": str(OWNER_ID), "unavailable": False,
-        "features": [], "emojis": [], "stickers": [], "large": False, "member_count": 4, "mfa_level": 0,
+def guild_payload(guild_id: int = GUILD_ID, channel_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+    """GUILD_CREATE's payload: the test guild, or a server `add_guild` made with its text channels."""
+    guild = {
+        "id": str(guild_id), "name": f"Guild {guild_id}", "icon": None, "owner_id": str(OWNER_ID), "unavailable": False,
+        "features": [], "emojis": [], "stickers": [], "large": False, "member_count": 2, "mfa_level": 0,
         "verification_level": 0, "default_message_notifications": 0, "explicit_content_filter": 0,
         "premium_tier": 0, "preferred_locale": "en-US", "nsfw_level": 0, "system_channel_flags": 0,
+        "roles": [_role(guild_id, "@everyone", 0)],
+        "channels": [_channel(channel_id, f"channel-{n}", n, guild_id) for n, channel_id in enumerate(channel_ids)],
+        "threads": [], "members": [{**BOT.member(), "user": BOT.payload()}],
+        "voice_states": [], "presences": [], "stage_instances": [], "guild_scheduled_events": [],
+        "joined_at": TIMESTAMP,
+    }
+    if guild_id != GUILD_ID:
+        return guild
+    thread = thread_payload(THREAD, "a thread")
+    return {
+        **guild, "name": "Test guild", "member_count": 4,
         "roles": [_role(GUILD_ID, "@everyone", 0), _role(MEMBER_ROLE, "member", 1), _role(ADMIN_ROLE, "admin", 2)],
         "channels": [_channel(GENERAL, "general", 0), _channel(QUIET, "quiet", 1), _channel(CLOSED, "closed", 2)],
         "threads": [thread],
-        "members": [{**BOT.member(), "user": BOT.payload()}],
-        "voice_states": [], "presences": [], "stage_instances": [], "guild_scheduled_events": [],
-        "joined_at": TIMESTAMP,
     }
 
 
@@ -179,6 +208,11 @@ class FakeDiscord:
         self.calls: list[Call] = []
         self.bot_messages: dict[int, BotMessage] = {}
         self.identified = 0  # gateway sessions that got READY
+        self.identifies: list[Identify] = []
+        self.recommended_shards = 1  # GET /gateway/bot's `shards`
+        self.max_concurrency = 1  # sessions Discord starts at once (rate-limit buckets), per 5 s
+        self.guilds: dict[int, tuple[int, ...]] = {GUILD_ID: (GENERAL, QUIET, CLOSED)}  # server -> its text channels
+        self.guild_of: dict[int, int] = {GENERAL: GUILD_ID, QUIET: GUILD_ID, CLOSED: GUILD_ID, THREAD: GUILD_ID}  # channel -> server
         self.hold_posts = False  # POST /messages waits (unrecorded) until the server stops
         self.forbidden: set[int] = set()  # channels where the bot lacks Send Messages
         self.files: dict[str, bytes] = {}  # attachment id/file name -> content
@@ -191,6 +225,7 @@ class FakeDiscord:
         self.answered: set[str] = set()  # interactions the bot answered (Discord takes one answer each)
         self._ids = itertools.count(500_000)
         self._sockets: set[web.WebSocketResponse] = set()
+        self._sessions: dict[web.WebSocketResponse, tuple[int, int]] = {}  # identified sockets -> (shard id, shard count)
         self._seq = itertools.count(1)
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -227,11 +262,22 @@ class FakeDiscord:
     def next_id(self) -> int:
         return next(self._ids)
 
+    def add_guild(self, shard_id: int, shard_count: int) -> tuple[int, int]:
+        """A server on shard `shard_id` of `shard_count`, with one text channel: (guild id, channel id)."""
+        guild_id = (len(self.guilds) * shard_count + shard_id) << 22
+        channel_id = self.next_id()
+        self.guilds[guild_id] = (channel_id,)
+        self.guild_of[channel_id] = guild_id
+        return guild_id, channel_id
+
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        """Send the event to the sessions of its server's shard; one without a server (a DM) to shard 0's."""
         if event == "INTERACTION_CREATE":
             self.interactions[data["id"]] = data
-        for socket in list(self._sockets):
-            await socket.send_json({"op": 0, "t": event, "s": next(self._seq), "d": data})
+        guild_id = int(data.get("guild_id") or 0)
+        for socket, (shard_id, shard_count) in list(self._sessions.items()):
+            if shard_of(guild_id, shard_count) == shard_id:
+                await socket.send_json({"op": 0, "t": event, "s": next(self._seq), "d": data})
 
     def message(
         self,
@@ -267,7 +313,7 @@ class FakeDiscord:
         if stickers:
             data["sticker_items"] = [{"id": str(self.next_id()), "name": name, "format_type": 1} for name in stickers]
         if channel_id != DM_CHANNEL:
-            data["guild_id"] = str(GUILD_ID)
+            data["guild_id"] = str(self.guild_of.get(channel_id, GUILD_ID))
             data["member"] = author.member()
         return data
 
@@ -287,12 +333,16 @@ class FakeDiscord:
                 **data, "user": user.payload(), "channel": {"id": str(channel_id), "type": 1},
                 "authorizing_integration_owners": {"0": str(user.id)}, "context": 1,
             }
-        channel = thread_payload(channel_id, "a thread") if channel_id == THREAD else _channel(channel_id, "a channel", 0)
+        guild_id = self.guild_of.get(channel_id, GUILD_ID)
+        if channel_id == THREAD:
+            channel = thread_payload(channel_id, "a thread")
+        else:
+            channel = _channel(channel_id, "a channel", 0, guild_id)
         return {
-            **data, "guild_id": str(GUILD_ID), "guild_locale": "en-US", "channel": channel,
+            **data, "guild_id": str(guild_id), "guild_locale": "en-US", "channel": channel,
             "member": {**user.member(), "user": user.payload()},
-            "data": {**data["data"], "guild_id": str(GUILD_ID)},
-            "authorizing_integration_owners": {"0": str(GUILD_ID)}, "context": 0,
+            "data": {**data["data"], "guild_id": str(guild_id)},
+            "authorizing_integration_owners": {"0": str(guild_id)}, "context": 0,
         }
 
     def click(self, message_id: int, custom_id: str, user: FakeUser = ALICE) -> dict[str, Any]:
@@ -340,19 +390,26 @@ class FakeDiscord:
                 if payload["op"] == 1:
                     await socket.send_json({"op": 11})
                 elif payload["op"] == 2:
-                    await self._identify(socket)
+                    await self._identify(socket, payload["d"])
         finally:
             self._sockets.discard(socket)
+            self._sessions.pop(socket, None)
         return socket
 
-    async def _identify(self, socket: web.WebSocketResponse) -> None:
+    async def _identify(self, socket: web.WebSocketResponse, identify: dict[str, Any]) -> None:
+        shard_id, shard_count = identify.get("shard", (0, 1))
+        self.identifies.append(Identify((shard_id, shard_count), identify.get("intents", 0), time.monotonic()))
+        guilds = [guild_id for guild_id in self.guilds if shard_of(guild_id, shard_count) == shard_id]
         ready = {
             "v": 10, "user": BOT.payload(), "session_id": f"session-{self.identified}",
-            "resume_gateway_url": self.gateway_url, "guilds": [{"id": str(GUILD_ID), "unavailable": True}],
+            "resume_gateway_url": self.gateway_url, "guilds": [{"id": str(guild_id), "unavailable": True} for guild_id in guilds],
             "application": {"id": str(APPLICATION_ID), "flags": self.application_flags}, "private_channels": [],
+            **({"shard": [shard_id, shard_count]} if "shard" in identify else {}),
         }
         await socket.send_json({"op": 0, "t": "READY", "s": next(self._seq), "d": ready})
-        await socket.send_json({"op": 0, "t": "GUILD_CREATE", "s": next(self._seq), "d": guild_payload()})
+        for guild_id in guilds:
+            await socket.send_json({"op": 0, "t": "GUILD_CREATE", "s": next(self._seq), "d": guild_payload(guild_id, self.guilds[guild_id])})
+        self._sessions[socket] = (shard_id, shard_count)
         self.identified += 1
 
     # --- REST ---------------------------------------------------------------------------
@@ -380,8 +437,10 @@ class FakeDiscord:
         self.calls.append(Call(request.method, path, body, time.monotonic()))
         if request.method == "POST" and parts[0] == "channels" and parts[2::2] == ["messages", "threads"]:
             # A thread started from a message takes the message's id; the gateway announces it too.
-            thread = thread_payload(int(parts[3]), body["name"], parent_id=int(parts[1]), owner=BOT)
+            guild_id = self.guild_of.get(int(parts[1]), GUILD_ID)
+            thread = thread_payload(int(parts[3]), body["name"], parent_id=int(parts[1]), owner=BOT, guild_id=guild_id)
             self.threads[int(thread["id"])] = thread
+            self.guild_of[int(thread["id"])] = guild_id
             await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
             return _json(thread)
         if request.method == "DELETE" and parts[0] == "channels" and len(parts) == 2:
@@ -395,6 +454,14 @@ class FakeDiscord:
     def _answer(self, method: str, parts: list[str], body: Any) -> web.StreamResponse:
         if method == "GET" and parts == ["users", "@me"]:
             return _json(BOT.payload())
+        if method == "GET" and parts == ["gateway", "bot"]:
+            return _json({
+                "url": self.gateway_url, "shards": self.recommended_shards,
+                "session_start_limit": {
+                    "total": 1000, "remaining": 1000 - self.identified, "reset_after": 86_400_000,
+                    "max_concurrency": self.max_concurrency,
+                },
+            })
         if method == "GET" and parts == ["oauth2", "applications", "@me"]:
             return _json({
                 "id": str(APPLICATION_ID), "name": "Llama", "description": "", "icon": None, "bot_public": True,
