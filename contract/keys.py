@@ -71,6 +71,10 @@ Slack (bot/slack/):
                            Fernet-encrypted JSON; deleted on uninstall or when its bot token is revoked
   slack:oauth-state:<state>  an install in progress, used once by Slack's redirect (600 s)
 
+Discord (bot/discord/sharding.py):
+  discord:identify:<bucket>  set while that gateway rate-limit bucket's last IDENTIFY is too recent for another
+                           (discord.identify_spacing_s, Discord's 5 s); holds the shard that took it
+
 The scripts address keys they compute from job data, so this needs a single Redis server,
 not Redis Cluster.
 """
