@@ -18,7 +18,7 @@ from cryptography.fernet import Fernet
 from bot.slack.app import build_app, serve, web_client
 from bot.slack.installations import RedisInstallationStore, installation_key, installation_keys
 from bot.slack.workspaces import BOT_SCOPES
-from contract import keys
+from contract import history, keys
 from contract.jobs import ReplyEvent
 from contract.usage import report
 from service.config import ConfigError, Secrets
@@ -238,3 +238,36 @@ async def test_many_workspaces_need_their_three_secrets_and_http_mode(redis):
 def test_installs_ask_for_the_manifests_scopes():
     manifest = yaml.safe_load((ROOT / "slack_manifest.yaml").read_text())
     assert sorted(BOT_SCOPES) == sorted(manifest["oauth_config"]["scopes"]["bot"])
+
+
+async def test_two_adapter_replicas_behind_a_load_balancer_serve_both_workspaces_once(redis, fake, tiny_engine):
+    """HTTP mode scaled out: events of two workspaces spread over two adapter processes' listeners (as a load
+    balancer would), installs shared through Redis; each message is answered exactly once, in its workspace."""
+    first, second = slack_settings(), slack_settings()
+    async with adapter(fake, redis, first), adapter(fake, redis, second), running_worker(redis, tiny_engine, first):
+        await install(fake, first, ONE)
+        await install(fake, second, TWO)  # each replica reads the other's installs from Redis
+        sent = []
+        for n in range(4):  # (Alice has at most limits.max_queued_per_author messages waiting)
+            team, replica = (ONE, TWO)[n % 2], (first, second)[n // 2 % 2]
+            fake.request_url = f"{base(replica)}/slack/events"
+            sent.append((team, await send_dm(fake, team, f"Question {n} from {team}")))
+        # The answers as history keeps them (delivered reply events are trimmed from the streams).
+        answers = {team: [] for team in (ONE, TWO)}
+        for team, job_id in sent:
+            conversation = "slack:" + job_id.removeprefix("slack:").replace("-", ":", 1)
+            [exchange] = await asyncio.wait_for(exchanges_of(redis, conversation), 60)
+            answers[team].append(exchange.assistant.text)
+        for team in (ONE, TWO):
+            await fake.wait_for(lambda team=team: sorted(m.text for m in fake.messages_in(DMS[team])) == sorted(answers[team]))
+        await asyncio.sleep(0.5)  # a second copy from the other replica would have come by now
+    for team in (ONE, TWO):  # once each: no reply posted by both replicas, none in the other workspace
+        assert sorted(m.text for m in fake.messages_in(DMS[team])) == sorted(answers[team])
+        used = {call.token for call in fake.calls if DMS[team] in (call.body.get("channel"), call.body.get("channel_id"))}
+        assert used == token_of(fake, team)
+
+
+async def exchanges_of(redis, conversation: str):
+    while not (exchanges := await history.load_exchanges(redis, conversation)):
+        await asyncio.sleep(0.05)
+    return exchanges
