@@ -254,8 +254,12 @@ async def diagnose(
         from bot.slack.doctor import slack_checks
 
         show(await _within("slack", slack_checks(settings, secrets, slack_api_url)))
+    elif secrets.get("SLACK_CLIENT_ID"):  # one app installed in many workspaces
+        from bot.slack.doctor import workspace_checks
+
+        show(await _within("slack", workspace_checks(settings, secrets, redis_at, slack_api_url)))
     else:
-        show([skipped("slack", "SLACK_BOT_TOKEN is not set")])
+        show([skipped("slack", "neither SLACK_BOT_TOKEN nor SLACK_CLIENT_ID is set")])
     if secrets.get("DISCORD_TOKEN"):
         from bot.discord.doctor import discord_checks
 

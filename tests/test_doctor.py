@@ -94,7 +94,7 @@ async def test_all_ok_exits_0(redis_server, slack, discord_fake):
 async def test_platforms_without_tokens_are_skipped(redis_server, slack):
     code, lines = await doctor(tiny_settings(), redis_server.url, slack, Secrets())
     assert code == 0
-    assert "skipped  slack: SLACK_BOT_TOKEN is not set" in lines and "skipped  discord: DISCORD_TOKEN is not set" in lines
+    assert "skipped  slack: neither SLACK_BOT_TOKEN nor SLACK_CLIENT_ID is set" in lines and "skipped  discord: DISCORD_TOKEN is not set" in lines
     assert not slack.calls
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,7 @@ from contract import history, keys
 from contract.jobs import ReplyEvent
 from contract.usage import report
 from service.config import ConfigError, Secrets
+from service.doctor import diagnose
 from service.tasks import cancel_until_done
 from tests.conftest import running_worker, tiny_settings
 from tests.fakes.slack_server import APP_ID, AUTHORIZE_URL, CLIENT_ID, CLIENT_SECRET, FakeSlack
@@ -271,3 +273,29 @@ async def exchanges_of(redis, conversation: str):
     while not (exchanges := await history.load_exchanges(redis, conversation)):
         await asyncio.sleep(0.05)
     return exchanges
+
+
+async def test_doctor_checks_each_installed_workspace(redis, redis_server, fake):
+    settings = slack_settings()
+    async with adapter(fake, redis, settings):
+        assert await doctor_lines(settings, redis_server.url, fake) == [
+            "ok       slack app: many workspaces: the OAuth credentials and the installation key are set",
+            "ok       slack workspaces: no workspace has installed the app yet: share <adapter>/slack/install",
+        ]
+        for team in (ONE, TWO):
+            await install(fake, settings, team)
+    fake.invalid_tokens |= token_of(fake, TWO)  # revoked while no adapter ran: the service never heard of it
+    lines = await doctor_lines(settings, redis_server.url, fake)
+    assert lines[0].startswith("ok       slack app:") and len(lines) == 3  # workspaces in the order Redis lists them
+    assert any(text.startswith(f"ok       slack workspace {ONE}: installed, the bot token has the manifest's") for text in lines)
+    assert any(text.startswith(f"FAIL     slack workspace {TWO}: auth.test refused its bot token (invalid_auth)") for text in lines)
+    partial = Secrets(values={"SLACK_CLIENT_ID": CLIENT_ID})
+    [refused] = await doctor_lines(settings, redis_server.url, fake, partial)
+    assert refused.startswith("FAIL     slack app: missing environment variable(s): SLACK_CLIENT_SECRET, SLACK_INSTALLATION_KEY")
+
+
+async def doctor_lines(settings, redis_url: str, fake: FakeSlack, secrets: Secrets = SECRETS) -> list[str]:
+    """chatbot doctor's Slack lines."""
+    out = io.StringIO()
+    await diagnose(settings, secrets, redis_url, out, slack_api_url=fake.api_url)
+    return [text for text in out.getvalue().splitlines() if text[9:].startswith("slack")]

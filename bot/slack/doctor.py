@@ -3,6 +3,7 @@ and (with an app configuration token) the app's events and slash commands."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -11,8 +12,11 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.slack.app import slack_tokens, web_client
+from bot.slack.installations import RedisInstallationStore, installation_key, installation_keys
+from bot.slack.workspaces import oauth_secrets
 from service.config import ConfigError, Secrets, Settings
 from service.doctor import APP_CONFIG_TOKEN, Check, fail, ok, skipped
+from service.redis_client import connect
 
 # The manifest the app is created from: beside the code in a checkout, or in the working directory.
 MANIFEST_PLACES = (Path(__file__).resolve().parents[2] / "slack_manifest.yaml", Path("slack_manifest.yaml"))
@@ -63,6 +67,42 @@ async def slack_checks(settings: Settings, secrets: Secrets, api_url: str | None
         checks.append(skipped("slack events", "slack_manifest.yaml not found here: nothing to compare the app's events with"))
     else:
         checks += await _app_configuration(client, identity["bot_id"], secrets.get(APP_CONFIG_TOKEN), url, manifest, settings)
+    return checks
+
+
+async def workspace_checks(settings: Settings, secrets: Secrets, redis_at: str | None, api_url: str | None = None) -> list[Check]:
+    """Many-workspace mode: the app's OAuth credentials, then each installation's bot token and its scopes."""
+    try:
+        oauth = oauth_secrets(secrets)
+    except ConfigError as error:
+        return [fail("slack app", str(error), "set SLACK_CLIENT_ID, SLACK_CLIENT_SECRET and SLACK_INSTALLATION_KEY together")]
+    checks = [ok("slack app", "many workspaces: the OAuth credentials and the installation key are set")]
+    if redis_at is None:
+        return [*checks, skipped("slack workspaces", "no Redis to read the installations from")]
+    redis = connect(redis_at)
+    try:
+        store = RedisInstallationStore(redis, installation_keys(oauth.installation_key))
+        installed = []
+        async for key in redis.scan_iter(match=installation_key("*", "*")):
+            enterprise, team = (None if part == "-" else part for part in key.rsplit(":", 2)[1:])
+            installed.append((team, await store.async_find_installation(enterprise_id=enterprise, team_id=team)))
+    finally:
+        await redis.aclose()
+    if not installed:
+        return [*checks, ok("slack workspaces", "no workspace has installed the app yet: share <adapter>/slack/install")]
+    manifest = load_manifest()
+    for team, installation in installed:
+        name = f"slack workspace {team or 'enterprise-wide'}"
+        if installation is None or not installation.bot_token:
+            checks.append(fail(name, "its installation cannot be read", "add the key it was written with to SLACK_INSTALLATION_KEY, or reinstall"))
+            continue
+        try:
+            identity = await web_client(installation.bot_token, api_url or AsyncWebClient.BASE_URL).auth_test()
+        except (SlackApiError, *UNREACHABLE) as error:
+            checks.append(fail(name, f"auth.test refused its bot token ({_error(error)})", "reinstall the app in that workspace"))
+            continue
+        scopes = _scopes(identity.headers.get(SCOPES_HEADER), manifest)
+        checks.append(replace(scopes, name=name) if scopes.status != "ok" else ok(name, f"installed, {scopes.detail}"))
     return checks
 
 
