@@ -94,20 +94,8 @@ class Intake:
         user id); nothing is queued then. `scope` defaults to the conversation's own channel, and
         chooses the pool of workers that answers it.
         """
-        limits = self.limits
-        scope = scope or Scope(platform=conversation.platform, channel=conversation.channel)
-        job = Job(
-            id=f"{conversation.platform}:{message_id}",
-            conversation=conversation.key,
-            platform=conversation.platform,
-            text=clean_text(text, limits.max_message_chars),
-            author=author,
-            author_id=author_id,
-            reply_to=reply_to or {},
-            scope=scope,
-            pool=pool_for(self.pools, scope),
-        )
-        return await self._enqueue(job)
+        text = clean_text(text, self.limits.max_message_chars)
+        return await self._enqueue(self._job(conversation, message_id, text, author, author_id, reply_to, scope))
 
     async def regenerate(
         self,
@@ -131,17 +119,8 @@ class Intake:
         question = exchanges[-1].user
         if not admin and question.author_id != by:
             raise RejectedMessage(NOT_YOURS)
-        scope = scope or Scope(platform=conversation.platform, channel=conversation.channel)
-        job = Job(
-            id=f"{conversation.platform}:regenerate:{request_id}",
-            conversation=conversation.key,
-            platform=conversation.platform,
-            text=question.text,
-            author=question.name,
-            author_id=question.author_id,
-            reply_to=reply_to or {},
-            scope=scope,
-            pool=pool_for(self.pools, scope),
+        job = self._job(
+            conversation, f"regenerate:{request_id}", question.text, question.name, question.author_id, reply_to, scope,
             replaces=answer_job_id,
         )
         submitted = await self._enqueue(job)
@@ -149,6 +128,32 @@ class Intake:
         if posted and not submitted.duplicate:  # the new answer edits the old one's messages rather than posting anew
             await self.redis.set(keys.posted(job.id), posted, ex=POSTED_TTL_S, nx=True)
         return submitted
+
+    def _job(
+        self,
+        conversation: Conversation,
+        message_id: str,
+        text: str,
+        author: str | None,
+        author_id: str | None,
+        reply_to: dict[str, str] | None,
+        scope: Scope | None,
+        replaces: str | None = None,
+    ) -> Job:
+        """A job of the conversation; its scope (by default the conversation's own channel) chooses its pool."""
+        scope = scope or Scope(platform=conversation.platform, channel=conversation.channel)
+        return Job(
+            id=f"{conversation.platform}:{message_id}",
+            conversation=conversation.key,
+            platform=conversation.platform,
+            text=text,
+            author=author,
+            author_id=author_id,
+            reply_to=reply_to or {},
+            scope=scope,
+            pool=pool_for(self.pools, scope),
+            replaces=replaces,
+        )
 
     async def _enqueue(self, job: Job) -> Submitted:
         limits, author_id = self.limits, job.author_id

@@ -6,9 +6,7 @@ spaces the shards of one process only; here a lock in Redis per bucket does it f
 a shard about to IDENTIFY takes its bucket's key with SET NX PX and never releases it, so the
 key lapsing is what lets the bucket's next IDENTIFY through.
 
-Key (not in contract/keys.py: it belongs to this adapter alone):
-  discord:identify:<bucket>   set while that bucket's last IDENTIFY is too recent for another
-                              (identify_spacing_s); holds the shard that took it
+Key: `discord:identify:<bucket>` (listed with the others in contract/keys.py).
 """
 
 from __future__ import annotations
