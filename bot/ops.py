@@ -93,7 +93,7 @@ def ask_command(args: argparse.Namespace) -> int:
     async def main() -> int:
         try:
             return await asyncio.wait_for(ask(), args.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             print(f"no reply within {args.timeout:g} s: is `chatbot worker` running?", file=sys.stderr)
             return 1
         finally:

@@ -6,15 +6,20 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+COPY requirements/adapters.lock ./requirements/
+# What the lock names and nothing else (hashes checked); the code installs on top without resolving.
+RUN pip install --no-deps --require-hashes -r requirements/adapters.lock
 COPY pyproject.toml README.md chatbot.py slack_manifest.yaml ./
 COPY contract ./contract
 COPY service ./service
 COPY engine ./engine
 COPY bot ./bot
 
-# The base requirements and the platform extras; none of them pulls torch. The checks fail the
-# build if torch crept in or if the adapters' commands cannot start without it.
-RUN pip install '.[discord,slack]' \
+# The lock holds the base requirements and the platform extras, none of which pulls torch. The
+# checks fail the build if the lock misses a requirement, if torch crept in, or if the adapters'
+# commands cannot start without it.
+RUN pip install --no-deps . \
+ && pip check \
  && ! pip show torch > /dev/null 2>&1 \
  && chatbot --help > /dev/null
 

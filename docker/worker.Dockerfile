@@ -9,16 +9,20 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+COPY requirements/neuron.lock ./requirements/
+# What the image adds to the container, exactly as requirements/neuron.lock names it (hashes
+# checked); the container's torch, Neuron SDK and numpy are left as they are.
+RUN pip install --no-deps --require-hashes -r requirements/neuron.lock
 COPY pyproject.toml README.md chatbot.py slack_manifest.yaml ./
 COPY contract ./contract
 COPY service ./service
 COPY engine ./engine
 COPY bot ./bot
 
-# The SDK's own packages are pinned to the versions in the image, so that installing the
-# package can never swap them for other builds; the import check fails the build, not the worker.
-RUN pip freeze | grep -iE '^(torch|torchvision|torch[-_]neuronx|neuronx[-_]cc|neuronx[-_]distributed|libneuronxla|numpy)==' > /tmp/sdk-pins.txt \
- && pip install -c /tmp/sdk-pins.txt --extra-index-url https://pip.repos.neuron.amazonaws.com '.[neuron]' \
+# pip check fails the build if the lock and the container's own packages disagree, the import
+# check if the SDK does not load beside them: the build fails, not the worker.
+RUN pip install --no-deps . \
+ && pip check \
  && python -c "import neuronx_distributed, torch_neuronx, optimum.neuron" \
  && chatbot --help > /dev/null
 

@@ -224,7 +224,7 @@ def prompt_room_check(settings: Settings, tokenizer: PreTrainedTokenizerBase) ->
 async def _within(what: str, checks: Awaitable[list[Check]]) -> list[Check]:
     try:
         return await asyncio.wait_for(checks, GROUP_TIMEOUT_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         # Our limit, or a client's own shorter one.
         return [fail(what, "no answer in time", f"check that this machine can reach {what}")]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
 import time
 
 import pytest
@@ -18,6 +20,17 @@ from engine.assets import resolve_model
 from service.config import LimitSettings, Settings
 from service.redis_client import connect
 from service.redis_server import RedisServer
+
+
+def started(command: list[str], env: dict[str, str], log_path, cwd=None) -> subprocess.Popen:
+    """A process of ours, its stderr appended to `log_path` (the child keeps the file; this process closes its copy)."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+
+
+def pytest_configure(config):
+    """The `chatbot` processes the tests start fail on a warning too, with the same exceptions."""
+    os.environ["PYTHONWARNINGS"] = ",".join(config.getini("filterwarnings"))
 
 
 @pytest.fixture(scope="session")

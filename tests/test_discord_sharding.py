@@ -23,7 +23,7 @@ from bot.discord.settings import DiscordSettings
 from contract import history, keys
 from contract.replies import REPLY_SHARDS, shard_of
 from tests import test_discord
-from tests.conftest import running_worker, tiny_settings
+from tests.conftest import running_worker, started, tiny_settings
 from tests.fakes.discord_server import (
     ADMIN,
     ALICE,
@@ -87,9 +87,7 @@ def adapter_process(redis_url: str, run_dir: Path, fake: FakeDiscord, shard_ids:
         "CHATBOT__QUEUE__ADAPTER_LEASE_S": str(LEASE_S),
         "CHATBOT__DISCORD__QUEUE_NOTICE_THRESHOLD": "10",  # no notice replies: a question's one reply is its answer
     }
-    return subprocess.Popen(
-        [sys.executable, *ADAPTER], cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=open(run_dir / f"{name}.log", "ab")
-    )
+    return started([sys.executable, *ADAPTER], environ, run_dir / f"{name}.log", cwd=ROOT)
 
 
 @contextlib.asynccontextmanager

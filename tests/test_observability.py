@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from contract.jobs import Conversation
 from service.observability import HEALTH, Health, redis_check, serving
 from service.redis_client import connect
 from service.redis_server import free_port
-from tests.conftest import Queues, final_event, running_worker
+from tests.conftest import Queues, final_event, running_worker, started
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,10 +58,7 @@ async def test_a_worker_process_serves_metrics_and_health(redis, redis_server, t
         "CHATBOT__MODEL__SEQUENCE_LENGTH": "512", "CHATBOT__MODEL__MAX_PROMPT_TOKENS": "256",
         "CHATBOT__GENERATION__MAX_NEW_TOKENS": "16", "CHATBOT__METRICS__PORT": str(port),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "chatbot", "worker"], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "worker.log", "ab"),
-    )
+    process = started([sys.executable, "-m", "chatbot", "worker"], env, tmp_path / "worker.log", cwd=ROOT)
     try:
         deadline = time.monotonic() + 60
         while True:

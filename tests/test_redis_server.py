@@ -23,11 +23,11 @@ def test_a_killed_parent_takes_its_redis_server_along(tmp_path):
         "import time; from service.redis_server import RedisServer; "
         f"server = RedisServer({str(tmp_path)!r}).start(); print(server.process.pid, flush=True); time.sleep(60)"
     )
-    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    redis_pid = int(parent.stdout.readline())
-    assert running(redis_pid)
-    parent.send_signal(signal.SIGKILL)
-    parent.wait(10)
+    with subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True) as parent:
+        redis_pid = int(parent.stdout.readline())
+        assert running(redis_pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
     deadline = time.monotonic() + 10
     while running(redis_pid) and time.monotonic() < deadline:
         time.sleep(0.05)

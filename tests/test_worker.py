@@ -22,7 +22,16 @@ from engine.serving.transformers_engine import TransformersEngine
 from service.observability import PREFIX_CACHE_LOOKUPS
 from service.redis_client import connect
 from service.redis_server import RedisServer
-from tests.conftest import Queues, engine_for, final_event, reply_count, reply_events, running_worker, tiny_settings
+from tests.conftest import (
+    Queues,
+    engine_for,
+    final_event,
+    reply_count,
+    reply_events,
+    running_worker,
+    started,
+    tiny_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = Conversation(platform="local", channel="chat")
@@ -114,10 +123,7 @@ def worker_process(redis_url: str, run_dir: Path, command: tuple[str, ...] = ("-
         "CHATBOT__QUEUE__STEP_TIMEOUT_S": "3",
         **env,
     }
-    return subprocess.Popen(
-        [sys.executable, *command], cwd=ROOT, env=environ,
-        stdout=subprocess.DEVNULL, stderr=open(run_dir / "worker.log", "ab"),
-    )
+    return started([sys.executable, *command], environ, run_dir / "worker.log", cwd=ROOT)
 
 
 async def worker_mid_answer(redis, redis_url: str, run_dir: Path, **env) -> subprocess.Popen:
@@ -538,3 +544,4 @@ async def test_follow_ups_go_to_the_worker_that_holds_the_conversations_context(
         for turn in range(1, 4):
             this, previous = (answered[f"local:{conversation.channel}{n}"] for n in (turn, turn - 1))
             assert this.cached_tokens >= previous.prompt_tokens, (conversation.channel, turn)
+

@@ -65,7 +65,7 @@ class SlackFiles:
                 if response.status == 200:
                     return await response.read()
                 error = f"HTTP {response.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as failure:
+        except (TimeoutError, aiohttp.ClientError) as failure:
             error = str(failure) or type(failure).__name__
         log.warning("shared file not read", extra={"file": file.name, "error": error})
         return None

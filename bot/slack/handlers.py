@@ -194,7 +194,7 @@ class SlackListeners:
             return
         try:
             forgotten = await asyncio.wait_for(self.dm_threads.forget_all(command["channel_id"]), RESET_TIMEOUT_S)
-        except (asyncio.TimeoutError, *REDIS_FAILED) as error:
+        except (TimeoutError, *REDIS_FAILED) as error:
             log.error("reset failed", extra={**who, "error": str(error) or type(error).__name__})
             await ack(response_type="ephemeral", text=RESET_FAILED)
             return
@@ -218,7 +218,7 @@ class SlackListeners:
         scope = Scope(platform=PLATFORM, workspace=command.get("team_id") or None, channel=command["channel_id"])
         try:
             answer = await asyncio.wait_for(self.persona_action(action, scope, from_slack(rest), who), PERSONA_TIMEOUT_S)
-        except (asyncio.TimeoutError, *REDIS_FAILED) as error:
+        except (TimeoutError, *REDIS_FAILED) as error:
             log.error("persona command failed", extra={**who, "action": action, "error": str(error) or type(error).__name__})
             answer = PERSONA_FAILED
         await ack(response_type="ephemeral", text=answer)

@@ -589,7 +589,7 @@ class FakeSlack:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.ack_timeout_s)) as session:
                 async with session.post(self.request_url, data=body.encode(), headers=sent) as response:
                     return Answer(response.status, await response.text(), time.monotonic() - started)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return Answer(None, "", time.monotonic() - started)
 
     async def deliver(self, payload: dict[str, Any]) -> list[Answer]:
