@@ -11,6 +11,11 @@ posted instead of posting them again.
 Per reply, the outbox sees each message's parts with their index, hears once that a
 message is settled (its text will not change again), and the waiting indicator hears once
 that the answer's first text is shown.
+
+A regeneration's text goes into the messages of the answer it replaces (their ids are taken
+over on its first event). If it brings no answer (refused, stopped before it began, failed,
+empty) the old answer stays, shown again where partials had overwritten it, and the reason is
+a short note of its own below it.
 """
 
 from __future__ import annotations
@@ -177,7 +182,7 @@ class Delivery:
         while True:
             try:
                 first = await asyncio.wait_for(queue.get(), LANE_IDLE_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if queue.empty():  # no await between this check and leaving: nothing can slip in
                     del self.lanes[conversation]
                     return
@@ -220,7 +225,8 @@ class Delivery:
         return list(latest.values())
 
     async def deliver(self, event: ReplyEvent) -> None:
-        shown = self.shown.get(event.job_id) or await self._recall(event.job_id)
+        note_apart = event.kind == "error" and event.replaces is not None
+        shown = self.shown.get(event.job_id) or await self._recall(event, take_over=not note_apart)
         final = event.kind != "partial"
         wait = self.edit_interval_s - (time.monotonic() - shown.edited_at)
         if wait > 0:
@@ -231,7 +237,10 @@ class Delivery:
             await asyncio.sleep(wait)
         began = bool(shown.message_ids)
         try:
-            await self._show(event, shown, split_message(event.text, self.outbox.limit))
+            if note_apart:
+                await self._note_apart(event, shown)
+            else:
+                await self._show(event, shown, split_message(event.text, self.outbox.limit))
             DELIVERIES.labels(self.platform, event.kind).inc()
         except Deferred:
             pass  # a partial the rate budget had no room for: the next one carries its text
@@ -253,6 +262,13 @@ class Delivery:
             await self.waiting.answered(job_id)
         except Exception:  # a courtesy: the answer matters more
             log.exception("could not stop the waiting indicator", extra={"job": job_id})
+
+    async def _note_apart(self, event: ReplyEvent, shown: Shown) -> None:
+        """A regeneration that brought no answer: the old answer as it was, the reason below it."""
+        if shown.message_ids and event.restore is not None:  # its partials had replaced the old answer's text
+            old = event.model_copy(update={"job_id": event.replaces, "kind": "final", "text": event.restore})
+            await self._show(old, shown, split_message(event.restore, self.outbox.limit))
+        await self.outbox.post(Part(event.job_id, event.reply_to, event.text, conversation=event.conversation))
 
     async def _apologise(self, event: ReplyEvent) -> None:
         # What failed the reply (no permission in the channel, a deleted channel) usually
@@ -293,8 +309,16 @@ class Delivery:
     def _record_posted(self, job_id: str, shown: Shown):
         return functools.partial(self.redis.set, keys.posted(job_id), json.dumps(shown.message_ids), ex=POSTED_TTL_S)
 
-    async def _recall(self, job_id: str) -> Shown:
-        raw = await self._redis(lambda: self.redis.get(keys.posted(job_id)), "read posted ids")
+    async def _recall(self, event: ReplyEvent, take_over: bool) -> Shown:
+        """The job's messages posted so far (by this process before a restart, or by another); a regeneration
+        with none yet `take_over`s the messages of the answer it replaces."""
+        raw = await self._redis(lambda: self.redis.get(keys.posted(event.job_id)), "read posted ids")
+        if not raw and take_over and event.replaces:
+            raw = await self._redis(lambda: self.redis.get(keys.posted(event.replaces)), "read posted ids")
+            if raw:
+                await self._redis(
+                    lambda: self.redis.set(keys.posted(event.job_id), raw, ex=POSTED_TTL_S, nx=True), "record posted ids"
+                )
         return Shown(message_ids=json.loads(raw)) if raw else Shown()
 
     @staticmethod

@@ -14,6 +14,8 @@ from contract.jobs import Job, RejectedMessage
 
 STOP_TTL_S = 3600  # longer than any answer streams
 ONLY_THE_LATEST = "Only the latest answer of a conversation can be regenerated."
+WAIT_FOR_QUEUED = "This conversation has messages waiting for an answer: regenerate once they are answered."
+REGENERATION_STOPPED = "Regeneration stopped: the previous answer stays."
 NOT_YOURS = "Only the person who asked (or an admin) can do that."
 STOPPING = "Stopping the answer."
 ALREADY_FINISHED = "That answer is already finished."

@@ -1,9 +1,11 @@
 """Erasing a person: everything the service keeps about one platform user, removed on an operator's request.
 
 What goes: their messages and the answers to them in every conversation's history (turns carry
-the asker's user id), the rated copies of those exchanges and the reply events still in the reply
-streams, the ratings they gave, their usage counts, their limit counters and Slack's note of their
-suggested prompts. Turns stored before turns carried user ids cannot be told apart and stay.
+the asker's user id), the rated copies of their exchanges (also those the history has let go:
+trimmed, expired or regenerated) and their reply events still in the reply streams, the ratings
+they gave (also those older than the vote stream keeps), their usage counts, their limit counters
+and Slack's note of their suggested prompts. Turns stored before turns carried user ids cannot be
+told apart and stay.
 Messages of theirs still queued are counted, not removed: run it again once they are answered
 (or pause the service first).
 """
@@ -65,9 +67,9 @@ async def forget_user(redis: Redis, platform: str, user_id: str) -> Erased:
             erased.conversations += 1
             jobs.update(job_ids)
     for job_id in jobs:
-        erased.rated_copies += await redis.delete(keys.feedback_exchange(job_id))
         erased.other_keys += await redis.delete(keys.posted(job_id))
-    erased.reply_events = await _forget_reply_events(redis, platform, jobs)
+    erased.rated_copies = await _forget_rated_copies(redis, platform, user_id, jobs)
+    erased.reply_events = await _forget_reply_events(redis, platform, user_id, jobs)
     erased.ratings_given = await _forget_ratings(redis, platform, user_id)
     erased.usage_days = await _forget_usage(redis, f"{platform}:{user_id}")
     person = keys.author(platform, user_id)
@@ -82,11 +84,19 @@ async def forget_user(redis: Redis, platform: str, user_id: str) -> Erased:
     return erased
 
 
-async def _forget_reply_events(redis: Redis, platform: str, jobs: set[str]) -> int:
-    """Reply events of those jobs still in the platform's reply streams; an event an adapter has read but not
-    acknowledged stays (deleting it would break its delivery), and is trimmed once delivered."""
-    if not jobs:
-        return 0
+async def _forget_rated_copies(redis: Redis, platform: str, user_id: str, jobs: set[str]) -> int:
+    """Copies of their rated exchanges: those of their turns' jobs, and any copy naming them as the asker."""
+    doomed = {keys.feedback_exchange(job_id) for job_id in jobs}
+    async for key in redis.scan_iter(match=keys.feedback_exchange(f"{platform}:*"), count=1000):
+        if await redis.hget(key, "author_id") == user_id:
+            doomed.add(key)
+    return await redis.delete(*doomed) if doomed else 0
+
+
+async def _forget_reply_events(redis: Redis, platform: str, user_id: str, jobs: set[str]) -> int:
+    """Reply events of their questions still in the platform's reply streams (also those of a replaced answer);
+    an event an adapter has read but not acknowledged stays (deleting it would break its delivery), and is
+    trimmed once delivered."""
     deleted = 0
     async for stream in redis.scan_iter(match=f"{keys.PREFIX}replies:{platform}:*", _type="stream", count=1000):
         pending = set()
@@ -94,26 +104,32 @@ async def _forget_reply_events(redis: Redis, platform: str, jobs: set[str]) -> i
             pending = {entry["message_id"] for entry in await redis.xpending_range(stream, GROUP, "-", "+", 100_000)}
         doomed = [
             entry_id for entry_id, fields in await redis.xrange(stream)
-            if entry_id not in pending and ReplyEvent.model_validate_json(fields["event"]).job_id in jobs
+            if entry_id not in pending and _theirs(ReplyEvent.model_validate_json(fields["event"]), user_id, jobs)
         ]
         if doomed:
             deleted += await redis.xdel(stream, *doomed)
     return deleted
 
 
+def _theirs(event: ReplyEvent, user_id: str, jobs: set[str]) -> bool:
+    return event.author_id == user_id or event.job_id in jobs
+
+
 async def _forget_ratings(redis: Redis, platform: str, user_id: str) -> int:
+    """Their votes: in the vote stream, and each vote key (the person's current rating of an answer, counted in
+    the totals), which outlives the stream's newest KEPT_VOTES."""
     mine = [
-        (entry_id, fields) for entry_id, fields in await redis.xrange(keys.FEEDBACK)
+        entry_id for entry_id, fields in await redis.xrange(keys.FEEDBACK)
         if fields["user"] == user_id and fields["job"].startswith(f"{platform}:")
     ]
-    for _, fields in mine:
-        # The vote key holds the person's current rating of that answer: that one is in the counts.
-        current = await redis.getdel(keys.feedback_vote(fields["job"], user_id))
-        if current:
-            await redis.hincrby(keys.FEEDBACK_COUNTS, current, -1)
     if mine:
-        await redis.xdel(keys.FEEDBACK, *(entry_id for entry_id, _ in mine))
-    return len(mine)
+        await redis.xdel(keys.FEEDBACK, *mine)
+    votes = 0
+    async for key in redis.scan_iter(match=keys.feedback_vote(f"{platform}:*", user_id), count=1000):
+        if current := await redis.getdel(key):
+            await redis.hincrby(keys.FEEDBACK_COUNTS, current, -1)
+            votes += 1
+    return max(votes, len(mine))
 
 
 async def _forget_usage(redis: Redis, name: str) -> int:

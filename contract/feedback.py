@@ -71,6 +71,8 @@ class FeedbackStore:
             if exchange is None:
                 return
             fields = {"conversation": conversation, "question": exchange.user.text, "answer": exchange.assistant.text}
+            if exchange.user.author_id:  # forget-user finds it after the history let the exchange go
+                fields["author_id"] = exchange.user.author_id
             pipe.multi()
             pipe.hset(keys.feedback_exchange(job_id), mapping=fields)
             pipe.expire(keys.feedback_exchange(job_id), EXCHANGE_TTL_S)

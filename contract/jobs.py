@@ -105,6 +105,18 @@ class ReplyEvent(BaseModel):
     kind: Literal["partial", "final", "error"]
     text: str  # the whole reply so far: adapters can drop any partial but the last
     reply_to: dict[str, str] = Field(default_factory=dict)
+    # A regeneration's events: its text goes into the messages of the answer it replaces, except an error,
+    # which is a note shown apart, the old answer left (or, after partials overwrote it, shown again) as `restore`.
+    replaces: str | None = None
+    restore: str | None = None
+    author_id: str | None = None  # the asker's platform user id: erasing a person finds their replies by it
+
+    @classmethod
+    def of(cls, job: Job, kind: Literal["partial", "final", "error"], text: str, restore: str | None = None) -> ReplyEvent:
+        return cls(
+            job_id=job.id, conversation=job.conversation, kind=kind, text=text, reply_to=job.reply_to,
+            replaces=job.replaces, restore=restore if job.replaces else None, author_id=job.author_id,
+        )
 
 
 class Submitted(BaseModel):

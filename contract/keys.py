@@ -17,6 +17,8 @@ its own line; a conversation's jobs are in one list, and it waits in the line of
   pool:<p>:queued          counter of the pool's jobs waiting or being answered
   pool:<p>:wake            one-element list the pool's idle workers block on
   pool:<p>:alive           set while a worker of the pool serves (pools.absent_after_s after its last heartbeat)
+  pools                    set of the pools jobs were ever queued for: swept for messages no worker serves even
+                           after config.yaml stops naming a pool (bounded: one member per pool name)
   active                   set of conversations with queued jobs (in a pool's ready line, or leased)
   suspects                 set of job ids whose lease fell due (their worker died): served alone, each such
                            delivery charged an attempt (work.py); an id leaves when its job is answered
@@ -87,6 +89,7 @@ SCHEMA = PREFIX + "schema"
 ACTIVE = PREFIX + "active"
 SUSPECTS = PREFIX + "suspects"
 PAUSED = PREFIX + "paused"
+POOLS = PREFIX + "pools"
 PERSONAS = PREFIX + "personas"
 FEEDBACK = PREFIX + "feedback"
 FEEDBACK_COUNTS = PREFIX + "feedback:counts"

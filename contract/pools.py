@@ -5,7 +5,10 @@ first, else pools.default) and travels with its job; a worker claims only its ow
 (contract/work.py), so order within a conversation and fairness across conversations hold in
 each pool. A pool whose workers are all gone does not leave people waiting in silence: once a
 message has waited `pools.absent_after_s` with no live worker in its pool, whichever process
-sweeps next (any worker, any adapter) answers it with one sentence.
+sweeps next (any worker, any adapter) answers it with one sentence. The sweep visits every pool a
+job was ever queued for, so a pool removed from config.yaml with messages still waiting does not
+hold their conversations for ever; while the service is paused it tells nobody (the messages wait
+for the resume).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 
 from redis.asyncio import Redis
 
+from contract import keys
 from contract.jobs import Job, ReplyEvent, Scope, most_specific
 from contract.work import WorkQueue
 from service.config import PoolSettings, Settings
@@ -32,10 +36,10 @@ def pool_for(pools: PoolSettings, scope: Scope | None) -> str:
 
 async def answer_unserved(queue: WorkQueue, owner: str, pools: PoolSettings) -> list[Job]:
     """Tell the people whose messages waited too long for a pool without workers; returns those jobs."""
-    jobs = await queue.claim_unserved(owner, pools.names, pools.absent_after_s)
+    known = sorted(set(pools.names) | await queue.redis.smembers(keys.POOLS))
+    jobs = await queue.claim_unserved(owner, known, pools.absent_after_s)
     for job in jobs:
-        event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind="error", text=NO_WORKER, reply_to=job.reply_to)
-        await queue.complete(job, event)
+        await queue.complete(job, ReplyEvent.of(job, "error", NO_WORKER))
         log.warning("no worker serves the pool; the user was told", extra={"job": job.id, "pool": job.pool})
     return jobs
 

@@ -49,6 +49,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 -- the conversation's context is held by another live worker, and its job has not waited for it long yet
+local free_in = -1  -- ms until the first job passed over may be taken by anyone: the caller waits no longer
 local function left_to_its_worker(affinity_key, job_key)
   if affinity_wait <= 0 then return false end
   local preferred = redis.call('GET', affinity_key)
@@ -56,7 +57,10 @@ local function left_to_its_worker(affinity_key, job_key)
     return false
   end
   redis.call('HSETNX', job_key, 'passed_at', now)
-  return now - tonumber(redis.call('HGET', job_key, 'passed_at')) < affinity_wait
+  local left = affinity_wait - (now - tonumber(redis.call('HGET', job_key, 'passed_at')))
+  if left <= 0 then return false end
+  if free_in < 0 or left < free_in then free_in = left end
+  return true
 end
 
 local held = redis.call('ZRANGE', leases, 0, -1, 'WITHSCORES')
@@ -73,7 +77,7 @@ for i = 1, #held, 2 do
 end
 
 local claimed, passed = {}, {}
-if redis.call('EXISTS', prefix .. 'paused') == 1 then return claimed end  -- paused: running answers finish, nothing starts
+if redis.call('EXISTS', prefix .. 'paused') == 1 then return {claimed, -1} end  -- paused: running answers finish, nothing starts
 while #claimed < max_jobs and #passed < MAX_PASSED do
   local conversation = redis.call('LPOP', ready)
   if not conversation then break end
@@ -105,7 +109,7 @@ while #claimed < max_jobs and #passed < MAX_PASSED do
 end
 -- passed over, not moved: they keep their places at the front, in order
 for i = #passed, 1, -1 do redis.call('LPUSH', ready, passed[i]) end
-return claimed
+return {claimed, free_in}
 """
 
 _COMPLETE = TRIM_REPLIES + APPEND_TURNS + COUNT_USAGE + """
@@ -120,7 +124,10 @@ local new_turns = {unpack(ARGV, 20, 19 + tonumber(ARGV[9]))}
 
 local answered = 0
 local author_queued = redis.call('HGET', job_key, 'author_queued')
-if author_queued and redis.call('DECR', author_queued) < 0 then redis.call('SET', author_queued, 0) end
+-- a counter gone (expired, or erased with its person by forget-user) stays gone: recreated, it would never expire
+if author_queued and redis.call('EXISTS', author_queued) == 1 and redis.call('DECR', author_queued) <= 0 then
+  redis.call('DEL', author_queued)
+end
 if redis.call('EXISTS', done_key) == 0 then
   append_turns(turns_key, epoch_key, epoch, max_turns, history_ttl_s, new_turns, replaces)
   redis.call('XADD', replies, '*', 'event', event)
@@ -181,9 +188,21 @@ local prefix, owner, visibility, absent_after, max_jobs = ARGV[1], ARGV[2], tonu
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local claimed = {}
+-- paused: the workers are away on purpose, and the messages wait for the resume
+if redis.call('EXISTS', prefix .. 'paused') == 1 then return claimed end
 for i = 6, #ARGV do
   local pool = prefix .. 'pool:' .. ARGV[i]
   if redis.call('EXISTS', pool .. ':alive') == 0 then
+    -- a sweeper that died between taking a job and telling its person: no worker of this pool returns it
+    local held = redis.call('ZRANGE', pool .. ':leases', 0, -1, 'WITHSCORES')
+    for j = 1, #held, 2 do
+      local job_key = prefix .. 'job:' .. held[j]
+      local job = redis.call('HMGET', job_key, 'conversation', 'owner')
+      if tonumber(held[j + 1]) <= now or redis.call('EXISTS', prefix .. 'worker:' .. (job[2] or '')) == 0 then
+        redis.call('ZREM', pool .. ':leases', held[j])
+        if job[1] and not redis.call('LPOS', pool .. ':ready', job[1]) then redis.call('LPUSH', pool .. ':ready', job[1]) end
+      end
+    end
     for _, conversation in ipairs(redis.call('LRANGE', pool .. ':ready', 0, max_jobs - 1)) do
       local job_id = redis.call('LINDEX', prefix .. 'conv:' .. conversation .. ':jobs', 0)
       local job_key = prefix .. 'job:' .. (job_id or '')
@@ -223,6 +242,8 @@ class WorkQueue:
         self._release = redis.register_script(_RELEASE)
         self._partial = redis.register_script(_PARTIAL)
         self._unserved = redis.register_script(_UNSERVED)
+        # After a claim: how long until a job it passed over (left to the worker holding its context) is anyone's.
+        self.passed_free_in_s: float | None = None
 
     async def claim(self, owner: str, max_jobs: int = 1, busy: bool = False, keeps_context: bool = False) -> list[Claim]:
         """Lease up to max_jobs head jobs, each from a different conversation, with their histories.
@@ -232,15 +253,17 @@ class WorkQueue:
 
         A worker that `keeps_context` (a prefix cache) becomes its conversations' preferred worker:
         their next jobs are left to it for up to `affinity_wait_s` while it is alive, keeping their
-        places in line, so order and turns are as without a preference; after that any worker takes them.
+        places in line, so order and turns are as without a preference; after that any worker takes them
+        (`passed_free_in_s` says when).
         """
-        rows = await self._claim(
+        rows, free_in_ms = await self._claim(
             keys=[keys.ready(self.pool), keys.leases(self.pool), keys.ACTIVE, keys.SUSPECTS],
             args=[
                 keys.PREFIX, max_jobs, self.visibility_ms, owner, int(busy), int(keeps_context), self.affinity_wait_ms,
                 AFFINITY_TTL_S,
             ],
         )
+        self.passed_free_in_s = free_in_ms / 1000 if free_in_ms >= 0 else None
         claims = []
         for data, epoch, attempts, suspect, turns in rows:
             job = Job.model_validate_json(data).model_copy(update={"epoch": int(epoch), "attempts": int(attempts)})
@@ -263,7 +286,10 @@ class WorkQueue:
         return int(queued or 0), waiting
 
     async def wait_for_work(self, owner: str, timeout_s: float) -> None:
-        """Block until a message arrives: one for a conversation whose context `owner` holds, or any of the pool's."""
+        """Block until a message arrives (one for a conversation whose context `owner` holds, or any of the pool's),
+        or a job the last claim passed over is anyone's, or `timeout_s` has passed."""
+        if self.passed_free_in_s is not None:
+            timeout_s = max(0.01, min(timeout_s, self.passed_free_in_s))  # BLPOP's 0 would block for ever
         await self.redis.blpop([keys.wake_worker(owner), keys.wake(self.pool)], timeout=timeout_s)
 
     async def heartbeat(self, owner: str, jobs: list[Job], serving_for_s: float | None = None) -> None:
@@ -326,7 +352,7 @@ class WorkQueue:
         Returns False when it is not (so a late partial never follows the final reply); the caller
         then stops generating for the job.
         """
-        event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind="partial", text=text, reply_to=job.reply_to)
+        event = ReplyEvent.of(job, "partial", text)
         script_keys = [keys.done(job.id), keys.job(job.id), keys.leases(job.pool), reply_stream(job.platform, job.conversation)]
         args = [job.id, owner, event.model_dump_json(), self.reply_stream_maxlen]
         return bool(await self._partial(keys=script_keys, args=args))

@@ -20,7 +20,7 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from contract.controls import ONLY_THE_LATEST, stops_requested
+from contract.controls import ONLY_THE_LATEST, REGENERATION_STOPPED, stops_requested
 from contract.jobs import EMPTY_MESSAGE, Job, ReplyEvent, is_blank
 from contract.personas import Personas, configured
 from contract.pools import answer_unserved
@@ -93,6 +93,7 @@ class Answer:
     thinks_first: bool = False  # the prompt ends with <think> (the template opens the block): output starts inside it
     thinking_open: bool = False  # a think block was open at the last look: only its end is looked for
     thinking_tokens: int = 0  # the think block's tokens, markers included (while open: as many as at the last look)
+    replaced_text: str | None = None  # a regeneration: the answer it replaces, shown again if this one fails
 
 
 def answer_so_far(tokenizer, slot: Slot[Answer], done: bool = False) -> Reasoning:
@@ -155,8 +156,10 @@ class Publisher:
         self.history = history
         self.stopping = stopping
 
-    async def answer(self, job: Job, kind: str, text: str, turns=(), usage: Usage | None = None) -> None:
-        event = ReplyEvent(job_id=job.id, conversation=job.conversation, kind=kind, text=text, reply_to=job.reply_to)
+    async def answer(
+        self, job: Job, kind: str, text: str, turns=(), usage: Usage | None = None, restore: str | None = None
+    ) -> None:
+        event = ReplyEvent.of(job, kind, text, restore)
         try:
             # Keep trying while serving: the answer is worth the wait. Once stopping, the lease
             # runs out instead and the job is answered again by the next worker.
@@ -303,7 +306,11 @@ class Worker:
 
     async def _start(self, claims: list[Claim]) -> None:
         """Admit the claimed jobs into slots together (or answer them at once)."""
-        answers = [answer for claim in claims if (answer := await self._prepare(claim))]
+        try:
+            stopped = await stops_requested(self.redis, [claim.job.id for claim in claims])
+        except REDIS_FAILED:
+            stopped = set()  # the first step looks again
+        answers = [answer for claim in claims if (answer := await self._prepare(claim, claim.job.id in stopped))]
         if not answers:
             return
         admitted = await self._model_call(self.scheduler.admit_many, [(answer.prompt.ids, answer) for answer in answers])
@@ -319,13 +326,20 @@ class Worker:
         if failed:
             await self._requests_failed(failed, [])
 
-    async def _prepare(self, claim: Claim) -> Answer | None:
-        """The job's prompt, or None when the job was answered at once (given up, empty, unbuildable)."""
+    async def _prepare(self, claim: Claim, stopped: bool) -> Answer | None:
+        """The job's prompt, or None when the job was answered at once (stopped while queued, given up, empty,
+        unbuildable)."""
         job = claim.job
         claimed_at = time.time()
         TIME_IN_QUEUE.observe(max(0.0, claimed_at - job.submitted_at))
         if claim.suspect:
             JOBS.labels(job.pool, "redelivered").inc()
+        if stopped:  # nothing was written and nothing is spent; a regeneration leaves the old answer as it was
+            if job.replaces:
+                await self.publisher.answer(job, "error", REGENERATION_STOPPED)
+            else:
+                await self.publisher.answer(job, "final", STOPPED_BEFORE_ANSWER)
+            return None
         if job.attempts > MAX_ATTEMPTS:
             log.error("job failed too often", extra={"job": job.id, "attempts": job.attempts})
             await self.publisher.answer(job, "error", GAVE_UP)
@@ -339,19 +353,20 @@ class Worker:
             log.error("the channel's persona leaves no room for a message", extra={"job": job.id, "error": str(error)})
             await self.publisher.answer(job, "error", PERSONA_TOO_LONG)
             return None
-        history = claim.history
+        history, replaced_text = claim.history, None
         if job.replaces:  # a regeneration: asked again without the answer it replaces
             if not history or history[-1].assistant.job != job.replaces:
                 await self.publisher.answer(job, "error", ONLY_THE_LATEST)  # reset, or replaced by another meanwhile
                 return None
-            history = history[:-1]
+            history, replaced_text = history[:-1], history[-1].assistant.text
         try:
             # A regeneration's text is its question as stored, the author's name already in it.
             name = None if job.replaces else job.author
             prompt = builder.build(history, job.text, name)
             thinks_first = prompt.text.rstrip().endswith(OPEN)
             return Answer(
-                job, prompt, claim.suspect, claimed_at=claimed_at, thinks_first=thinks_first, thinking_open=thinks_first
+                job, prompt, claim.suspect, claimed_at=claimed_at, thinks_first=thinks_first, thinking_open=thinks_first,
+                replaced_text=replaced_text,
             )
         except Exception:
             log.exception("could not build the prompt", extra={"job": job.id})
@@ -445,14 +460,15 @@ class Worker:
         problem = await self._server_problem()
         if problem is None:
             for failure, job in failed:
+                restore = None
                 if job is None:
                     slot = self.scheduler.slots[failure.slot]
                     if slot is None:
                         continue
                     self.scheduler.free(slot)
-                    job = slot.payload.job
+                    job, restore = slot.payload.job, slot.payload.replaced_text  # its partials may have replaced the old answer
                 log.error("model server failed this job", extra={"job": job.id, "error": str(failure)})
-                await self.publisher.answer(job, "error", MODEL_FAILED)
+                await self.publisher.answer(job, "error", MODEL_FAILED, restore=restore)
             return False
         log.warning("model server unavailable", extra={"problem": problem, "error": str(failed[0][0])})
         await self._hand_back_all([job for _, job in failed if job] + unstarted, "the model server is unavailable")
@@ -488,7 +504,7 @@ class Worker:
         timeout = self.settings.queue.step_timeout_s
         try:
             return await asyncio.wait_for(on_model_thread(function, *args), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise StepTimedOut(
                 f"a model step took longer than queue.step_timeout_s ({timeout:g} s): the worker stops so that it "
                 "can be restarted, and its jobs are delivered again when their leases expire"
@@ -538,16 +554,20 @@ class Worker:
             split = answer_so_far(self.engine.tokenizer, slot, done=True)
             text = split.answer if split.state != "thinking" else ""  # only the answer is shown and kept
             if not text:
-                if stopped:
+                # No answer came of it: a regeneration leaves the one it was to replace (restored if need be).
+                restore = answer.replaced_text
+                if stopped and answer.job.replaces:
+                    await self.publisher.answer(answer.job, "error", REGENERATION_STOPPED, usage=usage, restore=restore)
+                elif stopped:
                     await self.publisher.answer(answer.job, "final", STOPPED_BEFORE_ANSWER, usage=usage)
                 elif split.state == "thinking":  # the slot ended inside the think block: no answer, no turns
                     log.warning(
                         "the model was still thinking when its answer ended",
                         extra={"job": answer.job.id, "thinking_tokens": answer.thinking_tokens, "limit": slot.limit},
                     )
-                    await self.publisher.answer(answer.job, "error", THOUGHT_TOO_LONG, usage=usage)
+                    await self.publisher.answer(answer.job, "error", THOUGHT_TOO_LONG, usage=usage, restore=restore)
                 else:
-                    await self.publisher.answer(answer.job, "error", EMPTY_ANSWER, usage=usage)
+                    await self.publisher.answer(answer.job, "error", EMPTY_ANSWER, usage=usage, restore=restore)
                 return
             # The new exchange starts where the history it was prompted with ends (the prompt computed it from there).
             prompt = answer.prompt

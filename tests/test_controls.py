@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import re
 import time
 
 import pytest
 
+from bot.delivery import Delivery
 from contract import history, keys
-from contract.controls import ALREADY_FINISHED, NOT_YOURS, ONLY_THE_LATEST, STOPPING, request_stop
+from contract.controls import (
+    ALREADY_FINISHED,
+    NOT_YOURS,
+    ONLY_THE_LATEST,
+    REGENERATION_STOPPED,
+    STOPPING,
+    WAIT_FOR_QUEUED,
+    request_stop,
+)
+from contract.erasure import forget_user
 from contract.intake import Intake
 from contract.jobs import Conversation, RejectedMessage
+from contract.usage import day
+from engine.serving.engine import EngineRequestFailed
 from engine.serving.transformers_engine import TransformersEngine
-from engine.worker import STOPPED_BEFORE_ANSWER, STOPPED_NOTE
+from engine.worker import MODEL_FAILED, STOPPED_BEFORE_ANSWER, STOPPED_NOTE
 from service.config import LimitSettings
+from service.tasks import cancel_until_done
 from tests.conftest import final_event, reply_events, running_worker, tiny_settings
 
 CHAT = Conversation(platform="local", channel="controls")
@@ -81,7 +94,6 @@ async def test_regenerate_replaces_the_latest_answer_once_and_only_for_its_asker
         await final_event(redis, "local", first.job_id)
         second = await intake.submit(CHAT, "m2", "Another one.", author="Alice", author_id="alice")
         await final_event(redis, "local", second.job_id)
-        await redis.set(keys.posted(second.job_id), json.dumps(["msg-1"]))  # as its adapter recorded it
 
         with pytest.raises(RejectedMessage, match=ONLY_THE_LATEST):
             await intake.regenerate(CHAT, first.job_id, "click-0", by="alice")
@@ -89,7 +101,6 @@ async def test_regenerate_replaces_the_latest_answer_once_and_only_for_its_asker
             await intake.regenerate(CHAT, second.job_id, "click-1", by="bob")
         again = await intake.regenerate(CHAT, second.job_id, "click-2", by="alice")
         assert (await intake.regenerate(CHAT, second.job_id, "click-2", by="alice")).duplicate  # a retried click
-        assert await redis.get(keys.posted(again.job_id)) == json.dumps(["msg-1"])  # edits the old answer's message
         regenerated = await final_event(redis, "local", again.job_id)
         assert regenerated.kind == "final"
 
@@ -130,3 +141,156 @@ async def test_a_regeneration_overtaken_by_a_reset_is_answered_with_a_sentence(r
     async with running_worker(redis, slow_engine(tiny_model, settings), settings):
         told = await final_event(redis, "local", again.job_id)
     assert (told.kind, told.text) == ("error", ONLY_THE_LATEST) and not await history.load_exchanges(redis, CHAT.key)
+
+
+class Recording:
+    """A platform's messages as a person sees them: message id -> text, and which job each shows."""
+
+    limit = 2000
+    settles = False
+
+    def __init__(self):
+        self.messages: dict[str, str] = {}
+        self.jobs: dict[str, str] = {}
+
+    async def post(self, part) -> str:
+        message_id = f"msg-{len(self.messages) + 1}"
+        self.messages[message_id], self.jobs[message_id] = part.text, part.job_id
+        return message_id
+
+    async def edit(self, message_id, part) -> None:
+        self.messages[message_id], self.jobs[message_id] = part.text, part.job_id
+
+    async def remove(self, message_id, reply_to) -> None:
+        del self.messages[message_id], self.jobs[message_id]
+
+
+@contextlib.asynccontextmanager
+async def delivering(redis, outbox: Recording):
+    """The real Delivery of an adapter process, for the local platform, into `outbox`."""
+    delivery = Delivery(redis, "local", outbox, edit_interval_s=0.0, lease_s=0.6, holder="adapter")
+    task = asyncio.create_task(delivery.run())
+    try:
+        yield delivery
+    finally:
+        await cancel_until_done([task])
+
+
+async def shown(outbox: Recording, expected: dict[str, str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while outbox.messages != expected:
+        assert time.monotonic() < deadline, f"shown {outbox.messages}, expected {expected}"
+        await asyncio.sleep(0.02)
+
+
+async def answered_and_shown(redis, outbox, intake, message_id: str, text: str) -> tuple[str, str]:
+    """A question answered and shown; its job id and the answer's text."""
+    job = await intake.submit(CHAT, message_id, text, author_id="alice")
+    answer = (await final_event(redis, "local", job.job_id)).text
+    deadline = time.monotonic() + 20
+    while answer not in outbox.messages.values():
+        assert time.monotonic() < deadline, "answer not shown"
+        await asyncio.sleep(0.02)
+    return job.job_id, answer
+
+
+async def test_regenerate_is_refused_while_the_conversation_has_messages_waiting(redis, tiny_model):
+    """Before: a second click queued a second regeneration, whose refusal replaced the first one's answer."""
+    settings = tiny_settings()
+    intake, outbox = Intake(redis, settings.limits), Recording()
+    async with delivering(redis, outbox):
+        async with running_worker(redis, slow_engine(tiny_model, settings), settings):
+            first, old = await answered_and_shown(redis, outbox, intake, "m1", "Hello")
+        again = await intake.regenerate(CHAT, first, "click-1", by="alice")
+        with pytest.raises(RejectedMessage, match=re.escape(WAIT_FOR_QUEUED)):
+            await intake.regenerate(CHAT, first, "click-2", by="alice")  # clicked twice before it is answered
+        await intake.submit(CHAT, "m2", "And then?", author_id="alice")
+        with pytest.raises(RejectedMessage, match=re.escape(WAIT_FOR_QUEUED)):
+            await intake.regenerate(CHAT, first, "click-3", by="alice")  # a newer message is queued
+        async with running_worker(redis, slow_engine(tiny_model, settings), settings):
+            regenerated = (await final_event(redis, "local", again.job_id)).text
+            await final_event(redis, "local", "local:m2")
+            await shown(outbox, {"msg-1": regenerated, "msg-2": outbox.messages.get("msg-2", "")})
+    assert outbox.jobs["msg-1"] == again.job_id  # the old answer's message, edited in place
+
+
+@pytest.mark.parametrize("overtaken_by", ["reset", "forget-user", "stop"])
+async def test_a_regeneration_that_brings_no_answer_leaves_the_old_one_and_says_why_apart(redis, tiny_model, overtaken_by):
+    """Before: the refusal (or "stopped before the answer began") replaced the old answer's message, and after a
+    stop the history no longer held the job its new Regenerate button named."""
+    settings = tiny_settings()
+    intake, outbox = Intake(redis, settings.limits), Recording()
+    async with delivering(redis, outbox):
+        async with running_worker(redis, slow_engine(tiny_model, settings), settings):
+            first, old = await answered_and_shown(redis, outbox, intake, "m1", "Hello")
+        again = await intake.regenerate(CHAT, first, "click-1", by="alice")
+        if overtaken_by == "reset":
+            await history.reset(redis, CHAT.key)
+        elif overtaken_by == "forget-user":
+            await forget_user(redis, "local", "alice")
+        else:
+            await request_stop(redis, again.job_id, by="alice")
+        async with running_worker(redis, slow_engine(tiny_model, settings), settings):
+            note = await final_event(redis, "local", again.job_id)
+            assert note.kind == "error" and note.replaces == first
+            await shown(outbox, {"msg-1": old, "msg-2": note.text})
+        assert outbox.jobs["msg-1"] == first  # its buttons still name the answer they regenerate
+        if overtaken_by == "stop":
+            assert note.text == REGENERATION_STOPPED
+            [kept] = await history.load_exchanges(redis, CHAT.key)
+            assert (kept.assistant.job, kept.assistant.text) == (first, old)
+            later = await intake.regenerate(CHAT, first, "click-2", by="alice")  # the old answer's button still works
+            async with running_worker(redis, slow_engine(tiny_model, settings), settings):
+                replaced = (await final_event(redis, "local", later.job_id)).text
+                await shown(outbox, {"msg-1": replaced, "msg-2": note.text})
+
+
+class FailingAfter(SlowEngine):
+    """The tiny model, whose requests fail mid-answer once `fail_after` steps have run (a model server failing a
+    request while it is itself well)."""
+
+    fail_after: int | None = None
+
+    def decode(self, slots: list[int]) -> list[int]:
+        if self.fail_after is not None:
+            self.fail_after -= 1
+            if self.fail_after < 0:
+                raise EngineRequestFailed("the request failed", slots[0])
+        return super().decode(slots)
+
+
+async def test_a_regeneration_that_fails_midway_shows_the_old_answer_again(redis, tiny_model):
+    settings = tiny_settings(generation={"max_new_tokens": 200})
+    intake, outbox = Intake(redis, settings.limits), Recording()
+    model = settings.model
+    engine = FailingAfter(tiny_model.model, tiny_model.tokenizer, model.sequence_length, model.batch_size, settings.generation)
+    async with delivering(redis, outbox), running_worker(redis, engine, settings):
+        first, old = await answered_and_shown(redis, outbox, intake, "m1", "Hello")
+        engine.fail_after = 20
+        again = await intake.regenerate(CHAT, first, "click-1", by="alice")
+        note = await final_event(redis, "local", again.job_id)
+        assert (note.kind, note.text) == ("error", MODEL_FAILED)
+        assert [e.kind for e in await reply_events(redis, "local", again.job_id)][0] == "partial"  # it had begun
+        await shown(outbox, {"msg-1": old, "msg-2": MODEL_FAILED})
+    assert outbox.jobs["msg-1"] == first
+    [kept] = await history.load_exchanges(redis, CHAT.key)
+    assert kept.assistant.job == first
+
+
+async def test_a_message_stopped_while_queued_is_never_run(redis, tiny_model):
+    """Before: a follow-up stopped in the queue (Slack's Stop stops the whole thread) was still run, its first
+    text shown and a fragment stored as its answer."""
+    settings = tiny_settings(generation={"max_new_tokens": 400})
+    engine = slow_engine(tiny_model, settings)
+    intake = Intake(redis, settings.limits)
+    job = await intake.submit(CHAT, "m1", "Write a long answer.", author_id="alice")
+    await request_stop(redis, job.job_id, by="alice")
+    async with running_worker(redis, engine, settings):
+        stopped = await final_event(redis, "local", job.job_id)
+        after = await intake.submit(CHAT, "m2", "Hello", author_id="alice")
+        await final_event(redis, "local", after.job_id)
+    assert (stopped.kind, stopped.text) == ("final", STOPPED_BEFORE_ANSWER)
+    assert [e.kind for e in await reply_events(redis, "local", job.job_id)] == ["final"]  # nothing streamed
+    [exchange] = await history.load_exchanges(redis, CHAT.key)  # only the second message's
+    assert exchange.assistant.job == after.job_id
+    assert await redis.hget(keys.usage_day(day()) + "author:messages", "local:alice") == "1"  # the stopped one is not charged

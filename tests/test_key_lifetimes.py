@@ -20,6 +20,7 @@ __all__ = ["fake"]  # the fixture, shared with test_slack
 # Shared by all conversations, each bounded: by trimming (streams), by pruning, or by what is in flight.
 BOUNDED = [
     r"schema", r"active", r"suspects", r"pool:[a-z0-9_-]+:(?:ready|leases|queued|wake)",  # what is queued or being answered
+    r"pools",  # one member per pool name
     r"replies:[a-z]+:\d+",  # trimmed below what the adapters acknowledged
     r"feedback", r"feedback:counts",  # the newest KEPT_VOTES votes; one count per rating
     r"slack:waiting",  # entries pruned once answered or after GIVE_UP_S

@@ -12,7 +12,7 @@ from contract.jobs import Conversation, RejectedMessage, ReplyEvent, Scope
 from contract.usage import Usage, day, report
 from contract.work import WorkQueue
 from service.config import LimitSettings
-from tests.conftest import final_event, reply_events, running_worker
+from tests.conftest import final_event, reply_events, running_worker, tiny_settings
 from tests.test_cli import chatbot
 
 ROOM = Conversation(platform="discord", channel="c1")
@@ -107,3 +107,37 @@ async def test_forget_user_removes_one_person_everywhere_and_no_one_else(redis, 
     assert "My secret" in str(alice_turns) and "My secret" not in await everything_stored(redis)
     again = await forget_user(redis, "discord", "alice")
     assert (again.turns, again.ratings_given, again.usage_days) == (0, 0, 0)
+
+
+async def test_forget_user_while_a_message_of_theirs_is_queued_leaves_no_key_behind(redis, tiny_engine, settings):
+    """Before: answering the queued job recreated their queued-messages counter at -1, then 0 with no expiry."""
+    intake = Intake(redis, settings.limits)
+    queued = await intake.submit(ROOM, "a1", "Still there?", author_id="alice", scope=GUILD)
+    erased = await forget_user(redis, "discord", "alice")
+    assert erased.still_queued == 1
+    async with running_worker(redis, tiny_engine, settings):
+        await final_event(redis, "discord", queued.job_id)
+    assert not await redis.exists(keys.author("discord", "alice") + ":queued")
+    await forget_user(redis, "discord", "alice")
+    assert "alice" not in str([key async for key in redis.scan_iter(match="*")])
+
+
+async def test_forget_user_finds_rated_copies_the_history_no_longer_holds_and_votes_past_the_streams_cap(redis, tiny_engine):
+    """Before: a rated exchange trimmed from the history (or regenerated) kept its copy, and a vote older than
+    the vote stream's cap kept its key."""
+    settings = tiny_settings(history={"max_turns": 2})
+    intake = Intake(redis, settings.limits)
+    store = FeedbackStore(redis)
+    async with running_worker(redis, tiny_engine, settings):
+        secret = await answered(redis, intake, "a1", "alice", "My secret word is pelican.")
+        await store.record(secret, "bob", "good", ROOM.key)  # copied while the exchange is in the history
+        bob_job = await answered(redis, intake, "b1", "bob", "Hello")  # max_turns 2: alice's exchange is trimmed
+    await store.record(bob_job, "alice", "bad", ROOM.key)  # alice's vote
+    for n in range(3):
+        await redis.xadd(keys.FEEDBACK, {"job": f"discord:x{n}", "user": "carol", "rating": "good", "at": "0"}, maxlen=1, approximate=False)
+    assert not [v for v in await store.recent(10) if v.user == "alice"]  # her vote left the stream, its key did not
+    await forget_user(redis, "discord", "alice")
+    stored = await everything_stored(redis)
+    assert "pelican" not in stored
+    assert not await redis.exists(keys.feedback_vote(bob_job, "alice"))
+    assert (await store.counts())["bad"] == 0

@@ -9,10 +9,12 @@ import pytest
 from contract import keys
 from contract.intake import Intake
 from contract.jobs import Conversation, Scope
-from contract.pools import NO_WORKER, keep_answering_unserved
+from contract.pause import pause, resume
+from contract.pools import NO_WORKER, answer_unserved, keep_answering_unserved
+from contract.work import WorkQueue
 from engine.serving.transformers_engine import TransformersEngine
 from service.config import PoolSettings
-from tests.conftest import final_event, running_worker, tiny_settings
+from tests.conftest import final_event, reply_events, running_worker, tiny_settings
 from tests.test_discord import fake as discord_fake
 from tests.test_personas import recording_engine
 from tests.test_slack import fake as slack_fake
@@ -133,3 +135,49 @@ async def test_a_slack_channel_routed_to_a_pool_without_workers_hears_why(redis,
         sent = await send_dm(slack_fake, "Anyone serving here?")
         assert await redis.hget(keys.job(sent.job_id), "pool") == "inf2"
         assert (await answer_shown(slack_fake, redis, sent.job_id, before=0)).text == NO_WORKER
+
+
+async def test_while_paused_messages_wait_for_the_resume_however_long_the_workers_are_away(redis):
+    """Before: a maintenance pause longer than absent_after_s answered the queued messages "no model is serving"."""
+    settings = pool_settings()
+    intake = Intake(redis, settings.limits, settings.pools)
+    submitted = await intake.submit(Conversation(platform="local", channel="lobby"), "m1", "Anyone?")
+    await pause(redis, "maintenance")
+    queue = WorkQueue(redis, 4.0)
+    assert await answer_unserved(queue, "adapter-1", settings.pools.model_copy(update={"absent_after_s": 0})) == []
+    assert await redis.lrange(keys.ready("small"), 0, -1) == ["local:lobby"]
+    await resume(redis)
+    [told] = await answer_unserved(queue, "adapter-1", settings.pools.model_copy(update={"absent_after_s": 0}))
+    assert told.id == submitted.job_id
+
+
+async def test_a_sweep_that_dies_between_taking_and_telling_strands_nothing(redis):
+    """Before: the job stayed leased to the dead sweeper for ever, since only the pool's (absent) workers
+    return expired leases."""
+    settings = pool_settings()
+    submitted = await Intake(redis, settings.limits, settings.pools).submit(
+        Conversation(platform="local", channel="lobby"), "m1", "Anyone?"
+    )
+    queue = WorkQueue(redis, visibility_timeout_s=0.5)
+    [taken] = await queue.claim_unserved("adapter-1", ["small"], absent_after_s=0)  # then adapter-1 is killed
+    assert taken.id == submitted.job_id
+    assert await queue.claim_unserved("adapter-2", ["small"], absent_after_s=0) == []  # still adapter-1's
+    await asyncio.sleep(0.6)
+    [again] = await answer_unserved(queue, "adapter-2", settings.pools.model_copy(update={"absent_after_s": 0}))
+    assert again.id == submitted.job_id
+    assert [e.kind for e in await reply_events(redis, "local", submitted.job_id)] == ["error"]
+
+
+async def test_messages_queued_for_a_pool_removed_from_config_are_told_and_the_conversation_goes_on(redis, tiny_engine):
+    """Before: no worker may serve an unconfigured pool and the sweep visited configured pools only, so the
+    conversation was wedged for ever behind its old job."""
+    before = pool_settings()
+    lobby = Conversation(platform="local", channel="tiny-room")
+    stranded = await Intake(redis, before.limits, before.pools).submit(lobby, "m1", "Anyone?")
+    assert await redis.hget(keys.job(stranded.job_id), "pool") == "tiny"
+    after = tiny_settings(pools={"absent_after_s": 4})  # the operator dropped the pools: one default pool
+    follow_up = await Intake(redis, after.limits, after.pools).submit(lobby, "m2", "Hello?")
+    async with running_worker(redis, tiny_engine, after):
+        told = await final_event(redis, "local", stranded.job_id, timeout=30)
+        assert (told.kind, told.text) == ("error", NO_WORKER)
+        assert (await final_event(redis, "local", follow_up.job_id, timeout=30)).kind == "final"

@@ -545,3 +545,23 @@ async def test_follow_ups_go_to_the_worker_that_holds_the_conversations_context(
             this, previous = (answered[f"local:{conversation.channel}{n}"] for n in (turn, turn - 1))
             assert this.cached_tokens >= previous.prompt_tokens, (conversation.channel, turn)
 
+
+async def test_a_follow_up_whose_worker_is_busy_goes_to_an_idle_one_after_affinity_wait_s(redis, tiny_model):
+    """Before: only the preferred worker was woken, and the idle one not when the wait ran out: 1.2-1.9 s, not 0.5."""
+    settings = tiny_settings(queue={"affinity_wait_s": 0.5})
+    # Worker a holds the conversation's context and is alive, but busy: it claims nothing meanwhile.
+    await redis.set(keys.worker("a"), 1, px=30_000)
+    await redis.set(keys.affinity(CHAT.key), "a", ex=60)
+    waits = []
+    async with running_worker(redis, engine_for(tiny_model, settings), settings, owner="b"):
+        for n in range(3):
+            await asyncio.sleep(1.3)  # b is idle, blocked waiting for work
+            submitted = await Queues(redis).submit(CHAT, f"m{n}", "Hello")
+            asked_at = time.monotonic()
+            while await redis.hget(keys.job(submitted.job_id), "owner") != "b":
+                assert time.monotonic() - asked_at < 5, "never taken by the idle worker"
+                await asyncio.sleep(0.01)
+            waits.append(time.monotonic() - asked_at)
+            await final_event(redis, "local", submitted.job_id)
+            await redis.set(keys.affinity(CHAT.key), "a", ex=60)  # a keeps the context
+    assert all(0.45 <= wait < 0.8 for wait in waits), waits

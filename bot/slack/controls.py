@@ -6,7 +6,7 @@
 - A Stop button (`stop_answer`) rides on an answer that is posted and edited rather than
   streamed (streaming off, or fallen back): a streaming message takes blocks only when it stops.
 - A Regenerate button (`regenerate_answer`) sits under each finished answer, beside the
-  feedback buttons; the new answer edits the old one's messages (Intake.regenerate).
+  feedback buttons; the new answer edits the old one's messages (bot/delivery.py).
 
 Only the person who asked, or one of `slack.admin_user_ids`, may press them; anyone else is
 told so in a message only they see (chat.postEphemeral). Clicks are acknowledged at once.
