@@ -50,6 +50,11 @@ LANE_IDLE_S = 30.0  # a conversation's lane ends after this long without replies
 GIVE_UP_PATIENCE_S = 2.0  # on shutdown, how long to try handing the shards over before their leases lapse
 REREAD_PENDING_S = 60.0  # how often the pending replies of the shards held are read again
 REMEMBER_ACKED_S = 10.0  # longer than a read of pending replies takes to come back
+# A final the platform fails to show (5xx, internal_error, a timeout, a dropped connection) is tried again this
+# often, after 0.5, 1 and 2 s, before the person gets the apology: a final is acknowledged only once it is shown
+# or apologised for. Partials are not retried: the next one carries their text.
+FINAL_TRIES = 4
+FINAL_RETRY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -236,19 +241,28 @@ class Delivery:
             # this conversation's lane only, for less than one interval.
             await asyncio.sleep(wait)
         began = bool(shown.message_ids)
-        try:
-            if note_apart:
-                await self._note_apart(event, shown)
-            else:
-                await self._show(event, shown, split_message(event.text, self.outbox.limit))
-            DELIVERIES.labels(self.platform, event.kind).inc()
-        except Deferred:
-            pass  # a partial the rate budget had no room for: the next one carries its text
-        except Exception as error:
-            PLATFORM_ERRORS.labels(self.platform, type(error).__name__).inc()
-            log.exception("delivery failed", extra={"job": event.job_id, "kind": event.kind})
-            if final and not shown.message_ids:
-                await self._apologise(event)
+        for attempt in range(FINAL_TRIES if final else 1):
+            try:
+                if note_apart:
+                    await self._note_apart(event, shown)
+                else:
+                    await self._show(event, shown, split_message(event.text, self.outbox.limit))
+                DELIVERIES.labels(self.platform, event.kind).inc()
+                break
+            except Deferred:
+                break  # a partial the rate budget had no room for: the next one carries its text
+            except Exception as error:
+                PLATFORM_ERRORS.labels(self.platform, type(error).__name__).inc()
+                if attempt + 1 < (FINAL_TRIES if final else 1):
+                    log.warning(
+                        "delivery failed; trying again",
+                        extra={"job": event.job_id, "kind": event.kind, "error": repr(error), "attempt": attempt + 1},
+                    )
+                    await asyncio.sleep(FINAL_RETRY_S * 2**attempt)  # what was posted is edited, not posted again
+                    continue
+                log.exception("delivery failed", extra={"job": event.job_id, "kind": event.kind})
+                if final:
+                    await self._apologise(event)
         if not began and (shown.message_ids or final):
             await self._stop_waiting(event.job_id)
         if final:

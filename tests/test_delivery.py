@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 
-from bot.delivery import ABANDONED_AFTER_S, Delivery, Shown
+from bot.delivery import ABANDONED_AFTER_S, FAILED, Delivery, Shown
 from contract.jobs import ReplyEvent
 from contract.replies import REPLY_SHARDS, ReplyReader, reply_stream, shard_of
 from service.redis_client import connect
@@ -250,3 +250,38 @@ async def test_delivery_goes_on_after_redis_lost_its_data(redis):
         await redis.flushdb()
         await publish(redis, event(2, text="after"))
         await until(lambda: outbox.posted == ["before", "after"], what="after delivered")
+
+
+class RefusingSettled(Recording):
+    """Its first `failures` edits that show a final text fail, as a platform's 5xx, internal_error or timeout does."""
+
+    def __init__(self, failures: int):
+        super().__init__()
+        self.failures = failures
+
+    async def edit(self, message_id, part):
+        if part.settled and self.failures:
+            self.failures -= 1
+            raise RuntimeError("internal_error")
+        await super().edit(message_id, part)
+
+
+async def test_a_final_whose_edit_fails_once_is_shown_all_the_same(redis):
+    """Before: the final was acknowledged and never shown; the message kept its last partial (and Stop button)."""
+    outbox = RefusingSettled(failures=1)
+    async with adapter_process(redis, outbox, "only"):
+        await publish(redis, event(1, "partial", "The answer is"))
+        await until(lambda: outbox.posted == ["The answer is"], what="the partial shown")
+        await publish(redis, event(1, "final", "The answer is 42."))
+        await until(lambda: outbox.posted == ["The answer is 42."], what="the final shown")
+
+
+async def test_a_final_the_platform_keeps_refusing_is_apologised_for_once(redis):
+    outbox = RefusingSettled(failures=100)
+    async with adapter_process(redis, outbox, "only"):
+        await publish(redis, event(1, "partial", "The answer is"))
+        await until(lambda: outbox.posted == ["The answer is"], what="the partial shown")
+        await publish(redis, event(1, "final", "The answer is 42."))
+        await until(lambda: outbox.posted == ["The answer is", FAILED], timeout=15, what="the apology")
+        await asyncio.sleep(LEASE_S * 2)
+        assert outbox.posted == ["The answer is", FAILED]  # acknowledged: not tried again

@@ -509,6 +509,20 @@ async def test_rate_limited_edit_waits_and_lands(redis, fake):
     assert second.at - first.at >= 1.0
 
 
+@pytest.mark.parametrize("failure", ["internal_error", "http_503", "reset"])
+async def test_a_final_that_slack_fails_once_is_shown_all_the_same(redis, fake, failure):
+    """Before: the final was acknowledged and never shown; the message kept its partial text."""
+    settings = slack_settings(streaming=False)
+    reply_to = {"channel": DM}
+    async with adapter(fake, redis, settings):
+        await publish(redis, ReplyEvent(job_id="slack:f", conversation=DM_CONVERSATION, kind="partial", text="Once", reply_to=reply_to))
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == ["Once"])
+        fake.fail_next("chat.update", failure)
+        await publish(redis, ReplyEvent(job_id="slack:f", conversation=DM_CONVERSATION, kind="final", text="Once upon a time.", reply_to=reply_to))
+        await fake.wait_for(lambda: [m.text for m in fake.messages_in(DM)] == ["Once upon a time."])
+    assert len(fake.calls_to("chat.update")) == 2
+
+
 async def test_model_text_never_pings_and_errors_read_as_a_sentence(redis, fake):
     settings = slack_settings()
     reply_to = {"channel": DM}

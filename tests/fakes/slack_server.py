@@ -229,6 +229,7 @@ class FakeSlack:
         self.expire_after_appends: int | None = None  # a stream given this many appends then expires
         self._appends: dict[str, int] = {}
         self._refused: dict[str, str] = {}
+        self._failing: dict[str, list[str]] = {}
         self._delays: dict[str, float] = {}
         self.granted_scopes: list[str] = list(MANIFEST["oauth_config"]["scopes"]["bot"])  # sent in x-oauth-scopes
         self.app_manifest: dict[str, Any] = copy.deepcopy(MANIFEST)  # what apps.manifest.export answers
@@ -264,6 +265,12 @@ class FakeSlack:
     def delay(self, method: str, seconds: float) -> None:
         """Hold every call of `method` this long before handling it (a slow network or Slack)."""
         self._delays[method] = seconds
+
+    def fail_next(self, method: str, failure: str = "internal_error", times: int = 1) -> None:
+        """Fail the next `times` calls of `method` as Slack or its network can: an error Slack answers with
+        (`internal_error`, `fatal_error`: HTTP 200, ok false), `http_503` (a 5xx page), or `reset` (the
+        connection drops with no answer). The call is recorded, and does nothing."""
+        self._failing.setdefault(method, []).extend([failure] * times)
 
     def refuse_method(self, method: str, error: str) -> None:
         """Answer every call of `method` with this error (a workspace without a feature, say)."""
@@ -313,6 +320,14 @@ class FakeSlack:
             return web.json_response({"ok": False, "error": "invalid_auth"})
         if token in self.installed and (body.get("channel") or body.get("channel_id")) and self._team_of(body) != self.installed[token]:
             return web.json_response({"ok": False, "error": "channel_not_found"})  # a workspace's token sees its own channels only
+        if self._failing.get(method):
+            failure = self._failing[method].pop(0)
+            if failure == "reset":
+                request.transport.abort()
+                return web.Response(status=500)  # never sent: the connection is gone
+            if failure.startswith("http_"):
+                return web.Response(status=int(failure.removeprefix("http_")), text="<html>Service Unavailable</html>")
+            return web.json_response({"ok": False, "error": failure})
         if method in self._limited:
             retry_after = self._limited.pop(method)
             return web.json_response({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(retry_after)})
