@@ -97,6 +97,7 @@ class Job(BaseModel):
     submitted_at: float = Field(default_factory=time.time)
     epoch: int = 0  # the conversation's reset count when the job was submitted
     attempts: int = 0  # deliveries served alone after a worker died with the job (contract/work.py: suspects)
+    server_faults: int = 0  # times a model server failed its request and it was handed back (engine/worker.py)
 
 
 class ReplyEvent(BaseModel):

@@ -7,8 +7,8 @@ whose size is capped (a stream trimmed, a set or hash pruned), so nothing grows 
 
 Queue (contract/intake.py writes, contract/work.py serves). Each pool of workers (contract/pools.py) has
 its own line; a conversation's jobs are in one list, and it waits in the line of its head job's pool:
-  job:<id>                 hash: data (Job JSON), conversation, pool, epoch, attempts, owner, queued_at,
-                           author_queued; deleted when the job is answered
+  job:<id>                 hash: data (Job JSON), conversation, pool, epoch, attempts, server_faults, owner,
+                           queued_at, author_queued, passed_at; deleted when the job is answered
   done:<id>                set once a job is answered: a redelivered job never answers twice (DONE_TTL_S)
   conv:<c>:jobs            list of a conversation's job ids, oldest first; only the head is worked on;
                            empty (gone) once its jobs are answered

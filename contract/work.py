@@ -100,9 +100,9 @@ while #claimed < max_jobs and #passed < MAX_PASSED do
       redis.call('HSET', job_key, 'owner', owner)
       if keeps_context then redis.call('SET', conv_prefix .. ':affinity', owner, 'EX', affinity_ttl) end
       if suspect then redis.call('HINCRBY', job_key, 'attempts', 1) end
-      local fields = redis.call('HMGET', job_key, 'data', 'epoch', 'attempts')
+      local fields = redis.call('HMGET', job_key, 'data', 'epoch', 'attempts', 'server_faults')
       local turns = redis.call('LRANGE', conv_prefix .. ':turns', 0, -1)
-      table.insert(claimed, {fields[1], fields[2], fields[3], suspect and 1 or 0, turns})
+      table.insert(claimed, {fields[1], fields[2], fields[3], suspect and 1 or 0, turns, fields[4] or '0'})
       if suspect then break end
     end
   end
@@ -155,14 +155,15 @@ return answered
 
 _RELEASE = """
 local ready, leases, suspects = KEYS[1], KEYS[2], KEYS[3]
-local prefix, owner = ARGV[1], ARGV[2]
-for i = 3, #ARGV do
+local prefix, owner, server_fault = ARGV[1], ARGV[2], ARGV[3] == '1'
+for i = 4, #ARGV do
   local job_id = ARGV[i]
   local job_key = prefix .. 'job:' .. job_id
   -- only a lease still this worker's: a job taken over since is the new owner's, charge included
   if redis.call('HGET', job_key, 'owner') == owner and redis.call('ZREM', leases, job_id) == 1 then
     -- handed back, not failed: a suspect's claim charged this delivery (no other claim charges)
     if redis.call('SISMEMBER', suspects, job_id) == 1 then redis.call('HINCRBY', job_key, 'attempts', -1) end
+    if server_fault then redis.call('HINCRBY', job_key, 'server_faults', 1) end
     local conversation = redis.call('HGET', job_key, 'conversation')
     if conversation and not redis.call('LPOS', ready, conversation) then redis.call('LPUSH', ready, conversation) end
   end
@@ -265,8 +266,10 @@ class WorkQueue:
         )
         self.passed_free_in_s = free_in_ms / 1000 if free_in_ms >= 0 else None
         claims = []
-        for data, epoch, attempts, suspect, turns in rows:
-            job = Job.model_validate_json(data).model_copy(update={"epoch": int(epoch), "attempts": int(attempts)})
+        for data, epoch, attempts, suspect, turns, server_faults in rows:
+            job = Job.model_validate_json(data).model_copy(
+                update={"epoch": int(epoch), "attempts": int(attempts), "server_faults": int(server_faults)}
+            )
             claims.append(Claim(job, pair_turns([Turn.model_validate_json(turn) for turn in turns]), bool(suspect)))
         return claims
 
@@ -313,11 +316,13 @@ class WorkQueue:
         """Worker `owner` has stopped: the leases it still holds are due at once."""
         await self.redis.delete(keys.worker(owner))
 
-    async def release(self, owner: str, jobs: list[Job]) -> None:
-        """Hand back the jobs worker `owner` still holds, unanswered and first in line (the worker is stopping)."""
+    async def release(self, owner: str, jobs: list[Job], server_fault: bool = False) -> None:
+        """Hand back the jobs worker `owner` still holds, unanswered and first in line (the worker is stopping, or
+        its model server failed them: `server_fault` counts that against each, so it cannot go on for ever)."""
         if jobs:
             await self._release(
-                keys=[keys.ready(self.pool), keys.leases(self.pool), keys.SUSPECTS], args=[keys.PREFIX, owner, *(job.id for job in jobs)]
+                keys=[keys.ready(self.pool), keys.leases(self.pool), keys.SUSPECTS],
+                args=[keys.PREFIX, owner, int(server_fault), *(job.id for job in jobs)],
             )
 
     async def complete(

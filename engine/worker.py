@@ -52,11 +52,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_ATTEMPTS = 3  # a job whose worker died this often while serving it alone is answered with an error instead
+MAX_SERVER_FAULTS = 3  # a job handed back this often because its model server failed its request is answered instead
 IDLE_WAIT_S = 1.0  # how long an idle worker blocks for new work before looking for expired leases
 RELEASE_PATIENCE_S = 5.0  # on shutdown, don't wait longer than this for Redis: the lease expires anyway
 HEALTH_CHECK_TIMEOUT_S = 10.0  # a model server's health check that takes longer counts as failing
 MODEL_FAILED = "Sorry, something went wrong while writing the answer. Please try again."
 GAVE_UP = "Sorry, this message could not be answered: it failed several times."
+SERVER_KEPT_FAILING = "Sorry, the model server kept failing on this message. Please try again later."
 EMPTY_ANSWER = "The model returned an empty answer. Please rephrase your message."
 PERSONA_TOO_LONG = "This channel's persona is too long for the model's context: an admin can shorten or clear it."
 THOUGHT_TOO_LONG = (
@@ -196,12 +198,14 @@ class Publisher:
                 answer.partial_failed = True
             return True
 
-    async def hand_back(self, jobs: list[Job], reason: str) -> None:
-        """Jobs go back to the front of the queue, uncharged, for any worker to answer."""
+    async def hand_back(self, jobs: list[Job], reason: str, server_fault: bool = False) -> None:
+        """Jobs go back to the front of the queue, uncharged, for any worker to answer (counted as a `server_fault`)."""
         if not jobs:
             return
         try:
-            await with_backoff(lambda: self.queue.release(self.owner, jobs), "release", give_up=after(RELEASE_PATIENCE_S))
+            await with_backoff(
+                lambda: self.queue.release(self.owner, jobs, server_fault), "release", give_up=after(RELEASE_PATIENCE_S)
+            )
             log.info(f"handed jobs back: {reason}", extra={"jobs": [job.id for job in jobs]})
         except REDIS_DOWN:
             log.warning("could not hand jobs back; their leases expire instead", extra={"jobs": [job.id for job in jobs]})
@@ -452,10 +456,12 @@ class Worker:
     async def _requests_failed(self, failed: list[tuple[EngineRequestFailed, Job | None]], unstarted: list[Job]) -> bool:
         """Tell a server outage from the jobs' fault; True when it was an outage and every job was handed back.
 
-        Each failure names its job, or the slot whose job it was. While the server is well, only
-        those jobs are answered with an error, as with any engine. While it is not, no job is at
-        fault: all go back to the queue uncharged, and this worker claims nothing until the
-        server answers again (a restart costs waiting, not failed answers).
+        Each failure names its job, or the slot whose job it was. While the server is down
+        (`health()`), no job is at fault: all go back to the queue uncharged, and this worker claims
+        nothing until the server answers again (a restart costs waiting, not failed answers). While
+        it answers its health check, each failure says whose fault it is (EngineRequestFailed): the
+        server's (busy, 5xx, a stream cut) hands that job back uncharged, up to MAX_SERVER_FAULTS
+        times; the request's (a 4xx) answers it with an error, as with any engine.
         """
         problem = await self._server_problem()
         if problem is None:
@@ -467,8 +473,14 @@ class Worker:
                         continue
                     self.scheduler.free(slot)
                     job, restore = slot.payload.job, slot.payload.replaced_text  # its partials may have replaced the old answer
+                if failure.server_fault and job.server_faults < MAX_SERVER_FAULTS:
+                    log.warning("model server failed this request; the job is handed back", extra={"job": job.id, "error": str(failure)})
+                    await self.publisher.hand_back([job], "the model server failed its request", server_fault=True)
+                    continue
                 log.error("model server failed this job", extra={"job": job.id, "error": str(failure)})
-                await self.publisher.answer(job, "error", MODEL_FAILED, restore=restore)
+                await self.publisher.answer(
+                    job, "error", SERVER_KEPT_FAILING if failure.server_fault else MODEL_FAILED, restore=restore
+                )
             return False
         log.warning("model server unavailable", extra={"problem": problem, "error": str(failed[0][0])})
         await self._hand_back_all([job for _, job in failed if job] + unstarted, "the model server is unavailable")

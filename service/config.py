@@ -148,7 +148,9 @@ class OpenAISettings(Strict):
 
     base_url: str = Field("http://127.0.0.1:8000/v1", description="up to and including /v1")
     served_model: str | None = Field(None, description="the model name the server serves; unset: model.id")
-    timeout_s: float = Field(20.0, gt=0, description="no token for this long: the server counts as unavailable")
+    timeout_s: float = Field(
+        20.0, gt=0, description="the most one model step waits; a request that waited this long while the server sent nothing fails"
+    )
     health_interval_s: float = Field(2.0, gt=0, description="how often an unavailable server is asked again")
 
 

@@ -108,6 +108,22 @@ def tiny_settings(**overrides) -> Settings:
 
 
 @pytest.fixture
+def openai_engine():
+    """Loads the openai engine for given settings; its connections are closed when the test ends."""
+    from engine.serving.openai_engine import OpenAIEngine
+
+    engines = []
+
+    def load(settings: Settings):
+        engines.append(OpenAIEngine.load(settings, api_key=None))
+        return engines[-1]
+
+    yield load
+    for engine in engines:
+        engine.client.close()
+
+
+@pytest.fixture
 def settings() -> Settings:
     return tiny_settings()
 

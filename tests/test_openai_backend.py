@@ -70,9 +70,9 @@ def complete_directly(vllm: VllmServer, prompt: list[int], max_tokens: int) -> l
     return choice["token_ids"]
 
 
-async def test_a_streamed_answer_from_the_exact_prompt_ids(redis, vllm, link):
+async def test_a_streamed_answer_from_the_exact_prompt_ids(redis, vllm, link, openai_engine):
     settings = openai_settings(link.base_url)
-    engine = OpenAIEngine.load(settings, api_key=None)
+    engine = openai_engine(settings)
     queues = Queues(redis)
     async with running_worker(redis, engine, settings):
         await queues.submit(CHAT, "q1", "Name three colours.", author="ann")
@@ -91,9 +91,9 @@ async def test_a_streamed_answer_from_the_exact_prompt_ids(redis, vllm, link):
     assert final.text == readable_text(engine.tokenizer, [token for token in alone if token not in engine.end_ids])
 
 
-async def test_an_outage_mid_answer_hands_the_job_back_and_it_is_answered_once(redis, vllm, link):
+async def test_an_outage_mid_answer_hands_the_job_back_and_it_is_answered_once(redis, vllm, link, openai_engine):
     settings = openai_settings(link.base_url, generation={"max_new_tokens": 300})
-    engine = OpenAIEngine.load(settings, api_key=None)
+    engine = openai_engine(settings)
     async with running_worker(redis, engine, settings):
         await Queues(redis).submit(CHAT, "long", "Write a long story about a lighthouse keeper.")
         while not await reply_events(redis, "local", "local:long"):
@@ -114,11 +114,11 @@ async def test_an_outage_mid_answer_hands_the_job_back_and_it_is_answered_once(r
     assert len(await load_exchanges(redis, CHAT.key)) == 1
 
 
-async def test_a_worker_started_while_the_server_is_away_waits_for_it(redis, vllm, link):
+async def test_a_worker_started_while_the_server_is_away_waits_for_it(redis, vllm, link, openai_engine):
     settings = openai_settings(link.base_url)
     await link.cut()
     await Queues(redis).submit(CHAT, "early", "Hello there.")
-    async with running_worker(redis, OpenAIEngine.load(settings, api_key=None), settings):
+    async with running_worker(redis, openai_engine(settings), settings):
         await asyncio.sleep(1.5)
         assert not await reply_events(redis, "local") and not await redis.zcard(keys.leases("default"))
         await link.restore()
@@ -159,11 +159,12 @@ class OutOfVocabularyEngine(OpenAIEngine):
         return super().prefill_many([(slot, [*prompt, 10**8]) for slot, prompt in requests])
 
 
-async def test_a_request_the_server_refuses_while_well_fails_only_that_job(redis, vllm):
+async def test_a_request_the_server_refuses_while_well_fails_only_that_job(redis, vllm, openai_engine):
     settings = openai_settings(vllm.base_url)
-    loaded = OpenAIEngine.load(settings, api_key=None)
+    loaded = openai_engine(settings)
     engine = OutOfVocabularyEngine(
-        loaded.client, SERVED, loaded.tokenizer, loaded.end_ids, loaded.sequence_length, loaded.batch_size, settings.generation
+        loaded.client, SERVED, loaded.tokenizer, loaded.end_ids, loaded.sequence_length, loaded.batch_size, settings.generation,
+        settings.openai.timeout_s,
     )
     async with running_worker(redis, engine, settings):
         await Queues(redis).submit(CHAT, "bad", "Hello.")
@@ -172,7 +173,7 @@ async def test_a_request_the_server_refuses_while_well_fails_only_that_job(redis
     assert not await redis.zcard(keys.leases("default")) and not await redis.llen(keys.ready("default"))  # answered, not handed back
 
 
-def test_a_stream_line_that_is_not_json_fails_the_request_not_the_worker():
+def test_a_stream_line_that_is_not_json_fails_the_request_not_the_worker(openai_engine):
     class Garbled(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
@@ -187,8 +188,9 @@ def test_a_stream_line_that_is_not_json_fails_the_request_not_the_worker():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Garbled)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        engine = OpenAIEngine.load(openai_settings(f"http://127.0.0.1:{server.server_port}/v1"), api_key=None)
+        engine = openai_engine(openai_settings(f"http://127.0.0.1:{server.server_port}/v1"))
         [failure] = engine.prefill_many([(0, [1, 2, 3])])
     finally:
         server.shutdown()
-    assert isinstance(failure, EngineRequestFailed) and "not JSON" in str(failure)
+        server.server_close()
+    assert isinstance(failure, EngineRequestFailed) and "not JSON" in str(failure) and not failure.server_fault

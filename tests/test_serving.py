@@ -10,7 +10,7 @@ import torch
 from contract.jobs import Conversation
 from engine.prompts import PromptBuilder
 from engine.serving.prefix_store import PrefixStore
-from engine.serving.scheduler import Scheduler
+from engine.serving.scheduler import Scheduler, Slot
 from engine.serving.transformers_engine import TransformersEngine
 from service.config import GenerationSettings
 from tests.conftest import Queues, engine_for, reply_events, run_staggered, running_worker, tiny_settings
@@ -181,6 +181,28 @@ def test_decode_must_advance_every_live_slot(tiny_model):
     engine.prefill(1, prompts[1])
     with pytest.raises(ValueError, match="every live slot"):
         engine.decode([0])
+
+
+def test_a_prefill_that_failed_with_nothing_live_leaves_room_for_the_next(tiny_model):
+    """Before: a batch of one whose prefill failed (a model server's 503) had room for nothing ever again: the
+    prefills counted since the last decode step were never reset, as no step runs with nothing live."""
+
+    class FailingOnce(type(tiny_model)):
+        failures = 1
+
+        def prefill_many(self, requests):
+            if self.failures:
+                self.failures -= 1
+                return [RuntimeError("503")] * len(requests)
+            return super().prefill_many(requests)
+
+    settings = tiny_settings(model={"batch_size": 1})
+    model = settings.model
+    engine = FailingOnce(tiny_model.model, tiny_model.tokenizer, model.sequence_length, 1, settings.generation)
+    scheduler = Scheduler(engine, 8)
+    [failed] = scheduler.admit_many([(prompts_for(engine, QUESTIONS[:1])[0], "a")])
+    assert isinstance(failed, RuntimeError) and scheduler.room() == 1
+    assert isinstance(scheduler.admit(prompts_for(engine, QUESTIONS[:1])[0], "a"), Slot)
 
 
 # --- the worker -------------------------------------------------------------------------------------

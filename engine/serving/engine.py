@@ -24,15 +24,18 @@ async def on_model_thread(function: Callable[..., T], *args) -> T:
 
 
 class EngineRequestFailed(Exception):
-    """A request to the engine's model server failed: it is down, refused, or went silent; or the job made it fail.
+    """A request to the engine's model server failed.
 
-    Only the server's `health()` tells which: the worker hands every job back uncharged when the
-    server is unwell, and answers only this slot's job with an error when it is well.
+    `server_fault`: the server's doing (unreachable, 5xx, silent past its timeout, a stream cut
+    or failed mid-answer), so the job is handed back uncharged, a bounded number of times; or the
+    request's own (refused with a 4xx, answered in a form the engine cannot read), so the job is
+    answered with an error. Whether the server is down altogether is `health()`'s to say.
     """
 
-    def __init__(self, message: str, slot: int):
+    def __init__(self, message: str, slot: int, server_fault: bool = True):
         super().__init__(message)
         self.slot = slot
+        self.server_fault = server_fault
 
 
 class Engine(ABC):
@@ -57,10 +60,11 @@ class Engine(ABC):
     def prefill(self, slot: int, prompt: list[int]) -> int:
         """Put a prompt into `slot` (overwriting whatever it held) and return its first new token."""
 
-    def prefill_many(self, requests: list[tuple[int, list[int]]]) -> list[int | Exception]:
+    def prefill_many(self, requests: list[tuple[int, list[int]]]) -> list[int | None | Exception]:
         """Prefill several (slot, prompt) pairs: each first token, or the exception that prompt's prefill raised.
 
-        In process, prompts are prefilled one after another; a server's engine sends them together.
+        In process, prompts are prefilled one after another; a server's engine sends them together,
+        and gives None for a prompt whose first token is not there yet (the next decode brings it).
         """
         results: list[int | Exception] = []
         for slot, prompt in requests:
@@ -71,8 +75,11 @@ class Engine(ABC):
         return results
 
     @abstractmethod
-    def decode(self, slots: list[int]) -> list[int]:
-        """Feed each slot its last token in one model call; return each slot's next token, in order."""
+    def decode(self, slots: list[int]) -> list[int | None]:
+        """Feed each slot its last token in one model call; return each slot's next token, in order.
+
+        None: no token for that slot this step (a model server slow on it, still within its timeout).
+        """
 
     @abstractmethod
     def release(self, slot: int) -> None:

@@ -11,16 +11,25 @@ server stop generating for it (a handed-back or abandoned job costs no more serv
 Token ids come from vLLM's `return_token_ids` (each streamed chunk carries the new ids), so what
 the worker decodes and stores is what the model wrote, not a re-tokenised text.
 
-Any failure of a request (server down, 5xx, a stream cut or silent past `timeout_s`) raises
-`EngineRequestFailed`; the worker then asks `health()` whether the server is at fault.
+Each stream is read by a thread of its own as the server sends it, and a model step waits for all
+live slots together, for at most `openai.timeout_s`: a slot with no token by then gives none this
+step (the server is busy, serving its streams in turn). So one step, however many slots, never
+outlasts `timeout_s` (below `queue.step_timeout_s`). A slot fails once it has waited `timeout_s`
+while the whole server has sent nothing for as long: a busy server is waited for, a silent one is not.
+
+A failed request raises `EngineRequestFailed`, saying whose fault it is: the server's (down, 5xx,
+silent, a stream cut or failed mid-answer: the job goes back to the queue uncharged, a bounded
+number of times) or the request's (a 4xx, a stream the engine cannot read: the job's answer is
+an error). engine/worker.py acts on it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -37,12 +46,17 @@ CONNECT_TIMEOUT_S = 5.0
 
 @dataclass
 class Stream:
-    """One slot's streamed request: the tokens read and not yet handed out, and whether the server has ended it."""
+    """One slot's streamed request: the tokens its reader has read and not yet handed out, and how it stands."""
 
     response: httpx.Response
-    lines: Iterator[str]
     pending: deque[int] = field(default_factory=deque)
-    finished: bool = False
+    finished: bool = False  # the server ended the answer
+    failure: EngineRequestFailed | None = None  # the reader's, handed out by the next prefill or decode
+    last_token_at: float = field(default_factory=time.monotonic)
+    released: bool = False
+
+    def ready(self) -> bool:
+        return bool(self.pending) or self.finished or self.failure is not None
 
 
 def sampling_fields(settings: GenerationSettings) -> dict:
@@ -61,7 +75,7 @@ def sampling_fields(settings: GenerationSettings) -> dict:
 class OpenAIEngine(Engine):
     def __init__(
         self, client: httpx.Client, served_model: str, tokenizer, end_ids: frozenset[int], sequence_length: int,
-        batch_size: int, generation: GenerationSettings,
+        batch_size: int, generation: GenerationSettings, timeout_s: float,
     ):
         self.client = client
         self.served_model = served_model
@@ -71,7 +85,11 @@ class OpenAIEngine(Engine):
         self.batch_size = batch_size
         self.max_new_tokens = generation.max_new_tokens
         self._sampling = sampling_fields(generation)
+        self.timeout_s = timeout_s
+        self._stream_timeout = httpx.Timeout(None, connect=min(CONNECT_TIMEOUT_S, timeout_s), write=timeout_s, pool=timeout_s)
         self._streams: dict[int, Stream] = {}
+        self._arrived = threading.Condition()  # a reader has read something (or failed): a waiting step looks again
+        self._server_sent_at = 0.0  # monotonic: the last token of any stream
 
     @classmethod
     def load(cls, settings: Settings, api_key: str | None) -> OpenAIEngine:
@@ -88,7 +106,8 @@ class OpenAIEngine(Engine):
         served = server.served_model or settings.model.id
         log.info("model server engine", extra={"base_url": server.base_url, "served_model": served, "slots": settings.model.batch_size})
         return cls(
-            client, served, tokenizer, end_ids, settings.model.sequence_length, settings.model.batch_size, settings.generation
+            client, served, tokenizer, end_ids, settings.model.sequence_length, settings.model.batch_size, settings.generation,
+            server.timeout_s,
         )
 
     # --- the Engine interface -----------------------------------------------------------
@@ -99,7 +118,7 @@ class OpenAIEngine(Engine):
             raise first
         return first
 
-    def prefill_many(self, requests: list[tuple[int, list[int]]]) -> list[int | Exception]:
+    def prefill_many(self, requests: list[tuple[int, list[int]]]) -> list[int | None | Exception]:
         # Every request is sent before any first token is awaited: the server prefills them together.
         failures: dict[int, Exception] = {}
         for slot, prompt in requests:
@@ -107,11 +126,11 @@ class OpenAIEngine(Engine):
                 self._open(slot, prompt)
             except EngineRequestFailed as failure:
                 failures[slot] = failure
-        results: list[int | Exception] = []
+        self._wait([slot for slot, _ in requests if slot not in failures])
+        results: list[int | None | Exception] = []
         for slot, _ in requests:
             if slot not in failures:
                 try:
-                    self._fill(slot)
                     results.append(self._take(slot))
                     continue
                 except EngineRequestFailed as failure:
@@ -120,16 +139,15 @@ class OpenAIEngine(Engine):
             results.append(failures[slot])
         return results
 
-    def decode(self, slots: list[int]) -> list[int]:
-        # Every slot's token is read before any is handed out: a failure leaves the others' intact.
-        for slot in slots:
-            self._fill(slot)
+    def decode(self, slots: list[int]) -> list[int | None]:
+        self._wait(slots)
         return [self._take(slot) for slot in slots]
 
     def release(self, slot: int) -> None:
         stream = self._streams.pop(slot, None)
         if stream is not None:
-            stream.response.close()
+            stream.released = True
+            stream.response.close()  # its reader stops, and the server stops generating for it
 
     def health(self) -> str | None:
         try:
@@ -162,27 +180,47 @@ class OpenAIEngine(Engine):
             "stop_token_ids": sorted(self.end_ids),
             **self._sampling,
         }
+        # No read timeout on the stream: a busy server may leave one stream waiting while it serves the others,
+        # and the silence that makes a request fail is the whole server's (_take).
+        request = self.client.build_request("POST", "/completions", json=body, timeout=self._stream_timeout)
         try:
-            response = self.client.send(self.client.build_request("POST", "/completions", json=body), stream=True)
+            response = self.client.send(request, stream=True)
         except httpx.HTTPError as error:
             raise EngineRequestFailed(f"the model server could not be asked: {describe(error)}", slot) from None
         if response.status_code != 200:
             detail = response.read().decode(errors="replace")[:300]
             response.close()
-            raise EngineRequestFailed(f"the model server answered {response.status_code}: {detail}", slot)
-        self._streams[slot] = Stream(response, response.iter_lines())
+            # 5xx: the server failed (busy, restarting); 4xx: it refused this request, and would again.
+            raise EngineRequestFailed(
+                f"the model server answered {response.status_code}: {detail}", slot, server_fault=response.status_code >= 500
+            )
+        stream = self._streams[slot] = Stream(response)
+        threading.Thread(target=self._read, args=(stream, slot), name=f"model-stream-{slot}", daemon=True).start()
 
-    def _fill(self, slot: int) -> None:
-        """Read the slot's stream until it has a token to hand out or the server has ended it."""
-        stream = self._streams[slot]
+    def _read(self, stream: Stream, slot: int) -> None:
+        """A stream's reader thread: its tokens into `pending` as they come, until the server ends it or it is released."""
         try:
-            while not stream.pending and not stream.finished:
-                line = next(stream.lines, None)
-                if line is None:
-                    raise EngineRequestFailed("the model server closed the stream before it ended", slot)
+            for line in stream.response.iter_lines():
                 self._read_line(stream, line, slot)
+                if stream.finished:
+                    break
+            else:
+                raise EngineRequestFailed("the model server closed the stream before it ended", slot)
+        except EngineRequestFailed as failure:
+            stream.failure = failure
         except httpx.HTTPError as error:
-            raise EngineRequestFailed(f"the model server's stream failed: {describe(error)}", slot) from None
+            stream.failure = EngineRequestFailed(f"the model server's stream failed: {describe(error)}", slot)
+        except Exception as error:  # a closed response read by this thread: only a released stream sees it
+            stream.failure = EngineRequestFailed(f"the model server's stream failed: {error!r}", slot)
+        finally:
+            with self._arrived:
+                self._arrived.notify_all()
+
+    def _wait(self, slots: list[int]) -> None:
+        """Until every slot has something to hand out, or timeout_s has passed: one deadline for the whole step."""
+        streams = [self._streams[slot] for slot in slots]
+        with self._arrived:
+            self._arrived.wait_for(lambda: all(stream.ready() for stream in streams), timeout=self.timeout_s)
 
     def _read_line(self, stream: Stream, line: str, slot: int) -> None:
         if not line.startswith("data:"):
@@ -194,23 +232,40 @@ class OpenAIEngine(Engine):
         try:
             chunk = json.loads(data)
         except ValueError:
-            raise EngineRequestFailed(f"the model server sent a line that is not JSON: {data[:200]!r}", slot) from None
-        if "error" in chunk:
-            raise EngineRequestFailed(f"the model server failed mid-answer: {chunk['error']}", slot)
+            raise EngineRequestFailed(
+                f"the model server sent a line that is not JSON: {data[:200]!r}", slot, server_fault=False
+            ) from None
+        if "error" in chunk:  # vLLM reports in the stream what it finds wrong once it has answered 200
+            code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
+            refused = isinstance(code, int) and 400 <= code < 500
+            raise EngineRequestFailed(f"the model server failed mid-answer: {chunk['error']}", slot, server_fault=not refused)
         for choice in chunk.get("choices", []):
             if "token_ids" not in choice:
                 raise EngineRequestFailed(
-                    "the model server's stream has no token ids: it must honour return_token_ids as vLLM does", slot
+                    "the model server's stream has no token ids: it must honour return_token_ids as vLLM does", slot,
+                    server_fault=False,
                 )
-            stream.pending.extend(choice["token_ids"] or [])
-            if choice.get("finish_reason"):
-                stream.finished = True
+            with self._arrived:
+                stream.pending.extend(choice["token_ids"] or [])
+                if choice.get("finish_reason"):
+                    stream.finished = True
+                stream.last_token_at = self._server_sent_at = time.monotonic()
+                self._arrived.notify_all()
 
-    def _take(self, slot: int) -> int:
+    def _take(self, slot: int) -> int | None:
+        """The slot's next token; None while the server is busy with others; its failure once it has failed, or
+        waited timeout_s while the server sent nothing at all."""
         stream = self._streams[slot]
         if stream.pending:
             return stream.pending.popleft()
-        return min(self.end_ids)  # the server ended the answer without sending its end token
+        if stream.finished:
+            return min(self.end_ids)  # the server ended the answer without sending its end token
+        if stream.failure is not None:
+            raise stream.failure
+        now = time.monotonic()
+        if now - stream.last_token_at >= self.timeout_s and now - self._server_sent_at >= self.timeout_s:
+            raise EngineRequestFailed(f"the model server sent nothing for {self.timeout_s:g} s", slot)
+        return None
 
 
 def describe(error: httpx.HTTPError) -> str:

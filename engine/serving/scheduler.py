@@ -55,6 +55,8 @@ class Scheduler(Generic[P]):
         free = self.slots.count(None)
         if self.admission == "whole_batch":
             return free if free == len(self.slots) else 0
+        if not self.live:  # no decode step to make room for: prefills that failed or ended at once do not count
+            self._prefills_since_step = 0
         return min(free, self.max_prefills_per_step - self._prefills_since_step)
 
     def room_after_step(self) -> int:
@@ -95,7 +97,7 @@ class Scheduler(Generic[P]):
             if isinstance(first, Exception):
                 self.free(slot)
                 results[position] = first
-            else:
+            elif first is not None:
                 self._advance(slot, first)
         return results
 
@@ -106,7 +108,8 @@ class Scheduler(Generic[P]):
         if not live:
             return []
         for slot, token in zip(live, self.engine.decode([slot.index for slot in live])):
-            self._advance(slot, token)
+            if token is not None:
+                self._advance(slot, token)
         return [slot for slot in live if slot.ended]
 
     def free(self, slot: Slot[P]) -> None:
