@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test bench vllm lock clean
+.PHONY: demo test soak bench vllm lock clean
 
 # Each environment installs exactly what its lock in requirements/ names (`make lock` refreshes them),
 # then torch, checks the whole, and adds the embedded model's package (both stay outside the locks).
@@ -39,6 +39,10 @@ demo: $(STAMP)
 test: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The conversation lifecycle state machine with new seeds for LIFECYCLE_SOAK_S seconds (default 600).
+soak: $(STAMP)
+	$(BIN)/python -m pytest -m soak -p no:cacheprovider --timeout=0 tests/test_lifecycle.py
 
 bench: $(STAMP) $(VLLM_STAMP)
 	$(BIN)/python -m bench
