@@ -196,7 +196,7 @@ class Delivery:
             shard = shard_of(conversation)
             delivered = True
             for event in self._latest_per_job(entries):
-                if not self.shards.holds(shard):
+                if not await self._still_ours(shard):
                     # The shard went to another process, which reads what is pending as its backlog:
                     # delivering on would show the reply twice.
                     delivered = False
@@ -209,6 +209,17 @@ class Delivery:
                 del self.in_flight[entry.stream, entry.id]
                 if delivered:
                     self.acked[entry.stream, entry.id] = now
+
+    async def _still_ours(self, shard: int) -> bool:
+        """Whether the shard's replies may still be delivered here. A renewal that looks late is waited out
+        (a round or two) rather than given up on: the batch keeps its place before the conversation's newer
+        replies, and is not left waiting for the reread of what is pending (REREAD_PENDING_S)."""
+        deadline = time.monotonic() + self.shards.lease_s * 2
+        while not self.shards.holds(shard):
+            if shard not in self.shards.held or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(self.shards.round_s / 2)
+        return True
 
     def _forget_old(self) -> None:
         """Drop what we track of replies whose final event never came (their job was given up), and old finals."""

@@ -285,3 +285,25 @@ async def test_a_final_the_platform_keeps_refusing_is_apologised_for_once(redis)
         await until(lambda: outbox.posted == ["The answer is", FAILED], timeout=15, what="the apology")
         await asyncio.sleep(LEASE_S * 2)
         assert outbox.posted == ["The answer is", FAILED]  # acknowledged: not tried again
+
+
+async def test_a_batch_given_up_on_a_stale_looking_lease_comes_back_at_once_and_in_order(redis):
+    """Before: it waited for the 60 s reread of pending replies and came after the conversation's newer replies."""
+    outbox = Recording()
+    async with adapter_process(redis, outbox, "only") as delivery:
+        await until(lambda: delivery.shards.reading, what="shards taken")
+        holds, looks_stale = delivery.shards.holds, [True]
+
+        def holds_once_stale(shard):
+            if looks_stale:  # a renewal that came late: the lease cannot be trusted for this batch
+                looks_stale.pop()
+                return False
+            return holds(shard)
+
+        delivery.shards.holds = holds_once_stale
+        conversation = "slack:D9"
+        await publish(redis, event(1, "final", "first", conversation=conversation))
+        await until(lambda: not looks_stale, what="the batch given up")
+        await publish(redis, event(2, "final", "second", conversation=conversation))
+        await until(lambda: len(outbox.posted) == 2, timeout=5, what="both shown within seconds")
+    assert outbox.posted == ["first", "second"]
