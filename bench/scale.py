@@ -128,6 +128,9 @@ class MemoryOutbox:
 
     def __init__(self) -> None:
         self.posted = 0
+
+    def refused(self, error: Exception) -> bool:
+        return False  # nothing fails here
         self.final_at: dict[str, float] = {}
 
     async def post(self, part: Part) -> str:

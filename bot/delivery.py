@@ -52,7 +52,8 @@ REREAD_PENDING_S = 60.0  # how often the pending replies of the shards held are 
 REMEMBER_ACKED_S = 10.0  # longer than a read of pending replies takes to come back
 # A final the platform fails to show (5xx, internal_error, a timeout, a dropped connection) is tried again this
 # often, after 0.5, 1 and 2 s, before the person gets the apology: a final is acknowledged only once it is shown
-# or apologised for. Partials are not retried: the next one carries their text.
+# or apologised for. A refusal for good (Outbox.refused) is not tried again, nor are partials: the next one
+# carries their text.
 FINAL_TRIES = 4
 FINAL_RETRY_S = 0.5
 
@@ -86,6 +87,10 @@ class Outbox(Protocol):
 
     async def remove(self, message_id: str, reply_to: dict[str, str]) -> None:
         """Delete a message the finished reply no longer needs."""
+
+    def refused(self, error: Exception) -> bool:
+        """Whether `error` is the platform refusing for good (no permission, no such channel, content it
+        rejects), which trying again cannot change; otherwise it may pass (a 5xx, a timeout, a dropped line)."""
 
 
 class Waiting(Protocol):
@@ -252,28 +257,15 @@ class Delivery:
             # this conversation's lane only, for less than one interval.
             await asyncio.sleep(wait)
         began = bool(shown.message_ids)
-        for attempt in range(FINAL_TRIES if final else 1):
-            try:
-                if note_apart:
-                    await self._note_apart(event, shown)
-                else:
-                    await self._show(event, shown, split_message(event.text, self.outbox.limit))
-                DELIVERIES.labels(self.platform, event.kind).inc()
-                break
-            except Deferred:
-                break  # a partial the rate budget had no room for: the next one carries its text
-            except Exception as error:
-                PLATFORM_ERRORS.labels(self.platform, type(error).__name__).inc()
-                if attempt + 1 < (FINAL_TRIES if final else 1):
-                    log.warning(
-                        "delivery failed; trying again",
-                        extra={"job": event.job_id, "kind": event.kind, "error": repr(error), "attempt": attempt + 1},
-                    )
-                    await asyncio.sleep(FINAL_RETRY_S * 2**attempt)  # what was posted is edited, not posted again
-                    continue
-                log.exception("delivery failed", extra={"job": event.job_id, "kind": event.kind})
-                if final:
-                    await self._apologise(event)
+        try:
+            await self._try_showing(event, shown, note_apart)
+            DELIVERIES.labels(self.platform, event.kind).inc()
+        except Deferred:
+            pass  # a partial the rate budget had no room for: the next one carries its text
+        except Exception:
+            log.exception("delivery failed", extra={"job": event.job_id, "kind": event.kind})
+            if final:
+                await self._apologise(event)
         if not began and (shown.message_ids or final):
             await self._stop_waiting(event.job_id)
         if final:
@@ -281,6 +273,28 @@ class Delivery:
             self.finished[event.job_id] = time.monotonic()
         else:
             self.shown[event.job_id] = shown
+
+    async def _try_showing(self, event: ReplyEvent, shown: Shown, note_apart: bool) -> None:
+        """Show the event; a final the platform fails to show for now is tried again (FINAL_TRIES)."""
+        tries = 1 if event.kind == "partial" else FINAL_TRIES
+        for attempt in range(tries):
+            try:
+                if note_apart:
+                    await self._note_apart(event, shown)
+                else:
+                    await self._show(event, shown, split_message(event.text, self.outbox.limit))
+                return
+            except Deferred:
+                raise
+            except Exception as error:
+                PLATFORM_ERRORS.labels(self.platform, type(error).__name__).inc()
+                if attempt + 1 == tries or self.outbox.refused(error):
+                    raise
+                log.warning(
+                    "delivery failed; trying again",
+                    extra={"job": event.job_id, "kind": event.kind, "error": repr(error), "attempt": attempt + 1},
+                )
+                await asyncio.sleep(FINAL_RETRY_S * 2**attempt)  # what was posted is edited, not posted again
 
     async def _stop_waiting(self, job_id: str) -> None:
         try:

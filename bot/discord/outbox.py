@@ -40,3 +40,7 @@ class DiscordOutbox:
     async def remove(self, message_id: str, reply_to: dict[str, str]) -> None:
         channel = self.client.get_partial_messageable(int(reply_to["channel"]))
         await channel.get_partial_message(int(message_id)).delete()
+
+    def refused(self, error: Exception) -> bool:
+        # discord.py already tries 5xx and dropped connections again itself, and waits out 429s.
+        return isinstance(error, discord.HTTPException) and 400 <= error.status < 500 and error.status != 429

@@ -97,6 +97,10 @@ def feedback_value(value: str) -> tuple[str, str, str | None]:
     return rating, job_id, parts[2] if len(parts) == 3 else None
 
 
+# Errors Slack answers that say nothing about the request: trying again may succeed.
+PASSING_ERRORS = {"internal_error", "fatal_error", "request_timeout", "service_unavailable", "ratelimited"}
+
+
 class SlackOutbox:
     limit = LIMIT
     settles = True  # a message whose text is complete is told so: its stream is stopped
@@ -154,6 +158,11 @@ class SlackOutbox:
             **self._content(part, edit=True),
         )
         await self._end_session_if_over(part)
+
+    def refused(self, error: Exception) -> bool:
+        if not isinstance(error, SlackApiError):
+            return False  # a timeout or a dropped connection
+        return error.response.status_code < 500 and error.response.get("error") not in PASSING_ERRORS
 
     def forget_streams(self, message_ids: list[str]) -> None:
         """Slack stopped these streams (its native Stop): their messages are finished with chat.update."""
