@@ -443,7 +443,7 @@ def lifecycle_redis(tmp_path_factory):
 
 @pytest.mark.timeout(300)
 def test_the_conversation_lifecycle_keeps_its_invariants_under_random_interleavings(lifecycle_redis, tiny_model, capsys):
-    steps = run_lifecycle(lifecycle_redis.url, tiny_model, examples=int(os.environ.get("LIFECYCLE_EXAMPLES", 60)), steps=30)
+    steps = run_lifecycle(lifecycle_redis.url, tiny_model, examples=int(os.environ.get("LIFECYCLE_EXAMPLES", 40)), steps=30)
     with capsys.disabled():
         print(f"\nlifecycle: {steps_run(steps)} steps: " + ", ".join(f"{rule} {n}" for rule, n in sorted(steps.items())))
     for rule_name in ("submit", "stop", "regenerate", "reset", "pause", "resume", "forget_midway", "forget_settled",
