@@ -31,7 +31,7 @@ async def unbounded_keys(redis) -> list[str]:
     shared = re.compile("|".join(f"(?:{keys.PREFIX}{pattern})" for pattern in BOUNDED))
     found = []
     async for key in redis.scan_iter(match=f"{keys.PREFIX}*"):
-        if not shared.fullmatch(key) and await redis.ttl(key) < 0:
+        if not shared.fullmatch(key) and await redis.ttl(key) == -1:  # -2: expired since the scan
             found.append(f"{key} ({await redis.type(key)})")
     return sorted(found)
 

@@ -463,8 +463,10 @@ def test_soak(lifecycle_redis, tiny_model, capsys):
             total += run_lifecycle(lifecycle_redis.url, tiny_model, examples=5, steps=40, derandomize=False)
         except Exception as violation:
             violations += 1
+            # A violation that timing made unrepeatable comes wrapped (Hypothesis' FlakyFailure): show what failed.
+            found = violation.exceptions if isinstance(violation, BaseExceptionGroup) else [violation]
             with capsys.disabled():
-                print(f"\nround {rounds}: {violation}")
+                print(f"\nround {rounds}: " + " | ".join(f"{type(error).__name__}: {error}"[:2000] for error in found))
     with capsys.disabled():
         print(f"\nsoak: {rounds} rounds, {steps_run(total)} steps, {violations} violation(s): {dict(sorted(total.items()))}")
     assert violations == 0
