@@ -34,6 +34,26 @@ AFFINITY_TTL_S = 3600  # a worker's prefix cache rarely keeps a conversation's c
 MAX_PASSED = 16  # conversations one claim may leave to the workers that hold their context
 
 
+# Lua, in the claim and in the no-worker sweep: put the jobs whose lease is due back at the front of `ready`.
+# Due: the deadline passed, or the holder is gone (stopped, or silent past its liveness). With `suspects`,
+# each is marked a suspect (its worker may have died of it).
+RETURN_DUE_LEASES = """
+local function return_due_leases(leases, ready, prefix, now, suspects)
+  local held = redis.call('ZRANGE', leases, 0, -1, 'WITHSCORES')
+  for i = 1, #held, 2 do
+    local job_id, deadline = held[i], tonumber(held[i + 1])
+    local job = redis.call('HMGET', prefix .. 'job:' .. job_id, 'conversation', 'owner')
+    local conversation, job_owner = job[1], job[2]
+    if deadline <= now or redis.call('EXISTS', prefix .. 'worker:' .. (job_owner or '')) == 0 then
+      redis.call('ZREM', leases, job_id)
+      if suspects then redis.call('SADD', suspects, job_id) end
+      if conversation and not redis.call('LPOS', ready, conversation) then redis.call('LPUSH', ready, conversation) end
+    end
+  end
+end
+"""
+
+
 @dataclass(frozen=True)
 class Claim:
     job: Job
@@ -41,7 +61,7 @@ class Claim:
     suspect: bool  # delivered again after its worker died: to be served alone
 
 
-_CLAIM = f"local MAX_PASSED = {MAX_PASSED}" + """
+_CLAIM = RETURN_DUE_LEASES + f"local MAX_PASSED = {MAX_PASSED}" + """
 local ready, leases, active, suspects = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix, max_jobs, visibility, owner, busy = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5] == '1'
 local keeps_context, affinity_wait, affinity_ttl = ARGV[6] == '1', tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -63,18 +83,7 @@ local function left_to_its_worker(affinity_key, job_key)
   return true
 end
 
-local held = redis.call('ZRANGE', leases, 0, -1, 'WITHSCORES')
-for i = 1, #held, 2 do
-  local job_id, deadline = held[i], tonumber(held[i + 1])
-  local job = redis.call('HMGET', prefix .. 'job:' .. job_id, 'conversation', 'owner')
-  local conversation, job_owner = job[1], job[2]
-  -- due: its deadline passed, or its worker is gone (stopped, or silent past its liveness)
-  if deadline <= now or redis.call('EXISTS', prefix .. 'worker:' .. (job_owner or '')) == 0 then
-    redis.call('ZREM', leases, job_id)
-    redis.call('SADD', suspects, job_id)
-    if conversation and not redis.call('LPOS', ready, conversation) then redis.call('LPUSH', ready, conversation) end
-  end
-end
+return_due_leases(leases, ready, prefix, now, suspects)
 
 local claimed, passed = {}, {}
 if redis.call('EXISTS', prefix .. 'paused') == 1 then return {claimed, -1} end  -- paused: running answers finish, nothing starts
@@ -184,7 +193,7 @@ return 1
 """
 
 
-_UNSERVED = """
+_UNSERVED = RETURN_DUE_LEASES + """
 local prefix, owner, visibility, absent_after, max_jobs = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -195,15 +204,7 @@ for i = 6, #ARGV do
   local pool = prefix .. 'pool:' .. ARGV[i]
   if redis.call('EXISTS', pool .. ':alive') == 0 then
     -- a sweeper that died between taking a job and telling its person: no worker of this pool returns it
-    local held = redis.call('ZRANGE', pool .. ':leases', 0, -1, 'WITHSCORES')
-    for j = 1, #held, 2 do
-      local job_key = prefix .. 'job:' .. held[j]
-      local job = redis.call('HMGET', job_key, 'conversation', 'owner')
-      if tonumber(held[j + 1]) <= now or redis.call('EXISTS', prefix .. 'worker:' .. (job[2] or '')) == 0 then
-        redis.call('ZREM', pool .. ':leases', held[j])
-        if job[1] and not redis.call('LPOS', pool .. ':ready', job[1]) then redis.call('LPUSH', pool .. ':ready', job[1]) end
-      end
-    end
+    return_due_leases(pool .. ':leases', pool .. ':ready', prefix, now, nil)
     for _, conversation in ipairs(redis.call('LRANGE', pool .. ':ready', 0, max_jobs - 1)) do
       local job_id = redis.call('LINDEX', prefix .. 'conv:' .. conversation .. ':jobs', 0)
       local job_key = prefix .. 'job:' .. (job_id or '')

@@ -186,6 +186,13 @@ class Publisher:
                 TOKENS.labels(job.platform, job.pool, "in").inc(usage.prompt_tokens)
                 TOKENS.labels(job.platform, job.pool, "out").inc(usage.output_tokens)
 
+    async def stopped_before_answer(self, job: Job, usage: Usage | None = None, restore: str | None = None) -> None:
+        """Stopped before any answer text: said so, and a regeneration leaves the answer it was to replace."""
+        if job.replaces:
+            await self.answer(job, "error", REGENERATION_STOPPED, usage=usage, restore=restore)
+        else:
+            await self.answer(job, "final", STOPPED_BEFORE_ANSWER, usage=usage)
+
     async def partial(self, answer: Answer, text: str) -> bool:
         """Stream the answer so far; False once the job is no longer this worker's (answered or taken over)."""
         try:
@@ -338,11 +345,8 @@ class Worker:
         TIME_IN_QUEUE.observe(max(0.0, claimed_at - job.submitted_at))
         if claim.suspect:
             JOBS.labels(job.pool, "redelivered").inc()
-        if stopped:  # nothing was written and nothing is spent; a regeneration leaves the old answer as it was
-            if job.replaces:
-                await self.publisher.answer(job, "error", REGENERATION_STOPPED)
-            else:
-                await self.publisher.answer(job, "final", STOPPED_BEFORE_ANSWER)
+        if stopped:  # nothing was written and nothing is spent
+            await self.publisher.stopped_before_answer(job)
             return None
         if job.attempts > MAX_ATTEMPTS:
             log.error("job failed too often", extra={"job": job.id, "attempts": job.attempts})
@@ -568,10 +572,8 @@ class Worker:
             if not text:
                 # No answer came of it: a regeneration leaves the one it was to replace (restored if need be).
                 restore = answer.replaced_text
-                if stopped and answer.job.replaces:
-                    await self.publisher.answer(answer.job, "error", REGENERATION_STOPPED, usage=usage, restore=restore)
-                elif stopped:
-                    await self.publisher.answer(answer.job, "final", STOPPED_BEFORE_ANSWER, usage=usage)
+                if stopped:
+                    await self.publisher.stopped_before_answer(answer.job, usage, restore)
                 elif split.state == "thinking":  # the slot ended inside the think block: no answer, no turns
                     log.warning(
                         "the model was still thinking when its answer ended",
