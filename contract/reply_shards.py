@@ -2,10 +2,18 @@
 
 Each process registers itself as live and holds leases on shards, renewed every third of
 `lease_s`. A process takes free shards up to its fair share (all shards divided by the live
-processes, rounded up); one holding more than its share stops reading the extra ones and
-gives them up once what it read from them is delivered. A process that stops cleanly gives
-its shards up at once; one that dies loses them when their leases lapse, so another takes
-them, and the replies the dead one left undelivered, within `lease_s` plus one round.
+processes, rounded up); one holding more than its share gives the extra ones up, once it
+has stopped delivering them. A process that stops cleanly gives its shards up at once (the
+key says "released").
+
+A shard whose key is missing may still be delivered by a process that believes it holds it:
+its lease lapsed (the process stalled), or Redis lost its data (a flush, a restart without
+its data, a failover to an empty replica), and a holder trusts its lease for two thirds of
+`lease_s` after its last renewal. So a missing key is marked vacant, and another process
+takes it only once it has been vacant that long; a process that held it takes it back at
+once. A process that dies therefore loses its shards, and the replies it left undelivered
+go to another process, within 5/3 of `lease_s` plus a round; and the first process of a
+deployment (or the first after a loss of data) starts delivering after two thirds of `lease_s`.
 The clock is Redis's, so processes on several machines agree.
 """
 
@@ -15,7 +23,6 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable
 
 from redis.asyncio import Redis
 
@@ -24,25 +31,39 @@ from contract.replies import REPLY_SHARDS
 
 log = logging.getLogger(__name__)
 
-# Returns, for each shard key, 1 if the lease is (now) this holder's, else 0.
+# The part of `lease_s` for which a holder trusts its last renewal (ShardLeases.holds), and for which a shard's
+# key must have been vacant before a process that did not hold it takes it.
+TRUSTED_PART = 2 / 3
+
+# For each shard key: 0 not this holder's, 1 kept, 2 taken (its pending backlog is to be read). A key holds its
+# holder, "released" (given up cleanly: taken at once), or "vacant:<ms>" (found missing then, by Redis's clock).
+# ARGV[4] is 1 for shards this holder held: a missing or vacant key is taken back at once.
 _RENEW_OR_TAKE = """
-local holder, lease_ms, take = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
-local held = {}
+local holder, lease_ms, trusted_ms, held = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local result = {}
 for i, shard_key in ipairs(KEYS) do
   local current = redis.call('GET', shard_key)
-  if current == holder or (not current and take) then
-    redis.call('SET', shard_key, holder, 'PX', lease_ms)
-    held[i] = 1
-  else
-    held[i] = 0
+  local vacant_since = current and tonumber(string.match(current, '^vacant:(%d+)$'))
+  result[i] = 0
+  if current == holder then
+    result[i] = 1
+  elseif current == 'released' or ((not current or vacant_since) and held) then
+    result[i] = 2
+  elseif vacant_since and now - vacant_since >= trusted_ms then
+    result[i] = 2
+  elseif not current then
+    redis.call('SET', shard_key, 'vacant:' .. now, 'PX', lease_ms + trusted_ms)
   end
+  if result[i] > 0 then redis.call('SET', shard_key, holder, 'PX', lease_ms) end
 end
-return held
+return result
 """
 
 _GIVE_UP = """
 for _, shard_key in ipairs(KEYS) do
-  if redis.call('GET', shard_key) == ARGV[1] then redis.call('DEL', shard_key) end
+  if redis.call('GET', shard_key) == ARGV[1] then redis.call('SET', shard_key, 'released', 'PX', ARGV[2]) end
 end
 return 1
 """
@@ -67,7 +88,7 @@ class ShardLeases:
         self.round_s = lease_s / 3
         self.renewed_at = 0.0  # monotonic: when the last round that renewed the leases began
         self.held: set[int] = set()
-        self.draining: set[int] = set()  # held, no longer read: given up once delivered
+        self.draining: set[int] = set()  # held beyond the fair share, no longer read: to be given up
         # Each holder tries shards in its own order, so processes starting together spread out.
         start = zlib.crc32(holder.encode()) % REPLY_SHARDS
         self._preference = [(start + n) % REPLY_SHARDS for n in range(REPLY_SHARDS)]
@@ -82,31 +103,30 @@ class ShardLeases:
     def holds(self, shard: int) -> bool:
         """Whether this process may still deliver the shard's replies: held, and renewed recently
         enough that its lease cannot have lapsed for another process to take it."""
-        return shard in self.held and time.monotonic() - self.renewed_at < self.lease_s * 2 / 3
+        return shard in self.held and time.monotonic() - self.renewed_at < self.lease_s * TRUSTED_PART
 
-    async def round(self, busy: Callable[[int], bool]) -> set[int]:
-        """Keep the shards held, take free ones up to a fair share, give up extras `busy` says are
-        delivered; returns the shards taken (their pending backlog is to be read)."""
+    async def round(self) -> set[int]:
+        """Keep the shards held, take free ones up to a fair share, and mark those beyond it `draining` (the
+        caller stops delivering them, then gives them up); returns the shards taken (their pending backlog is
+        to be read)."""
         started = time.monotonic()
         live = await self._register(keys=[keys.reply_holders(self.platform)], args=[self.holder, self.lease_ms])
         share = math.ceil(REPLY_SHARDS / max(1, live))
-        kept = await self._keep(sorted(self.held))
-        if lost := self.held - kept:
+        kept, retaken = await self._keep(sorted(self.held))
+        if lost := self.held - kept - retaken:
             log.warning("reply shards lost to another adapter process", extra={"shards": sorted(lost)})
-        taken = await self._take(share - len(kept), exclude=kept)
+        taken = retaken | await self._take(share - len(kept | retaken), exclude=kept | retaken)
         # Assigned at once, after every await: a lane never sees a shard missing in between.
-        self.held, self.draining, self.renewed_at = kept | taken, self.draining & kept, started
-        to_drain = len(self.held) - share - len(self.draining)
-        if to_drain > 0:
-            self.draining |= set(sorted(self.reading, reverse=True)[:to_drain])
-        if delivered := {shard for shard in self.draining if not busy(shard)}:
-            await self.give_up(delivered)
+        self.held, self.renewed_at = kept | taken, started
+        self.draining = set(sorted(self.held, reverse=True)[: max(0, len(self.held) - share)])
         return taken
 
     async def give_up(self, shards: set[int]) -> None:
         """Stop holding `shards`: the next holder reads what is left pending."""
         if shards:
-            await self._give_up(keys=[keys.reply_shard(self.platform, shard) for shard in sorted(shards)], args=[self.holder])
+            await self._give_up(
+                keys=[keys.reply_shard(self.platform, shard) for shard in sorted(shards)], args=[self.holder, self.lease_ms]
+            )
         self.held -= shards
         self.draining -= shards
 
@@ -115,13 +135,13 @@ class ShardLeases:
         await self.redis.zrem(keys.reply_holders(self.platform), self.holder)
         await self.give_up(set(self.held))
 
-    async def _keep(self, shards: list[int]) -> set[int]:
+    async def _keep(self, shards: list[int]) -> tuple[set[int], set[int]]:
+        """The shards still this holder's: those whose lease it renewed, and those it took back (their key had
+        gone missing: a pending backlog may have to be read again)."""
         if not shards:
-            return set()
-        mine = await self._renew_or_take(
-            keys=[keys.reply_shard(self.platform, shard) for shard in shards], args=[self.holder, self.lease_ms, "0"]
-        )
-        return {shard for shard, kept in zip(shards, mine) if kept}
+            return set(), set()
+        mine = await self._renew_or_take(keys=[keys.reply_shard(self.platform, shard) for shard in shards], args=self._args(held=True))
+        return {shard for shard, code in zip(shards, mine) if code == 1}, {shard for shard, code in zip(shards, mine) if code == 2}
 
     async def _take(self, wanted: int, exclude: set[int]) -> set[int]:
         taken: set[int] = set()
@@ -129,9 +149,10 @@ class ShardLeases:
             if len(taken) >= wanted:
                 break
             if shard not in exclude:
-                [mine] = await self._renew_or_take(
-                    keys=[keys.reply_shard(self.platform, shard)], args=[self.holder, self.lease_ms, "1"]
-                )
-                if mine:
+                [code] = await self._renew_or_take(keys=[keys.reply_shard(self.platform, shard)], args=self._args(held=False))
+                if code:
                     taken.add(shard)
         return taken
+
+    def _args(self, held: bool) -> list:
+        return [self.holder, self.lease_ms, int(self.lease_ms * TRUSTED_PART), int(held)]

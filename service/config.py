@@ -111,7 +111,10 @@ class QueueSettings(Strict):
         10_000, ge=100, description="replies kept where no adapter reads (cli); an adapter's unread replies are never trimmed"
     )
     adapter_lease_s: float = Field(
-        15.0, gt=0, description="an adapter process that stops leaves its conversations' replies to another after this long"
+        15.0,
+        gt=0,
+        description="an adapter process trusts its hold on reply shards for 2/3 of this after renewing it; one that dies"
+        " leaves its conversations' replies to another after 5/3 of this",
     )
     affinity_wait_s: float = Field(
         0.5, ge=0, description="a conversation's next message waits this long for the live worker holding its context; 0: off"

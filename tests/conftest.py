@@ -93,6 +93,19 @@ class Queues:
         return getattr(self.intake if name == "submit" else self.work, name)
 
 
+async def shards_held(redis, platform: str, timeout: float = 10.0) -> None:
+    """Until every reply shard of the platform has a holder. An adapter just started finds them vacant and takes
+    them two thirds of adapter_lease_s later (contract/reply_shards.py): replies written before then are
+    delivered at once, as one batch, so a test of streaming waits for this first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        holders = [await redis.get(keys.reply_shard(platform, shard)) for shard in range(REPLY_SHARDS)]
+        if all(holder and not holder.startswith("vacant:") for holder in holders):
+            return
+        assert time.monotonic() < deadline, f"no {platform} adapter took the reply shards within {timeout:g} s"
+        await asyncio.sleep(0.05)
+
+
 def tiny_settings(**overrides) -> Settings:
     """Settings for the tiny random Llama: float32 (exact comparisons), short answers, quick redelivery."""
     base = {
@@ -100,7 +113,8 @@ def tiny_settings(**overrides) -> Settings:
             "id": "embedded:tiny-llama", "device": "cpu", "dtype": "float32", "sequence_length": 512, "max_prompt_tokens": 384,
         },
         "generation": {"max_new_tokens": 24},
-        "queue": {"visibility_timeout_s": 4, "step_timeout_s": 2, "partial_interval_s": 0.0},
+        # adapter_lease_s: an adapter starts delivering 2/3 of it (1 s) after finding the reply shards vacant.
+        "queue": {"visibility_timeout_s": 4, "step_timeout_s": 2, "partial_interval_s": 0.0, "adapter_lease_s": 1.5},
     }
     for section, values in overrides.items():
         base[section] = {**base.get(section, {}), **values} if isinstance(values, dict) else values

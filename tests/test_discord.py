@@ -35,7 +35,7 @@ from contract.personas import MAX_PERSONA_CHARS, Personas, SystemPrompt
 from contract.replies import CONSUMER, GROUP, reply_stream
 from service.config import ConfigError, Secrets
 from service.tasks import cancel_until_done
-from tests.conftest import reply_events, running_worker, tiny_settings
+from tests.conftest import reply_events, running_worker, shards_held, tiny_settings
 from tests.fakes.discord_server import (
     ADMIN,
     ADMIN_ROLE,
@@ -89,6 +89,7 @@ async def adapter(redis, fake: FakeDiscord, settings):
         await fake.wait_for(lambda: fake.identified > sessions or task.done())
         if task.done():
             task.result()
+        await shards_held(redis, "discord")
         yield task
     finally:
         await cancel_until_done([task])
@@ -280,7 +281,11 @@ async def test_one_typing_indicator_per_channel_however_many_messages_wait(redis
         async with running_worker(redis, tiny_engine, settings):
             # Read what was shown, not the reply stream: delivered events are trimmed from it.
             await fake.wait_for(lambda: all(fake.replies_to(message_id) for message_id in message_ids))
-    assert len(await history.load_exchanges(redis, f"discord:{GENERAL}")) == 5
+            # A reply shows from its first partial on; its exchange is stored with its final.
+            deadline = time.monotonic() + 30
+            while len(await history.load_exchanges(redis, f"discord:{GENERAL}")) < 5:
+                assert time.monotonic() < deadline, "the five exchanges not stored within 30 s"
+                await asyncio.sleep(0.05)
     assert len(fake.requests("POST", f"/channels/{GENERAL}/typing")) == 1
 
 
@@ -613,16 +618,21 @@ async def test_streamed_edits_are_at_most_one_per_second_per_message(redis, fake
     assert min(gaps) >= 0.99, gaps
 
 
+POSTS = "/channels/{channel_id}/messages"
+MESSAGE = "/channels/{channel_id}/messages/{message_id}"
+
+
 async def test_a_reply_read_but_not_delivered_is_delivered_once_after_a_restart(redis, fake):
     settings = discord_settings()
-    fake.hold_posts = True
+    fake.fail_next("POST", POSTS, "ratelimited", retry_after_s=60)  # discord.py waits, nothing posted
     async with adapter(redis, fake, settings):
         await publish(redis, 4444, "final", "The answer that was in flight.")
-        await fake.wait_for(lambda: fake.held == 1)
+        await fake.wait_for(lambda: [e for e in fake.exchanges if e.status == 429])
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 5  # a wait for a rate limit is not waited out on stopping
     pending = await redis.xpending(reply_stream("discord", f"discord:{GENERAL}"), GROUP)
     assert pending["pending"] == 1 and pending["consumers"][0]["name"] == CONSUMER
 
-    fake.hold_posts = False
     await publish(redis, 4545, "final", "An answer published while no adapter ran.")
     async with adapter(redis, fake, settings):
         await shown_answer(fake, 4444, "The answer that was in flight.")
@@ -635,6 +645,43 @@ async def test_a_reply_read_but_not_delivered_is_delivered_once_after_a_restart(
 
     assert len(fake.requests("POST", f"/channels/{GENERAL}/messages")) == 3
     assert (await redis.xpending(reply_stream("discord", f"discord:{GENERAL}"), GROUP))["pending"] == 0
+
+
+async def test_an_adapter_stopped_while_discord_answers_a_post_records_it_and_the_next_one_edits_it(redis, fake):
+    """Defect 11: stopping (SIGTERM) cancelled a post Discord had accepted before its id was recorded; the
+    next process posted the answer again."""
+    settings = discord_settings()
+    fake.slow_next("POST", POSTS, seconds=2)  # the message exists at once; its id comes back late
+    async with adapter(redis, fake, settings):
+        await publish(redis, 4848, "partial", "The answer")
+        await fake.wait_for(lambda: fake.replies_to(4848))
+    async with adapter(redis, fake, settings):
+        await publish(redis, 4848, "final", "The answer is 42.")
+        [message] = await shown_answer(fake, 4848, "The answer is 42.")
+    assert len(fake.requests("POST", f"/channels/{GENERAL}/messages")) == 1
+
+
+@pytest.mark.parametrize("failure", ["http_500", "http_503", "ratelimited", "reset"])
+async def test_a_final_that_discord_fails_once_is_shown_all_the_same_and_posted_once(redis, fake, failure):
+    async with adapter(redis, fake, discord_settings()):
+        await publish(redis, 4949, "partial", "The answer")
+        await fake.wait_for(lambda: fake.replies_to(4949))
+        fake.fail_next("PATCH", MESSAGE, failure)
+        await publish(redis, 4949, "final", "The answer is 42.")
+        [message] = await shown_answer(fake, 4949, "The answer is 42.")
+        assert message.button("stop") is None  # the final edit took the Stop button away
+    assert [(method, failed) for method, _, failed in fake.failed] == [("PATCH", failure)]
+    assert len(fake.requests("POST", f"/channels/{GENERAL}/messages")) == 1
+
+
+@pytest.mark.parametrize("failure", ["http_500", "http_503", "ratelimited", "reset"])
+async def test_a_post_that_discord_fails_once_is_shown_once(redis, fake, failure):
+    async with adapter(redis, fake, discord_settings()):
+        fake.fail_next("POST", POSTS, failure)
+        await publish(redis, 5050, "final", "Shown once.")
+        await shown_answer(fake, 5050, "Shown once.")
+    assert len(fake.replies_to(5050)) == 1
+    assert [(method, failed) for method, _, failed in fake.failed] == [("POST", failure)]
 
 
 async def test_a_channel_the_bot_may_not_post_in_does_not_stop_delivery(redis, fake):

@@ -117,7 +117,7 @@ async def reply_holders(redis) -> dict[int, int]:
     holders = {}
     for shard in range(REPLY_SHARDS):
         holder = await redis.get(keys.reply_shard("discord", shard))
-        if holder:
+        if holder and not holder.startswith("vacant:") and holder != "released":  # held by a process
             holders[shard] = int(holder.split("-")[-2])
     return holders
 

@@ -4,8 +4,10 @@ processes and platforms do, with the invariants checked after every settle.
 Real Redis, the real Worker (the tiny Llama, 10 ms a step so that a stop can land mid-answer), the real Intake,
 controls, erasure and pause, and the real Delivery of an adapter process into a recording platform that can
 fail a call once. Rules: submit, stop, regenerate, reset, pause/resume, forget-user, a worker killed and
-restarted, an adapter killed and restarted, a platform call failing once, and settle. A settle resumes the
-service, makes sure a worker and an adapter run, and waits until nothing is queued, leased or undelivered.
+restarted, an adapter killed (its leases lapse) or stopped (SIGTERM: a post on its way is finished, its shards
+handed over) and restarted, a platform call failing once, and settle; the platform answers a post a moment
+after the message exists. A settle resumes the service, makes sure a worker and an adapter run, and waits
+until nothing is queued, leased or undelivered.
 
 Invariants after each settle (each message carries a marker word unique to it, so erasure is checkable):
 1. every accepted message of a person not erased since gets exactly one final reply shown (posted once);
@@ -42,7 +44,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from bot.delivery import FAILED, Delivery
+from bot.delivery import FAILED, Delivery, request_sent
 from contract import history, keys
 from contract.controls import ONLY_THE_LATEST, REGENERATION_STOPPED, request_stop
 from contract.erasure import forget_user
@@ -101,8 +103,11 @@ class Platform(Recording):
 
     async def post(self, part) -> str:
         self._maybe_fail()
+        request_sent()
         self.posts[part.job_id, part.index] += 1
-        return await super().post(part)
+        message_id = await super().post(part)  # the message exists from here; its id comes back a moment later
+        await asyncio.sleep(0.005)
+        return message_id
 
     async def edit(self, message_id, part) -> None:
         self._maybe_fail()
@@ -317,6 +322,14 @@ class Lifecycle(RuleBasedStateMachine):
         self.loop.run(self._kill(self.adapter[1]))
         self.adapter = None
 
+    @precondition(lambda self: self.adapter is not None)
+    @rule()
+    def stop_adapter(self) -> None:
+        """The adapter is stopped (SIGTERM): a post on its way is finished and recorded, its shards handed over."""
+        self.steps["stop_adapter"] += 1
+        self.loop.run(self._kill(self.adapter[1]))
+        self.adapter = None
+
     @rule(calls=st.integers(1, 2))
     def platform_fails(self, calls: int) -> None:
         self.steps["platform_fails"] += 1
@@ -446,11 +459,11 @@ def lifecycle_redis(tmp_path_factory):
 
 @pytest.mark.timeout(300)
 def test_the_conversation_lifecycle_keeps_its_invariants_under_random_interleavings(lifecycle_redis, tiny_model, capsys):
-    steps = run_lifecycle(lifecycle_redis.url, tiny_model, examples=int(os.environ.get("LIFECYCLE_EXAMPLES", 40)), steps=30)
+    steps = run_lifecycle(lifecycle_redis.url, tiny_model, examples=int(os.environ.get("LIFECYCLE_EXAMPLES", 60)), steps=30)
     with capsys.disabled():
         print(f"\nlifecycle: {steps_run(steps)} steps: " + ", ".join(f"{rule} {n}" for rule, n in sorted(steps.items())))
     for rule_name in ("submit", "stop", "regenerate", "reset", "pause", "resume", "forget_midway", "forget_settled",
-                      "kill_worker", "kill_adapter", "platform_fails", "settle"):
+                      "kill_worker", "kill_adapter", "stop_adapter", "platform_fails", "settle"):
         assert steps[rule_name] >= 5, (rule_name, steps)
 
 

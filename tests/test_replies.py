@@ -7,7 +7,7 @@ import asyncio
 from contract import keys
 from contract.jobs import Job, ReplyEvent
 from contract.replies import GROUP, REPLY_SHARDS, ReplyReader, reply_stream, shard_of
-from contract.reply_shards import ShardLeases
+from contract.reply_shards import TRUSTED_PART, ShardLeases
 from tests.conftest import Queues
 
 CONVERSATION = "slack:D1"
@@ -108,79 +108,101 @@ async def test_unreadable_entries_are_skipped_and_acknowledged(redis, caplog):
 
 # --- shard leases -------------------------------------------------------------------------
 
+LEASE_S = 0.6
+TRUSTED_S = LEASE_S * TRUSTED_PART  # how long a missing key stays vacant before a process that did not hold it takes it
 
-def idle(shard: int) -> bool:
-    return False
+
+async def started(name: str, redis, platform: str = "slack", lease_s: float = LEASE_S) -> ShardLeases:
+    """A process whose first rounds found the shards free: it marked them vacant, then took its share."""
+    leases = ShardLeases(redis, platform, name, lease_s=lease_s)
+    assert await leases.round() == set()  # vacant: another process may still believe it holds them
+    await asyncio.sleep(lease_s * TRUSTED_PART)
+    await leases.round()
+    return leases
 
 
 async def test_two_processes_share_the_shards_and_each_shard_has_one_holder(redis):
-    first = ShardLeases(redis, "slack", "first", lease_s=5)
-    await first.round(idle)
+    first = await started("first", redis)
     assert first.held == set(range(REPLY_SHARDS))
-    second = ShardLeases(redis, "slack", "second", lease_s=5)
-    await second.round(idle)  # all taken: it waits for its share
+    second = ShardLeases(redis, "slack", "second", lease_s=LEASE_S)
+    await second.round()  # all taken: it waits for its share
     assert second.held == set()
-    await first.round(idle)  # two live processes: the extra half is delivered, so given up
-    await second.round(idle)
+    await first.round()  # two live processes: half of them are beyond its share
+    await first.give_up(first.draining)  # once delivery stopped delivering them: released
+    await second.round()  # released shards are taken at once
     assert len(first.held) == len(second.held) == REPLY_SHARDS // 2
     assert first.held.isdisjoint(second.held)
     holders = [await redis.get(keys.reply_shard("slack", shard)) for shard in range(REPLY_SHARDS)]
     assert sorted(holders) == ["first"] * 4 + ["second"] * 4
 
 
-async def test_a_shard_with_replies_in_flight_is_given_up_only_once_they_are_delivered(redis):
-    first = ShardLeases(redis, "slack", "first", lease_s=5)
-    await first.round(idle)
-    await ShardLeases(redis, "slack", "second", lease_s=5).round(idle)
-    in_flight = {shard for shard in range(REPLY_SHARDS)}
-    await first.round(lambda shard: shard in in_flight)
+async def test_shards_beyond_the_fair_share_are_no_longer_read_and_are_given_up_by_the_caller(redis):
+    first = await started("first", redis)
+    await ShardLeases(redis, "slack", "second", lease_s=LEASE_S).round()
+    await first.round()
     assert first.held == set(range(REPLY_SHARDS)) and len(first.draining) == REPLY_SHARDS // 2
     assert first.reading == first.held - first.draining  # no new replies read from those
-    in_flight.clear()
-    await first.round(idle)
+    await first.give_up(first.draining)  # once delivery stopped delivering them (bot/delivery.py)
     assert len(first.held) == REPLY_SHARDS // 2 and not first.draining
 
 
-async def test_a_stopped_process_hands_its_shards_over_at_once_and_a_dead_one_when_its_leases_lapse(redis):
-    stopping = ShardLeases(redis, "slack", "stopping", lease_s=5)
-    await stopping.round(idle)
+async def test_a_stopped_process_hands_its_shards_over_at_once_and_a_dead_one_once_its_lease_cannot_be_trusted(redis):
+    stopping = await started("stopping", redis)
     await stopping.leave()
-    survivor = ShardLeases(redis, "slack", "survivor", lease_s=0.5)
-    await survivor.round(idle)
-    assert survivor.held == set(range(REPLY_SHARDS))
-    dead = ShardLeases(redis, "discord", "dead", lease_s=0.5)
-    await dead.round(idle)  # then killed: nothing given up
-    heir = ShardLeases(redis, "discord", "heir", lease_s=0.5)
-    await heir.round(idle)
+    survivor = ShardLeases(redis, "slack", "survivor", lease_s=LEASE_S)
+    assert await survivor.round() == set(range(REPLY_SHARDS))
+    dead = await started("dead", redis, platform="discord")  # then killed: nothing given up
+    heir = ShardLeases(redis, "discord", "heir", lease_s=LEASE_S)
+    await heir.round()
     assert heir.held == set()
-    await asyncio.sleep(0.6)
-    await heir.round(idle)
-    assert heir.held == set(range(REPLY_SHARDS))
+    await asyncio.sleep(LEASE_S + 0.05)  # the leases lapsed: now vacant
+    await heir.round()
+    assert heir.held == set()  # the dead process could still believe it holds them, were it only slow
+    await asyncio.sleep(TRUSTED_S)
+    await heir.round()
+    assert heir.held == set(range(REPLY_SHARDS)) and not dead.holds(SHARD)
+
+
+async def test_after_redis_lost_the_leases_their_holder_keeps_its_shards_and_no_other_process_takes_them(redis):
+    """Defect 10: after a flush both processes took the missing shards, and the taker read as its backlog
+    the replies the holder was still delivering."""
+    holder = await started("holder", redis)
+    other = ShardLeases(redis, "slack", "other", lease_s=LEASE_S)
+    await redis.flushall()  # or a restart without its data, or a failover to an empty replica
+    assert await other.round() == set()  # the shards are vacant, and someone may still hold them
+    assert holder.holds(SHARD)
+    taken_back = await holder.round()
+    assert taken_back == set(range(REPLY_SHARDS))  # at once, with their backlog to read again
+    await asyncio.sleep(TRUSTED_S)
+    await other.round()
+    assert other.held == set()
+    holders = {await redis.get(keys.reply_shard("slack", shard)) for shard in range(REPLY_SHARDS)}
+    assert holders == {"holder"}
 
 
 async def test_a_process_that_lost_its_leases_stops_holding_those_shards(redis):
-    slow = ShardLeases(redis, "slack", "slow", lease_s=0.3)
-    await slow.round(idle)
-    await asyncio.sleep(0.4)  # stalled past its leases (a long pause, Redis unreachable)
-    taker = ShardLeases(redis, "slack", "taker", lease_s=5)
-    await taker.round(idle)
-    await slow.round(idle)
-    assert slow.held == set() and taker.held == set(range(REPLY_SHARDS))
+    slow = await started("slow", redis)
+    await asyncio.sleep(LEASE_S + 0.05)  # stalled past its leases (a long pause, Redis unreachable)
+    taker = ShardLeases(redis, "slack", "taker", lease_s=LEASE_S)
+    await taker.round()  # vacant now
+    await asyncio.sleep(TRUSTED_S)
+    await taker.round()
+    assert taker.held == set(range(REPLY_SHARDS))
+    await slow.round()
+    assert slow.held == set()
 
 
 async def test_a_round_says_which_shards_it_took_even_one_it_had_lost_and_took_back(redis):
     """Before: a shard whose lease lapsed and was retaken within one round was never read as
     backlog again, so what was in flight when it lapsed stayed pending for good."""
-    leases = ShardLeases(redis, "slack", "only", lease_s=0.3)
-    assert await leases.round(idle) == set(range(REPLY_SHARDS))
-    assert await leases.round(idle) == set()
-    await asyncio.sleep(0.4)  # stalled past its leases; nobody else took them
-    assert await leases.round(idle) == set(range(REPLY_SHARDS))
+    leases = await started("only", redis)
+    assert await leases.round() == set()
+    await asyncio.sleep(LEASE_S + 0.05)  # stalled past its leases; nobody else took them
+    assert await leases.round() == set(range(REPLY_SHARDS))
 
 
 async def test_a_process_holds_a_shard_only_while_its_lease_cannot_have_lapsed(redis):
-    leases = ShardLeases(redis, "slack", "only", lease_s=0.3)
-    await leases.round(idle)
+    leases = await started("only", redis)
     assert leases.holds(SHARD)
-    await asyncio.sleep(0.25)  # no round for two thirds of the lease (Redis slow, or the loop stalled)
+    await asyncio.sleep(TRUSTED_S + 0.02)  # no round for two thirds of the lease (Redis slow, or the loop stalled)
     assert not leases.holds(SHARD)

@@ -35,7 +35,7 @@ from service.config import ConfigError, LimitSettings, Secrets, Settings
 from service.redis_client import connect
 from service.redis_server import free_port
 from service.tasks import cancel_until_done
-from tests.conftest import final_event, reply_events, running_worker, tiny_settings
+from tests.conftest import final_event, reply_events, running_worker, shards_held, tiny_settings
 from tests.fakes.local_server import serve_locally, shut_down
 from tests.fakes.slack_server import APP_ID, BOT_ID, BOT_USER_ID, SOCKET_PATH, TEAM_ID, Answer, FakeSlack
 
@@ -78,9 +78,10 @@ async def fake():
 
 
 @contextlib.asynccontextmanager
-async def adapter(fake: FakeSlack, redis, settings: Settings, delivering: bool = True):
-    """The real adapter (`serve`), its Web API client pointed at the fake, until the block ends;
-    without `delivering`, only its listeners: bolt receiving Slack's requests."""
+async def adapter(fake: FakeSlack, redis, settings: Settings, delivering: bool = True, redis_down: bool = False):
+    """The real adapter (`serve`), its Web API client pointed at the fake, until the block ends, from when its
+    delivery holds the reply shards (unless Redis is down); without `delivering`, only its listeners: bolt
+    receiving Slack's requests."""
     client = web_client(SECRETS.get("SLACK_BOT_TOKEN"), base_url=fake.api_url)
     bot = build_app(settings, SECRETS, redis, client=client)
     connections = fake.connections
@@ -103,6 +104,8 @@ async def adapter(fake: FakeSlack, redis, settings: Settings, delivering: bool =
         while not await ready():
             assert time.monotonic() < deadline, "the adapter did not start"
             await asyncio.sleep(0.02)
+        if delivering and not redis_down:
+            await shards_held(redis, "slack")
         yield bot
     finally:
         await cancel(task)
@@ -296,7 +299,7 @@ async def test_with_redis_down_a_message_gets_one_apology_and_is_acknowledged(fa
     down = connect(f"redis://127.0.0.1:{free_port()}")  # nothing listens there
     event = dm("Hello while Redis is down")
     try:
-        async with adapter(fake, down, settings):
+        async with adapter(fake, down, settings, redis_down=True):
             envelope = await fake.send_envelope("events_api", event_callback(event))
             await fake.wait_for(lambda: fake.ack_of(envelope), timeout=fake.ack_timeout_s)  # before Slack sends it again
             await fake.wait_for(lambda: fake.messages_in(DM))

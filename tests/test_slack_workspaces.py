@@ -25,7 +25,7 @@ from contract.usage import report
 from service.config import ConfigError, Secrets
 from service.doctor import diagnose
 from service.tasks import cancel_until_done
-from tests.conftest import running_worker, tiny_settings
+from tests.conftest import running_worker, shards_held, tiny_settings
 from tests.fakes.slack_server import APP_ID, AUTHORIZE_URL, CLIENT_ID, CLIENT_SECRET, FakeSlack
 from tests.test_slack import SIGNING_SECRET, answer_shown, job_keys, new_ts, publish, slack_settings
 
@@ -67,6 +67,7 @@ async def adapter(fake: FakeSlack, redis, settings):
                     break
         assert time.monotonic() < deadline, "the adapter did not start"
         await asyncio.sleep(0.02)
+    await shards_held(redis, "slack")
     try:
         yield bot
     finally:

@@ -9,6 +9,7 @@ from redis.exceptions import RedisError
 
 from bot.discord.attachments import NOT_READABLE, SEPARATOR, attachment_text
 from bot.discord.controls import RegenerateButton, StopButton
+from bot.discord.outbox import request_tracing
 from bot.discord.routing import conversation_of, reply_route, scope_of
 from bot.discord.rules import Seen, message_text, opens_thread, refusal, text_refusal
 from bot.discord.settings import DiscordSettings
@@ -59,7 +60,7 @@ class ChatClient(discord.AutoShardedClient):
     def __init__(self, settings: DiscordSettings, queue: Intake, typing: TypingIndicators):
         super().__init__(
             intents=intents(settings.message_content), max_messages=None, allowed_mentions=discord.AllowedMentions.none(),
-            shard_count=settings.shard_count, shard_ids=settings.shard_ids,
+            shard_count=settings.shard_count, shard_ids=settings.shard_ids, http_trace=request_tracing(),
         )
         self.settings = settings
         self.queue = queue

@@ -3,14 +3,32 @@ buttons (Stop while it streams, Regenerate once finished: bot/discord/controls.p
 
 from __future__ import annotations
 
+import aiohttp
 import discord
 
-from bot.delivery import Part
+from bot.delivery import Part, request_refused, request_sent
 from bot.discord.controls import controls_for
 
 LIMIT = 2000  # characters in one Discord message
 # Replies ping their author; text the model writes never pings anyone.
 REPLY_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
+
+
+def request_tracing() -> aiohttp.TraceConfig:
+    """For the client's `http_trace`: tells delivery when a REST request goes out, which is after discord.py's
+    own waits for the rate limits, and when one is answered 429 (discord.py then waits and sends it again)."""
+
+    async def started(session, context, params) -> None:
+        request_sent()
+
+    async def ended(session, context, params) -> None:
+        if params.response.status == 429:
+            request_refused()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(started)
+    trace.on_request_end.append(ended)
+    return trace
 
 
 class DiscordOutbox:

@@ -19,7 +19,7 @@ from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
-from bot.delivery import Deferred
+from bot.delivery import Deferred, request_refused, request_sent
 from bot.slack.tokens import BotTokens
 from contract import keys
 from service.observability import PLATFORM_ERRORS
@@ -118,6 +118,7 @@ class PacedSlack:
         while True:
             if not await self.budget.take(scope, method, wait):
                 raise Deferred(method)
+            request_sent()  # past the budget's wait: a post this call makes is to be recorded, not abandoned
             try:
                 return await getattr(self.client, method.replace(".", "_"))(**arguments)
             except SlackApiError as error:
@@ -125,6 +126,7 @@ class PacedSlack:
                     self.tokens.forget(reply_to)
                 if error.response.status_code != 429:
                     raise
+                request_refused()
                 await self.budget.pause(scope, method, retry_after_s(error))
                 if not wait:
                     raise Deferred(method) from error

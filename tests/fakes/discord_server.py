@@ -21,6 +21,11 @@ Messages; everyone else has every permission), another bot; a DM channel. `add_g
 one text channel each, on the shards a test chooses. The bot's application has the flags of `application_flags`, and
 `GET /users/@me/guilds` lists the servers of `guild_permissions` with the bot's permissions there;
 a request without the bot token is answered 401.
+
+It fails as Discord and its network do, when told: `fail_next` answers a route's next calls with a
+5xx, a 429 (with Retry-After) or a dropped connection, and `slow_next` answers them late. Every REST
+exchange is held to Discord's published API (tests/fakes/discord_api.py) when the fake stops: a
+request body or an answer the spec does not allow fails the test.
 """
 
 from __future__ import annotations
@@ -35,12 +40,13 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes.discord_api import Exchange, path_matches, spec_problems
 from tests.fakes.local_server import serve_locally, shut_down, wait_until
 
 API_PREFIX = "/api/v10"
 GATEWAY_PATH = "/gateway"
 HEARTBEAT_INTERVAL_MS = 41_250
-TIMESTAMP = "2024-01-01T00:00:00+00:00"
+TIMESTAMP = "2024-01-01T00:00:00Z"  # the spec's date-times are ISO 8601 in UTC with Z
 
 BOT_ID = 900
 APPLICATION_ID = 901
@@ -59,6 +65,7 @@ MANAGE_MESSAGES = 1 << 13
 COMPONENT_INTERACTION = 3  # an interaction's type when a button is clicked (MESSAGE_COMPONENT)
 BUTTON = 2  # a component's type
 ALREADY_ACKNOWLEDGED = {"message": "Interaction has already been acknowledged.", "code": 40060}
+FAILURES = ("http_500", "http_502", "http_503", "ratelimited", "reset")
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,8 @@ class FakeUser:
 
     def payload(self) -> dict[str, Any]:
         return {
-            "id": str(self.id), "username": self.name.lower(), "global_name": self.name,
+            "id": str(self.id), "username": self.name.lower(), "global_name": self.name, "public_flags": 0, "flags": 0,
+            "primary_guild": None,
             "discriminator": "0", "avatar": None, "bot": self.bot,
         }
 
@@ -147,6 +155,15 @@ def subcommand(name: str, **strings: str) -> dict[str, Any]:
     return {"name": name, "type": 1, "options": [{"name": key, "type": 3, "value": value} for key, value in strings.items()]}
 
 
+def _numbered(components: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Components as Discord answers them: each with a numeric id, in order, rows and their items alike."""
+    ids = itertools.count(1)
+    return [
+        {**row, "id": next(ids), "components": [{**item, "id": next(ids)} for item in row.get("components", [])]}
+        for row in components
+    ]
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     # discord.py parses a body only when the content type is exactly application/json (no charset).
     return web.Response(body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"})
@@ -173,7 +190,7 @@ def thread_payload(
     return {
         "id": str(thread_id), "type": 11, "name": name, "guild_id": str(guild_id), "parent_id": str(parent_id),
         "owner_id": str(owner.id), "last_message_id": None, "rate_limit_per_user": 0, "message_count": 0,
-        "member_count": 1, "flags": 0,
+        "member_count": 1, "flags": 0, "total_message_sent": 0,
         "thread_metadata": {"archived": False, "auto_archive_duration": 1440, "archive_timestamp": TIMESTAMP, "locked": False},
     }
 
@@ -213,15 +230,17 @@ class FakeDiscord:
         self.max_concurrency = 1  # sessions Discord starts at once (rate-limit buckets), per 5 s
         self.guilds: dict[int, tuple[int, ...]] = {GUILD_ID: (GENERAL, QUIET, CLOSED)}  # server -> its text channels
         self.guild_of: dict[int, int] = {GENERAL: GUILD_ID, QUIET: GUILD_ID, CLOSED: GUILD_ID, THREAD: GUILD_ID}  # channel -> server
-        self.hold_posts = False  # POST /messages waits (unrecorded) until the server stops
         self.forbidden: set[int] = set()  # channels where the bot lacks Send Messages
         self.files: dict[str, bytes] = {}  # attachment id/file name -> content
         self.threads: dict[int, dict[str, Any]] = {}  # the threads the bot opened and has not deleted, by id
         self.slow_channels: set[int] = set()  # posts and edits there are answered once the channel leaves the set
         self.application_flags = 0  # the application's flags (GATEWAY_MESSAGE_CONTENT is 1 << 18)
         self.guild_permissions = {GUILD_ID: ALL_PERMISSIONS}  # the servers the bot is in, with its permissions there
-        self.held = 0
         self.interactions: dict[str, dict[str, Any]] = {}  # the interactions dispatched, by id
+        self.exchanges: list[Exchange] = []  # every REST request answered, with its answer
+        self.failed: list[tuple[str, str, str]] = []  # (method, path, failure) of each request failed on purpose
+        self._failing: list[tuple[str, str, str, float]] = []  # (method, spec path, failure, retry after s), in order
+        self._slow: list[tuple[str, str, float]] = []  # (method, spec path, seconds)
         self.answered: set[str] = set()  # interactions the bot answered (Discord takes one answer each)
         self._ids = itertools.count(500_000)
         self._sockets: set[web.WebSocketResponse] = set()
@@ -244,6 +263,19 @@ class FakeDiscord:
     async def stop(self) -> None:
         self._stopping.set()
         await shut_down(self._runner, self._sockets)
+        problems = spec_problems(self.exchanges)
+        assert not problems, "the REST exchanges break Discord's published API:\n" + "\n".join(problems)
+
+    def fail_next(self, method: str, path: str, failure: str, times: int = 1, retry_after_s: float = 0.3) -> None:
+        """Fail the next `times` requests of a route (`path` as the spec writes it, e.g.
+        /channels/{channel_id}/messages/{message_id}): `http_500`/`http_502`/`http_503`, `ratelimited` (429 with
+        Retry-After), or `reset` (the connection drops with no answer). A failed request does nothing."""
+        assert failure in FAILURES, failure
+        self._failing += [(method, path, failure, retry_after_s)] * times
+
+    def slow_next(self, method: str, path: str, seconds: float, times: int = 1) -> None:
+        """Answer the next `times` requests of a route `seconds` late (they take effect at once)."""
+        self._slow += [(method, path, seconds)] * times
 
     @property
     def cdn_base(self) -> str:
@@ -422,15 +454,44 @@ class FakeDiscord:
     async def _rest(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info["tail"]
         body = await request.json() if request.can_read_body else None
+        if (failure := self._take(self._failing, request.method, path)) is not None:
+            return self._failed(request, body, *failure[2:])
+        response = await self._serve(request, path, body)
+        if (slow := self._take(self._slow, request.method, path)) is not None:
+            await asyncio.sleep(slow[2])
+        answer = json.loads(response.text) if response.content_type == "application/json" else None
+        self.exchanges.append(Exchange(request.method, path, body, response.status, answer))
+        return response
+
+    @staticmethod
+    def _take(rules: list[tuple], method: str, path: str) -> tuple | None:
+        for index, rule in enumerate(rules):
+            if rule[0] == method and path_matches(rule[1], path):
+                return rules.pop(index)
+        return None
+
+    def _failed(self, request: web.Request, body: Any, failure: str, retry_after_s: float) -> web.StreamResponse:
+        path = "/" + request.match_info["tail"]
+        self.failed.append((request.method, path, failure))
+        if failure == "reset":
+            request.transport.abort()
+            return web.Response(status=500)  # never sent: the connection is gone
+        if failure == "ratelimited":
+            answer = {"message": "You are being rate limited.", "retry_after": retry_after_s, "global": False, "code": 0}
+            headers = {"Retry-After": str(retry_after_s), "X-RateLimit-Scope": "user"}
+            response = _json(answer, status=429)
+            response.headers.update(headers)
+        else:
+            answer = {"message": "Internal Server Error", "code": 0}
+            response = _json(answer, status=int(failure.removeprefix("http_")))
+        self.exchanges.append(Exchange(request.method, path, body, response.status, answer))
+        return response
+
+    async def _serve(self, request: web.Request, path: str, body: Any) -> web.StreamResponse:
         parts = path.strip("/").split("/")
         # Interaction callbacks are authorised by their token in the URL, everything else by the bot token.
         if parts[0] != "interactions" and request.headers.get("Authorization") != f"Bot {self.token}":
             return _json({"message": "401: Unauthorized", "code": 0}, status=401)
-        if request.method == "POST" and parts[0] == "channels" and parts[2:] == ["messages"] and self.hold_posts:
-            # Never answered: the adapter is stopped while it waits, as if it died mid-delivery.
-            self.held += 1
-            await self._stopping.wait()
-            return _json({"message": "shutting down"}, status=503)
         if parts[0] == "channels" and int(parts[1]) in self.slow_channels and parts[2:3] == ["messages"]:
             while int(parts[1]) in self.slow_channels and not self._stopping.is_set():
                 await asyncio.sleep(0.01)
@@ -442,7 +503,7 @@ class FakeDiscord:
             self.threads[int(thread["id"])] = thread
             self.guild_of[int(thread["id"])] = guild_id
             await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
-            return _json(thread)
+            return _json(thread, status=201)
         if request.method == "DELETE" and parts[0] == "channels" and len(parts) == 2:
             thread = self.threads.pop(int(parts[1]), None)
             if thread is None:
@@ -453,7 +514,7 @@ class FakeDiscord:
 
     def _answer(self, method: str, parts: list[str], body: Any) -> web.StreamResponse:
         if method == "GET" and parts == ["users", "@me"]:
-            return _json(BOT.payload())
+            return _json({**BOT.payload(), "mfa_enabled": False, "locale": "en-US"})
         if method == "GET" and parts == ["gateway", "bot"]:
             return _json({
                 "url": self.gateway_url, "shards": self.recommended_shards,
@@ -466,7 +527,11 @@ class FakeDiscord:
             return _json({
                 "id": str(APPLICATION_ID), "name": "Llama", "description": "", "icon": None, "bot_public": True,
                 "bot_require_code_grant": False, "owner": FakeUser(OWNER_ID, "Owner").payload(),
-                "verify_key": "0" * 64, "flags": self.application_flags, "interactions_endpoint_url": None,
+                "verify_key": "0" * 64, "flags": self.application_flags, "flags_new": str(self.application_flags),
+                "interactions_endpoint_url": None, "type": None, "redirect_uris": [], "role_connections_verification_url": None,
+                "approximate_guild_count": len(self.guild_permissions), "approximate_user_install_count": 0,
+                "approximate_user_authorization_count": 0, "explicit_content_filter": 0, "team": None,
+                "eligible_oauth2_scopes": ["bot", "applications.commands"],
             })
         if method == "GET" and parts == ["users", "@me", "guilds"]:
             return _json([
@@ -477,7 +542,9 @@ class FakeDiscord:
         if method == "PUT" and parts[0] == "applications" and parts[-1] == "commands":
             guild = {"guild_id": parts[3]} if "guilds" in parts else {}
             return _json([
-                {"id": str(self.next_id()), "application_id": str(APPLICATION_ID), "version": "1", **guild, **command}
+                {"id": str(self.next_id()), "application_id": str(APPLICATION_ID), "version": "1", **guild,
+                 **{key: value for key, value in command.items() if value is not None},
+                 "default_member_permissions": command.get("default_member_permissions") and str(command["default_member_permissions"])}
                 for command in body
             ])
         if method == "POST" and parts[0] == "channels" and parts[2:] == ["typing"]:
@@ -517,7 +584,8 @@ class FakeDiscord:
             "id": str(message.id), "channel_id": str(message.channel_id), "type": 19 if message.reply_to else 0,
             "content": message.text, "author": BOT.payload(), "timestamp": TIMESTAMP, "edited_timestamp": None,
             "tts": False, "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": [],
-            "embeds": [], "pinned": False, "flags": 0, "components": message.components[-1] if message.components else [],
+            "embeds": [], "pinned": False, "flags": 0,
+            "components": _numbered(message.components[-1]) if message.components else [],
             # discord.py reads a reply's reference from here (a button's click carries its message).
             **({"message_reference": {"type": 0, "message_id": str(message.reply_to), "channel_id": str(message.channel_id)}}
                if message.reply_to else {}),
