@@ -72,7 +72,9 @@ def serve_against_fake() -> int:
 ADAPTER = ("-c", "from tests.test_discord_sharding import serve_against_fake; raise SystemExit(serve_against_fake())")
 
 
-def adapter_process(redis_url: str, run_dir: Path, fake: FakeDiscord, shard_ids: list[int]) -> subprocess.Popen:
+def adapter_process(
+    redis_url: str, run_dir: Path, fake: FakeDiscord, shard_ids: list[int], lease_s: float = LEASE_S
+) -> subprocess.Popen:
     name = "shards-" + "-".join(map(str, shard_ids))
     environ = {
         **os.environ,
@@ -84,17 +86,20 @@ def adapter_process(redis_url: str, run_dir: Path, fake: FakeDiscord, shard_ids:
         "CHATBOT__DISCORD__SHARD_COUNT": str(SHARDS),
         "CHATBOT__DISCORD__SHARD_IDS": str(shard_ids),
         "CHATBOT__DISCORD__IDENTIFY_SPACING_S": str(SPACING_S),
-        "CHATBOT__QUEUE__ADAPTER_LEASE_S": str(LEASE_S),
-        "CHATBOT__DISCORD__QUEUE_NOTICE_THRESHOLD": "10",  # no notice replies: a question's one reply is its answer
+        "CHATBOT__QUEUE__ADAPTER_LEASE_S": str(lease_s),
+        # A test may send many messages as one person.
+        "CHATBOT__LIMITS__MAX_QUEUED_PER_AUTHOR": "1000",
+        "CHATBOT__LIMITS__MESSAGES_PER_MINUTE_PER_AUTHOR": "1000",
+        "CHATBOT__DISCORD__QUEUE_NOTICE_THRESHOLD": "1000",  # no notice replies: a question's one reply is its answer
     }
     return started([sys.executable, *ADAPTER], environ, run_dir / f"{name}.log", cwd=ROOT)
 
 
 @contextlib.asynccontextmanager
-async def two_adapter_processes(redis, redis_url: str, run_dir: Path, fake: FakeDiscord):
+async def two_adapter_processes(redis, redis_url: str, run_dir: Path, fake: FakeDiscord, lease_s: float = LEASE_S):
     """Processes running shards [0, 1] and [2, 3] of four, once all four shards are connected and
     both processes hold reply shards; both killed when the block ends."""
-    processes = [adapter_process(redis_url, run_dir, fake, [0, 1]), adapter_process(redis_url, run_dir, fake, [2, 3])]
+    processes = [adapter_process(redis_url, run_dir, fake, shards, lease_s) for shards in ([0, 1], [2, 3])]
     try:
         deadline = time.monotonic() + 60
         while not (
@@ -215,6 +220,39 @@ async def test_a_killed_process_leaves_its_replies_to_the_other_within_the_lease
     # Continued in the messages already posted: each question answered by one reply, never posted twice.
     assert all(len(posts_answering(fake, question)) == 1 for question in asked.values())
     assert orphaned
+
+
+async def test_after_redis_lost_its_data_every_message_sent_since_is_answered_and_none_twice(
+    redis, redis_server, fake, tiny_engine, tmp_path
+):
+    """Issue 22, item 5: two adapter processes and a worker running, Redis's data lost (FLUSHALL, as a restart
+    without its data or a failover to an empty replica) while answers stream. Before (defect 10), both
+    processes took the shards whose leases were gone, and posted replies twice."""
+    channels = servers_on_every_shard(fake)
+    settings = tiny_settings(model={"batch_size": SHARDS, "max_prompt_tokens": 100}, generation={"max_new_tokens": 16})
+    lease_s = 9.0  # rounds 3 s apart: after the loss, each process goes on believing in its leases for that long
+    async with (
+        two_adapter_processes(redis, redis_server.url, tmp_path, fake, lease_s),
+        running_worker(redis, tiny_engine, settings),
+    ):
+        before = {channel: await say(fake, "Hello.", author=AUTHORS[shard], channel_id=channel)
+                  for shard, channel in channels.items()}
+        await fake.wait_for(lambda: all(fake.replies_to(question) for question in before.values()))
+        await redis.flushall()
+        after = []  # a question to each server every 0.3 s for 4.5 s
+        for _ in range(15):
+            after += [await say(fake, "And now?", channel_id=channel) for channel in channels.values()]
+            await asyncio.sleep(0.3)
+        deadline = time.monotonic() + 120
+        # Answered by the worker (no adapter refused the message), and shown.
+        while unanswered := [question for question in after if not await redis.exists(keys.done(f"discord:{question}"))]:
+            assert time.monotonic() < deadline, f"{unanswered} not answered"
+            await asyncio.sleep(0.05)
+        await fake.wait_for(lambda: all(posts_answering(fake, question) for question in after), timeout=30)
+        await asyncio.sleep(lease_s)  # the shards' hand-overs after the loss are over
+    # Each answered once; what was streaming when the data went may stop where it was, but is never doubled.
+    assert [question for question in after if len(posts_answering(fake, question)) != 1] == []
+    assert all(len(posts_answering(fake, question)) <= 1 for question in before.values())
 
 
 async def test_one_process_without_a_shard_count_runs_the_count_discord_recommends(redis, fake):
