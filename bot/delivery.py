@@ -45,7 +45,7 @@ from contract.jobs import ReplyEvent
 from contract.replies import POSTED_TTL_S, Entry, ReplyReader, shard_of
 from contract.reply_shards import ShardLeases
 from service.observability import DELIVERIES, PLATFORM_ERRORS
-from service.redis_client import REDIS_FAILED, with_backoff
+from service.redis_client import REDIS_FAILED, after, with_backoff
 from service.runtime import process_identity
 from service.tasks import cancel_until_done, to_the_end
 
@@ -54,6 +54,7 @@ ABANDONED_AFTER_S = 3600  # a streamed reply silent this long will not be finish
 FAILED = "Sorry, I could not deliver the answer."
 LANE_IDLE_S = 30.0  # a conversation's lane ends after this long without replies
 GIVE_UP_PATIENCE_S = 2.0  # on shutdown, how long to try handing the shards over before their leases lapse
+RECORD_PATIENCE_S = 30.0  # how long a posted message's id waits for Redis to be recorded (then only this process knows it)
 REREAD_PENDING_S = 60.0  # how often the pending replies of the shards held are read again
 REMEMBER_ACKED_S = 10.0  # longer than a read of pending replies takes to come back
 # A final the platform fails to show (5xx, internal_error, a timeout, a dropped connection) is tried again this
@@ -62,21 +63,32 @@ REMEMBER_ACKED_S = 10.0  # longer than a read of pending replies takes to come b
 # carries their text.
 FINAL_TRIES = 4
 FINAL_RETRY_S = 0.5
-# Set while a post runs: whether its request has gone out to the platform (request_sent).
-_POST_SENT: ContextVar[asyncio.Event | None] = ContextVar("post_sent", default=None)
+
+
+@dataclass
+class _Request:
+    """Where a post's request to the platform stands: sent (a message may exist), or refused with a 429."""
+
+    sent: asyncio.Event = field(default_factory=asyncio.Event)
+    refused: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+_POST_REQUEST: ContextVar[_Request | None] = ContextVar("post_request", default=None)
 
 
 def request_sent() -> None:
     """Outboxes call this as a request that may create a message goes out, after any wait for a rate limit:
     from then on, stopping the delivery waits for that post and records the new message's id."""
-    if (sent := _POST_SENT.get()) is not None:
-        sent.set()
+    if (request := _POST_REQUEST.get()) is not None:
+        request.refused.clear()
+        request.sent.set()
 
 
 def request_refused() -> None:
     """The platform answered 429: nothing was created, and stopping need not wait for the retry."""
-    if (sent := _POST_SENT.get()) is not None:
-        sent.clear()
+    if (request := _POST_REQUEST.get()) is not None:
+        request.sent.clear()
+        request.refused.set()
 
 
 @dataclass(frozen=True)
@@ -161,6 +173,7 @@ class Delivery:
         # One lane per conversation with replies in flight: in order within a conversation, and a
         # slow or rate-limited channel (a held edit, a 429 wait) never delays the others.
         self.lanes: dict[str, tuple[asyncio.Queue[Entry], asyncio.Task[None]]] = {}
+        self.handing_over: asyncio.Task[None] | None = None  # stopping the lanes of shards beyond the share
 
     async def run(self) -> None:
         groups_made, round_at, reread_at = False, 0.0, time.monotonic()
@@ -176,8 +189,9 @@ class Delivery:
                     if time.monotonic() - round_at >= self.shards.round_s:
                         self.reader.reread(await self.shards.round())
                         round_at = time.monotonic()
-                        if self.shards.draining:
-                            await self._hand_over(self.shards.draining)
+                        if self.shards.draining and (self.handing_over is None or self.handing_over.done()):
+                            # Apart from this loop, which goes on renewing the leases meanwhile.
+                            self.handing_over = asyncio.create_task(self._hand_over(set(self.shards.draining)))
                         self._forget_old()
                     if time.monotonic() - reread_at >= REREAD_PENDING_S:
                         # A read whose answer the network lost leaves its replies pending here, unseen.
@@ -198,9 +212,12 @@ class Delivery:
                         self.in_flight[entry.stream, entry.id] = entry
                         self._lane(entry.event.conversation).put_nowait(entry)
         finally:
-            await cancel_until_done([task for _, task in self.lanes.values()])
-            with contextlib.suppress(*REDIS_FAILED, TimeoutError):
-                await to_the_end(asyncio.wait_for(self.shards.leave(), GIVE_UP_PATIENCE_S))
+            try:
+                lanes = [task for _, task in self.lanes.values()]
+                await cancel_until_done(lanes + ([self.handing_over] if self.handing_over else []))
+            finally:  # however often the lanes' end was interrupted: the shards go to the others at once
+                with contextlib.suppress(*REDIS_FAILED, TimeoutError):
+                    await to_the_end(asyncio.wait_for(self.shards.leave(), GIVE_UP_PATIENCE_S))
 
     async def _hand_over(self, shards: set[int]) -> None:
         """Give up shards beyond this process's share: their conversations' lanes stop (a post already sent is
@@ -210,7 +227,8 @@ class Delivery:
         for conversation in stopping:
             del self.lanes[conversation]
         self.in_flight = {key: entry for key, entry in self.in_flight.items() if entry.shard not in shards}
-        await self.shards.give_up(set(shards))
+        with contextlib.suppress(*REDIS_FAILED):  # held still: the next round tries again
+            await self.shards.give_up(shards)
 
     def _lane(self, conversation: str) -> asyncio.Queue[Entry]:
         if conversation not in self.lanes:
@@ -229,21 +247,26 @@ class Delivery:
                 continue
             entries = [first] + [queue.get_nowait() for _ in range(queue.qsize())]
             shard = shard_of(conversation)
-            delivered = True
             for event in self._latest_per_job(entries):
                 if not await self._still_ours(shard):
                     # The shard went to another process, which reads what is pending as its backlog:
                     # delivering on would show the reply twice.
-                    delivered = False
                     break
                 await self.deliver(event)
-            if delivered:
-                await self._redis(functools.partial(self.reader.ack, entries), "acknowledge replies")
-            now = time.monotonic()
+                # Acknowledged once shown, job by job: a lane stopped midway leaves only what it did not show.
+                await self._acknowledge([entry for entry in entries if entry.event.job_id == event.job_id])
+            else:  # what remains are stale partials of jobs already answered
+                await self._acknowledge([entry for entry in entries if (entry.stream, entry.id) in self.in_flight])
             for entry in entries:
-                del self.in_flight[entry.stream, entry.id]
-                if delivered:
-                    self.acked[entry.stream, entry.id] = now
+                self.in_flight.pop((entry.stream, entry.id), None)
+
+    async def _acknowledge(self, entries: list[Entry]) -> None:
+        if entries:
+            await self._redis(functools.partial(self.reader.ack, entries), "acknowledge replies")
+        now = time.monotonic()
+        for entry in entries:
+            self.in_flight.pop((entry.stream, entry.id), None)
+            self.acked[entry.stream, entry.id] = now
 
     async def _still_ours(self, shard: int) -> bool:
         """Whether the shard's replies may still be delivered here. A renewal that looks late is waited out
@@ -377,22 +400,23 @@ class Delivery:
     async def _post(self, part: Part, shown: Shown) -> None:
         """Post the part as a new message of its job and record the message's id. Cancelled before its request
         went out, nothing was posted; after, the post is waited for and its id recorded first."""
-        sent = asyncio.Event()
+        request = _Request()
 
         async def post_and_record() -> None:
-            _POST_SENT.set(sent)
+            _POST_REQUEST.set(request)
             shown.message_ids.append(await self.outbox.post(part))
-            await self._redis(self._record_posted(part.job_id, shown), "record posted ids")
+            await self._redis(self._record_posted(part.job_id, shown), "record posted ids", after(RECORD_PATIENCE_S))
 
         posting = asyncio.create_task(post_and_record())
         try:
             await asyncio.shield(posting)
         except asyncio.CancelledError:
-            if not sent.is_set():
-                await cancel_until_done([posting])
-                raise
-            with contextlib.suppress(Exception):  # it failed after all: the next holder tries again
-                await to_the_end(posting)
+            if request.sent.is_set():  # finished and recorded, unless the platform answers 429 meanwhile
+                refusal = asyncio.ensure_future(request.refused.wait())
+                with contextlib.suppress(Exception):
+                    await to_the_end(asyncio.wait([posting, refusal], return_when=asyncio.FIRST_COMPLETED))
+                refusal.cancel()
+            await cancel_until_done([posting])  # if it is waiting out a rate limit, or never went out
             raise
 
     def _record_posted(self, job_id: str, shown: Shown):
@@ -411,11 +435,12 @@ class Delivery:
         return Shown(message_ids=json.loads(raw)) if raw else Shown()
 
     @staticmethod
-    async def _redis(operation, what: str):
-        """Wait out Redis being down; a write it refuses (full, read-only) is logged and skipped, so
-        answers still reach the platform (a reply left unacknowledged is read again by the next holder)."""
+    async def _redis(operation, what: str, give_up=lambda: False):
+        """Wait out Redis being down (until `give_up`); a write it refuses (full, read-only) is logged and
+        skipped, so answers still reach the platform (a reply left unacknowledged is read again by the next
+        holder)."""
         try:
-            return await with_backoff(operation, what)
+            return await with_backoff(operation, what, give_up)
         except RedisError as error:
             log.error("redis refused a delivery write", extra={"operation": what, "error": str(error)})
             return None

@@ -11,9 +11,10 @@ its lease lapsed (the process stalled), or Redis lost its data (a flush, a resta
 its data, a failover to an empty replica), and a holder trusts its lease for two thirds of
 `lease_s` after its last renewal. So a missing key is marked vacant, and another process
 takes it only once it has been vacant that long; a process that held it takes it back at
-once. A process that dies therefore loses its shards, and the replies it left undelivered
-go to another process, within 5/3 of `lease_s` plus a round; and the first process of a
-deployment (or the first after a loss of data) starts delivering after two thirds of `lease_s`.
+once, if it can still trust its lease (else it waits like the others). A process that dies
+therefore loses its shards, and the replies it left undelivered go to another process, within
+5/3 of `lease_s` plus a round or two; and the first process of a deployment starts delivering
+after two thirds of `lease_s`.
 The clock is Redis's, so processes on several machines agree.
 """
 
@@ -37,7 +38,7 @@ TRUSTED_PART = 2 / 3
 
 # For each shard key: 0 not this holder's, 1 kept, 2 taken (its pending backlog is to be read). A key holds its
 # holder, "released" (given up cleanly: taken at once), or "vacant:<ms>" (found missing then, by Redis's clock).
-# ARGV[4] is 1 for shards this holder held: a missing or vacant key is taken back at once.
+# ARGV[4] is 1 for shards this holder holds and trusts: a missing or vacant key is taken back at once.
 _RENEW_OR_TAKE = """
 local holder, lease_ms, trusted_ms, held = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
 local t = redis.call('TIME')
@@ -138,10 +139,17 @@ class ShardLeases:
     async def _keep(self, shards: list[int]) -> tuple[set[int], set[int]]:
         """The shards still this holder's: those whose lease it renewed, and those it took back (their key had
         gone missing: a pending backlog may have to be read again)."""
-        if not shards:
-            return set(), set()
-        mine = await self._renew_or_take(keys=[keys.reply_shard(self.platform, shard) for shard in shards], args=self._args(held=True))
-        return {shard for shard, code in zip(shards, mine) if code == 1}, {shard for shard, code in zip(shards, mine) if code == 2}
+        kept: set[int] = set()
+        retaken: set[int] = set()
+        # A lease this holder could still trust (holds) is taken back at once if its key went missing; one it
+        # could not (it stalled) waits out the vacancy like any other process's.
+        trusted = [shard for shard in shards if self.holds(shard)]
+        for group, held in ((trusted, True), ([shard for shard in shards if shard not in trusted], False)):
+            if group:
+                codes = await self._renew_or_take(keys=[keys.reply_shard(self.platform, s) for s in group], args=self._args(held))
+                kept |= {shard for shard, code in zip(group, codes) if code == 1}
+                retaken |= {shard for shard, code in zip(group, codes) if code == 2}
+        return kept, retaken
 
     async def _take(self, wanted: int, exclude: set[int]) -> set[int]:
         taken: set[int] = set()

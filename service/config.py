@@ -114,7 +114,7 @@ class QueueSettings(Strict):
         15.0,
         gt=0,
         description="an adapter process trusts its hold on reply shards for 2/3 of this after renewing it; one that dies"
-        " leaves its conversations' replies to another after 5/3 of this",
+        " leaves its conversations' replies to another after about twice this",
     )
     affinity_wait_s: float = Field(
         0.5, ge=0, description="a conversation's next message waits this long for the live worker holding its context; 0: off"

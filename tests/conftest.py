@@ -100,7 +100,7 @@ async def shards_held(redis, platform: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         holders = [await redis.get(keys.reply_shard(platform, shard)) for shard in range(REPLY_SHARDS)]
-        if all(holder and not holder.startswith("vacant:") for holder in holders):
+        if all(holder and not holder.startswith("vacant:") and holder != "released" for holder in holders):
             return
         assert time.monotonic() < deadline, f"no {platform} adapter took the reply shards within {timeout:g} s"
         await asyncio.sleep(0.05)

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from bot.delivery import ABANDONED_AFTER_S, FAILED, Delivery, Shown, request_sent
+from contract import keys
 from contract.jobs import ReplyEvent
 from contract.replies import REPLY_SHARDS, ReplyReader, reply_stream, shard_of
 from service.redis_client import connect
@@ -368,11 +369,14 @@ class SlowLine(Recording):
 async def test_an_adapter_stopped_while_a_post_is_on_its_way_records_it_and_the_next_holder_edits_it(redis):
     """Defect 11: SIGTERM cancelled a post the platform had already accepted, before its id was recorded;
     the next holder of the shard posted the answer again (two messages)."""
-    platform = SlowLine(answer_after_s=1.0)
+    platform = SlowLine(answer_after_s=0.3)  # longer than the stop's repeated cancellations, within the lease
     async with adapter_process(redis, platform, "stopping"):
         await publish(redis, event(1, "partial", "The answer"))
         await until(lambda: platform.posted == ["The answer"], what="the post on its way")
-    # Stopped (as SIGTERM stops it) while the platform had not answered yet.
+    # Stopped (as SIGTERM stops it, cancelling again and again) while the platform had not answered yet: the post
+    # is finished and recorded, and the shards handed over at once all the same.
+    holders = {await redis.get(keys.reply_shard("slack", shard)) for shard in range(REPLY_SHARDS)}
+    assert holders == {"released"}
     platform.answer_after_s = 0.0
     async with adapter_process(redis, platform, "next"):
         await publish(redis, event(1, "final", "The answer is 42."))
@@ -401,3 +405,22 @@ async def test_a_conversation_waiting_on_a_rate_limit_does_not_hold_up_its_shard
             await until(lambda: "waits for the rate limit" in platform.posted, timeout=8, what="the rate-limited reply")
             await asyncio.sleep(LEASE_S)
     assert sorted(platform.posted) == ["not held up", "waits for the rate limit"]
+
+
+async def test_a_hand_over_waiting_for_a_post_on_its_way_keeps_the_other_shards_renewed(redis):
+    """Found in review: the hand-over waited for the post inside the loop that renews the leases, so every
+    shard of the process went untrusted (and undelivered) while the platform took its time."""
+    platform = SlowLine(answer_after_s=1.5)
+    conversation = next(f"slack:D{n}" for n in range(100) if shard_of(f"slack:D{n}") == REPLY_SHARDS - 1)
+    async with adapter_process(redis, platform, "first") as first:
+        await until(lambda: first.shards.reading == set(range(REPLY_SHARDS)), what="every shard taken")
+        await publish(redis, event(1, text="on its way", conversation=conversation))
+        await until(lambda: platform.posted == ["on its way"], what="the post on its way")
+        async with adapter_process(redis, platform, "second") as second:
+            trusted = []
+            while REPLY_SHARDS - 1 not in second.shards.held:
+                trusted.append(first.shards.holds(0))  # a shard it keeps
+                await asyncio.sleep(0.05)
+                assert len(trusted) < 200, "the shard never handed over"
+            assert all(trusted) and len(trusted) > 10, trusted
+    assert platform.posted == ["on its way"]

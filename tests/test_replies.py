@@ -198,6 +198,8 @@ async def test_a_round_says_which_shards_it_took_even_one_it_had_lost_and_took_b
     leases = await started("only", redis)
     assert await leases.round() == set()
     await asyncio.sleep(LEASE_S + 0.05)  # stalled past its leases; nobody else took them
+    assert await leases.round() == set()  # it cannot trust them any more: vacant, as for anyone else
+    await asyncio.sleep(TRUSTED_S)
     assert await leases.round() == set(range(REPLY_SHARDS))
 
 
