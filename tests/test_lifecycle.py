@@ -310,23 +310,16 @@ class Lifecycle(RuleBasedStateMachine):
         self.worker = None
 
     @precondition(lambda self: self.adapter is not None)
-    @rule()
-    def kill_adapter(self) -> None:
-        """The adapter dies without a word: its shards lapse after their lease and another process reads them."""
-        self.steps["kill_adapter"] += 1
+    @rule(cleanly=st.booleans())
+    def end_adapter(self, cleanly: bool) -> None:
+        """The adapter is stopped (SIGTERM: a post on its way is finished and recorded, its shards handed over),
+        or dies without a word (its shards lapse after their lease, and another process reads them)."""
+        self.steps["stop_adapter" if cleanly else "kill_adapter"] += 1
+        if not cleanly:
+            async def die() -> None:
+                pass
 
-        async def die() -> None:
-            pass
-
-        self.adapter[0].shards.leave = die
-        self.loop.run(self._kill(self.adapter[1]))
-        self.adapter = None
-
-    @precondition(lambda self: self.adapter is not None)
-    @rule()
-    def stop_adapter(self) -> None:
-        """The adapter is stopped (SIGTERM): a post on its way is finished and recorded, its shards handed over."""
-        self.steps["stop_adapter"] += 1
+            self.adapter[0].shards.leave = die
         self.loop.run(self._kill(self.adapter[1]))
         self.adapter = None
 
