@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
+RECANCEL_S = 1.0  # how long a cancelled task has to end before it is cancelled again
 
 
 async def cancel_until_done(tasks: Iterable[asyncio.Task]) -> None:
@@ -15,7 +16,9 @@ async def cancel_until_done(tasks: Iterable[asyncio.Task]) -> None:
 
     On Python 3.11, asyncio.wait_for (redis-py sends every command through it) loses a
     cancellation that lands just as the wrapped call completes, and the task carries on:
-    so cancel again until it ends. (Fixed in Python 3.12.)
+    so cancel again until it ends (fixed in Python 3.12). Not sooner than RECANCEL_S: a second
+    cancellation interrupts the cleanup the first one started (slack-sdk closing the session of
+    a call in a `finally`), which on a loaded machine can take longer than a tenth of a second.
     """
     pending = {task for task in tasks if not task.done()}
     cancelled = False
@@ -23,7 +26,7 @@ async def cancel_until_done(tasks: Iterable[asyncio.Task]) -> None:
         for task in pending:
             task.cancel()
         try:
-            _, pending = await asyncio.wait(pending, timeout=0.1)
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
         except asyncio.CancelledError:
             cancelled = True
     if cancelled:
