@@ -44,6 +44,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP) $(DISCORD_API)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 # The conversation lifecycle state machine with new seeds for LIFECYCLE_SOAK_S seconds (default 600).

@@ -45,8 +45,8 @@ from contract.jobs import ReplyEvent
 from contract.replies import POSTED_TTL_S, Entry, ReplyReader, shard_of
 from contract.reply_shards import ShardLeases
 from service.observability import DELIVERIES, PLATFORM_ERRORS
+from service.process import process_identity
 from service.redis_client import REDIS_FAILED, after, with_backoff
-from service.runtime import process_identity
 from service.tasks import cancel_until_done, to_the_end
 
 log = logging.getLogger(__name__)

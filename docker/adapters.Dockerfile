@@ -9,7 +9,8 @@ WORKDIR /app
 COPY requirements/adapters.lock ./requirements/
 # What the lock names and nothing else (hashes checked); the code installs on top without resolving.
 RUN pip install --no-deps --require-hashes -r requirements/adapters.lock
-COPY pyproject.toml README.md chatbot.py slack_manifest.yaml ./
+COPY pyproject.toml README.md slack_manifest.yaml ./
+COPY chatbot ./chatbot
 COPY contract ./contract
 COPY service ./service
 COPY engine ./engine

@@ -13,7 +13,8 @@ COPY requirements/neuron.lock ./requirements/
 # What the image adds to the container, exactly as requirements/neuron.lock names it (hashes
 # checked); the container's torch, Neuron SDK and numpy are left as they are.
 RUN pip install --no-deps --require-hashes -r requirements/neuron.lock
-COPY pyproject.toml README.md chatbot.py slack_manifest.yaml ./
+COPY pyproject.toml README.md slack_manifest.yaml ./
+COPY chatbot ./chatbot
 COPY contract ./contract
 COPY service ./service
 COPY engine ./engine

@@ -45,8 +45,8 @@ from service.observability import (
     TOKENS,
     WAITING_CONVERSATIONS,
 )
+from service.process import Stuck
 from service.redis_client import REDIS_DOWN, REDIS_FAILED, after, with_backoff
-from service.runtime import Stuck
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

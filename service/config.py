@@ -1,7 +1,9 @@
 """Service configuration: config.yaml validated by pydantic, overridden by the environment.
 
 Secrets (platform tokens, HF token) are never read from the file: they come from the
-environment only, through `Secrets`.
+environment only, through `Secrets`. Every section lives on this floor, the platforms' own
+(discord_settings.py, slack_settings.py) included, so that every floor above reads one
+typed Settings and `service/` imports nothing from above.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bot.discord.settings import DiscordSettings
-from bot.slack.settings import SlackSettings
+from service.discord_settings import DiscordSettings
+from service.slack_settings import SlackSettings
 from service.strict import Strict
 
 ENV_PREFIX = "CHATBOT__"

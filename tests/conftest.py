@@ -29,8 +29,10 @@ def started(command: list[str], env: dict[str, str], log_path, cwd=None) -> subp
 
 
 def pytest_configure(config):
-    """The `chatbot` processes the tests start fail on a warning too, with the same exceptions."""
+    """The `chatbot` processes the tests start fail on a warning too, with the same exceptions, and
+    never read the developer's own .env (its tokens, its REDIS_URL): only a test's own env file."""
     os.environ["PYTHONWARNINGS"] = ",".join(config.getini("filterwarnings"))
+    os.environ["CHATBOT_ENV_FILE"] = os.devnull
 
 
 @pytest.fixture(scope="session")

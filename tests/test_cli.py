@@ -66,6 +66,19 @@ async def test_ask_refuses_a_message_over_the_configured_limit(redis, redis_serv
     assert code == 1 and err.strip() == REFUSED  # not queued: no wait for a worker that is not running
 
 
+async def test_the_env_file_is_read_and_the_real_environment_wins(redis, redis_server, tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("# what `chatbot init` writes\nCHATBOT__LIMITS__MAX_MESSAGE_CHARS=100\n")
+    read = {"CHATBOT_ENV_FILE": str(env_file)}
+    code, _, err = await chatbot(redis_server.url, tmp_path, "ask", "--timeout", "5", OVER_100, environment=read)
+    assert code == 1 and err.strip() == REFUSED
+    code, _, err = await chatbot(
+        redis_server.url, tmp_path, "ask", "--timeout", "5", "y" * 150,
+        environment={**read, "CHATBOT__LIMITS__MAX_MESSAGE_CHARS": "200"},
+    )
+    assert code == 1 and "is `chatbot worker` running?" in err  # accepted and queued: 200 from the environment, not 100
+
+
 async def test_the_terminal_chat_refuses_a_message_over_the_configured_limit(redis, redis_server, tmp_path):
     typed = f"{OVER_100}\n/quit\n"
     code, out, err = await chatbot(redis_server.url, tmp_path, "demo", environment=LIMIT_100, typed=typed)

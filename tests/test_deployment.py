@@ -95,7 +95,7 @@ def test_each_service_gets_only_the_secrets_it_needs(compose):
 
 
 def test_slack_http_mode_publishes_its_port(compose):
-    from bot.slack.settings import SlackSettings
+    from service.slack_settings import SlackSettings
 
     [published] = compose["services"]["slack"]["ports"]
     assert published.endswith(f":{SlackSettings().http_port}")

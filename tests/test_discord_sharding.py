@@ -19,9 +19,9 @@ from pydantic import ValidationError
 
 from bot.discord.app import NO_MESSAGE_CONTENT
 from bot.discord.commands import RESET_DONE
-from bot.discord.settings import DiscordSettings
 from contract import history, keys
 from contract.replies import REPLY_SHARDS, shard_of
+from service.discord_settings import DiscordSettings
 from tests import test_discord
 from tests.conftest import running_worker, started, tiny_settings
 from tests.fakes.discord_server import (
@@ -61,7 +61,7 @@ def serve_against_fake() -> int:
     import discord
     import yarl
 
-    from chatbot import main
+    from chatbot.main import main
 
     base = os.environ["FAKE_DISCORD"]
     discord.http.Route.BASE = base + API_PREFIX

@@ -10,8 +10,10 @@ import pytest
 from aiohttp import web
 
 from bot.discord.doctor import FOR_THREADS, NEEDED, invite_url
+from chatbot.doctor import diagnose
+from engine.doctor import budget_check, model_checks
 from service.config import Secrets, Settings
-from service.doctor import APP_CONFIG_TOKEN, budget_check, diagnose, model_checks, redis_checks
+from service.doctor import APP_CONFIG_TOKEN, redis_checks
 from service.redis_client import connect
 from service.redis_server import RedisServer, free_port
 from tests.conftest import tiny_settings

@@ -27,13 +27,13 @@ from bot.slack.files import NOT_READABLE
 from bot.slack.handlers import RESET_DONE, RESET_IN_CHANNEL
 from bot.slack.messages import from_slack
 from bot.slack.outbox import LIMIT
-from bot.slack.settings import SlackSettings
 from contract import history, keys
 from contract.jobs import EMPTY_MESSAGE, UNAVAILABLE, Job, ReplyEvent
 from contract.replies import reply_stream
 from service.config import ConfigError, LimitSettings, Secrets, Settings
 from service.redis_client import connect
 from service.redis_server import free_port
+from service.slack_settings import SlackSettings
 from service.tasks import cancel_until_done
 from tests.conftest import final_event, reply_events, running_worker, shards_held, tiny_settings
 from tests.fakes.local_server import serve_locally, shut_down

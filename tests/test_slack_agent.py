@@ -12,10 +12,10 @@ from urllib.parse import urlencode
 
 from bot.slack.budget import BURST_MINUTES
 from bot.slack.outbox import FEEDBACK_ACTION
-from bot.slack.settings import SLACK_RATE_LIMITS, SlackSettings
 from contract.feedback import FeedbackStore
 from contract.jobs import ReplyEvent
 from service.config import LimitSettings
+from service.slack_settings import SLACK_RATE_LIMITS, SlackSettings
 from tests.conftest import running_worker
 from tests.fakes.slack_server import APP_ID, TEAM_ID
 from tests.test_cli import chatbot

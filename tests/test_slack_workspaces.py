@@ -19,11 +19,11 @@ from cryptography.fernet import Fernet
 from bot.slack.app import build_app, serve, web_client
 from bot.slack.installations import RedisInstallationStore, installation_key, installation_keys
 from bot.slack.workspaces import BOT_SCOPES
+from chatbot.doctor import diagnose
 from contract import history, keys
 from contract.jobs import ReplyEvent
 from contract.usage import report
 from service.config import ConfigError, Secrets
-from service.doctor import diagnose
 from service.tasks import cancel_until_done
 from tests.conftest import running_worker, shards_held, tiny_settings
 from tests.fakes.slack_server import APP_ID, AUTHORIZE_URL, CLIENT_ID, CLIENT_SECRET, FakeSlack

@@ -156,7 +156,7 @@ class PoisonedEngine(TransformersEngine):
 def serve_poisoned() -> int:
     """`chatbot worker` serving a PoisonedEngine: what POISONED_WORKER runs."""
     import engine.serving
-    from chatbot import main
+    from chatbot.main import main
 
     engine.serving.load_engine = lambda settings: PoisonedEngine.load(settings.model, settings.generation)
     return main(["worker"])

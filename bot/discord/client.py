@@ -12,12 +12,12 @@ from bot.discord.controls import RegenerateButton, StopButton
 from bot.discord.outbox import request_tracing
 from bot.discord.routing import conversation_of, reply_route, scope_of
 from bot.discord.rules import Seen, message_text, opens_thread, refusal, text_refusal
-from bot.discord.settings import DiscordSettings
 from bot.discord.sharding import IdentifyLock
 from bot.discord.typing_indicator import TypingIndicators
 from bot.titles import thread_title
 from contract.intake import Intake
 from contract.jobs import UNAVAILABLE, RejectedMessage, Submitted
+from service.discord_settings import DiscordSettings
 from service.redis_client import REDIS_DOWN
 
 log = logging.getLogger(__name__)

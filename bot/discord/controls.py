@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING
 
 import discord
 
 from bot.delivery import Part
 from bot.discord.routing import conversation_of, reply_route, scope_of
 from contract.controls import request_stop
+from contract.intake import Intake
 from contract.jobs import UNAVAILABLE, RejectedMessage
 from service.redis_client import REDIS_FAILED
-
-if TYPE_CHECKING:
-    from bot.discord.client import ChatClient
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +40,11 @@ def controls_for(part: Part) -> discord.ui.View | None:
     view = discord.ui.View(timeout=None)
     view.add_item(button)
     return view
+
+
+def intake(interaction: discord.Interaction) -> Intake:
+    """The queue of the client that received the click (bot/discord/client.py's ChatClient)."""
+    return interaction.client.queue
 
 
 def is_admin(interaction: discord.Interaction) -> bool:
@@ -78,11 +80,11 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=re.compile("
 class StopButton(JobButton, template=re.compile("stop:" + JOB_ID)):
     action, label = "stop", "Stop"
 
-    async def callback(self, interaction: discord.Interaction[ChatClient]) -> None:
+    async def callback(self, interaction: discord.Interaction) -> None:
         who = {"user": interaction.user.id, "job": self.job_id}
         try:
             sentence = await request_stop(
-                interaction.client.queue.redis, self.job_id, by=str(interaction.user.id), admin=is_admin(interaction)
+                intake(interaction).redis, self.job_id, by=str(interaction.user.id), admin=is_admin(interaction)
             )
             log.info("stop requested", extra={**who, "answer": sentence})
         except RejectedMessage as refused:
@@ -97,14 +99,14 @@ class StopButton(JobButton, template=re.compile("stop:" + JOB_ID)):
 class RegenerateButton(JobButton, template=re.compile("regenerate:" + JOB_ID)):
     action, label = "regenerate", "Regenerate"
 
-    async def callback(self, interaction: discord.Interaction[ChatClient]) -> None:
+    async def callback(self, interaction: discord.Interaction) -> None:
         who = {"user": interaction.user.id, "job": self.job_id}
         message, channel_id = interaction.message, interaction.channel_id
         # The new answer edits the old one's messages; should their record have expired, it is posted
         # as a reply to the question (what the first message answers), or to the clicked message.
         answered = message.reference.message_id if message.reference else message.id
         try:
-            submitted = await interaction.client.queue.regenerate(
+            submitted = await intake(interaction).regenerate(
                 conversation_of(channel_id), self.job_id, str(interaction.id), by=str(interaction.user.id),
                 admin=is_admin(interaction), reply_to=reply_route(channel_id, answered),
                 scope=scope_of(interaction.guild, interaction.channel),

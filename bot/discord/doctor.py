@@ -9,7 +9,7 @@ from __future__ import annotations
 import aiohttp
 import discord
 
-from bot.discord.settings import DiscordSettings
+from service.discord_settings import DiscordSettings
 from service.doctor import Check, fail, ok
 
 # discord.py's name -> Discord's (the server settings' and the invite page's), and what needs it.

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bot.discord.settings import DiscordSettings
 from contract.jobs import RejectedMessage, clean_text, is_blank
+from service.discord_settings import DiscordSettings
 
 _SPACES = re.compile(r"[ \t]{2,}")
 _USER_MENTION = re.compile(r"<@!?(\d+)>")

@@ -22,13 +22,13 @@ from bot.slack.budget import SLACK_FAILED, PacedSlack
 from bot.slack.messages import PLATFORM, workspace
 from bot.slack.outbox import REGENERATE_ACTION, STOP_ACTION, SlackOutbox
 from bot.slack.sessions import AgentSessions
-from bot.slack.settings import SlackSettings
 from contract import keys
 from contract.controls import ALREADY_FINISHED, STOPPING, request_stop
 from contract.history import load_exchanges
 from contract.intake import Intake
 from contract.jobs import UNAVAILABLE, Conversation, RejectedMessage, Scope
 from service.redis_client import REDIS_FAILED
+from service.slack_settings import SlackSettings
 
 log = logging.getLogger(__name__)
 

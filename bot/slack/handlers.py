@@ -15,7 +15,6 @@ from bot.slack.files import NOT_READABLE, SlackFiles
 from bot.slack.messages import PLATFORM, Incoming, direct_message, from_slack, mention, workspace
 from bot.slack.outbox import FEEDBACK_ACTION, SlackOutbox, feedback_value
 from bot.slack.sessions import AgentSessions
-from bot.slack.settings import SlackSettings
 from bot.slack.status import ThreadStatus
 from bot.titles import thread_title
 from contract import keys
@@ -25,6 +24,7 @@ from contract.jobs import UNAVAILABLE, RejectedMessage, Scope
 from contract.personas import Personas
 from service.observability import FEEDBACK
 from service.redis_client import REDIS_FAILED
+from service.slack_settings import SlackSettings
 
 log = logging.getLogger(__name__)
 

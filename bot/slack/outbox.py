@@ -29,8 +29,8 @@ from bot.delivery import Deferred, Part
 from bot.slack.budget import CALL_FAILED, PacedSlack
 from bot.slack.messages import to_markdown
 from bot.slack.sessions import AgentSessions
-from bot.slack.settings import SlackSettings
 from service.observability import PLATFORM_ERRORS
+from service.slack_settings import SlackSettings
 
 log = logging.getLogger(__name__)
 

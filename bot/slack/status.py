@@ -17,9 +17,9 @@ import time
 from redis.asyncio import Redis
 
 from bot.slack.budget import SLACK_FAILED, PacedSlack
-from bot.slack.settings import SlackSettings
 from contract import keys
 from service.redis_client import REDIS_FAILED
+from service.slack_settings import SlackSettings
 
 log = logging.getLogger(__name__)
 # keys.SLACK_WAITING: hash job id -> {"reply_to", "since" (queued), "shown_at" (status set)}: unix times

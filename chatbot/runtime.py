@@ -1,12 +1,10 @@
-"""Process-level wiring shared by the commands: settings, logs, Redis, the worker."""
+"""Process wiring shared by the commands: settings, logs, Redis (the configured one or an embedded one), /metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import secrets
-import signal
 import sys
 from pathlib import Path
 
@@ -16,22 +14,13 @@ from contract.schema import check_schema
 from service.config import ConfigError, Secrets, Settings, load_settings
 from service.logs import setup_logging
 from service.observability import HEALTH, redis_check, serving
+from service.process import Stuck
 from service.redis_client import connect, with_backoff
 from service.redis_server import RedisServer
 
 log = logging.getLogger(__name__)
 # Exit status of a worker whose model stopped answering (queue.step_timeout_s): restart it.
 EXIT_MODEL_STUCK = 3
-
-
-def process_identity(name: str) -> str:
-    """Unique per process, `name` first: two processes on one host, or replicas sharing one env file,
-    never take over each other's leases (a worker's jobs, an adapter's reply shards)."""
-    return f"{name}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-class Stuck(RuntimeError):
-    """A call that nothing can stop holds a thread of the process: only exiting recovers it."""
 
 
 def startup(config_path: str | None) -> tuple[Settings, Secrets]:
@@ -88,12 +77,6 @@ def stop_embedded(settings: Settings, server: RedisServer | None) -> None:
     if server:
         _url_file(settings).unlink(missing_ok=True)
         server.stop()
-
-
-def on_terminate(callback) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, callback)
 
 
 def serve(settings: Settings, main, start_embedded: bool = True) -> int:

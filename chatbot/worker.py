@@ -8,12 +8,13 @@ import sys
 
 from redis.asyncio import Redis
 
+from chatbot.runtime import one_shot_client, serve, startup
 from contract import history
 from contract.jobs import Scope, conversation_argument
 from contract.personas import Personas
 from contract.pools import pool_for
 from service.config import Settings
-from service.runtime import on_terminate, one_shot_client, process_identity, serve, startup
+from service.process import on_terminate, process_identity
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
+from chatbot.doctor import doctor_command
+from chatbot.runtime import one_shot_client
 from contract import history, keys
 from contract.erasure import forget_user
 from contract.feedback import FeedbackStore
@@ -20,8 +22,6 @@ from contract.pause import pause, resume
 from contract.replies import follow, last_entry_id
 from contract.usage import DIMENSIONS, USAGE_KEEP_DAYS, report
 from service.config import load_settings
-from service.doctor import doctor_command
-from service.runtime import one_shot_client
 
 DEFAULT_CONVERSATION = "cli:default"
 

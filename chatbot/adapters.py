@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from service.runtime import on_terminate, serve, startup
+from chatbot.runtime import serve, startup
+from service.process import on_terminate
 from service.tasks import until_first_ends
 
 

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
+from dotenv import load_dotenv
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.config import ConfigError
 
+# Where `chatbot` reads variables from before anything else (what `chatbot init` writes; docker
+# compose reads the same file): ./.env unless this names another.
+ENV_FILE = "CHATBOT_ENV_FILE"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from bot import cli as bot_cli
-    from bot import ops as ops_cli
-    from engine import cli as engine_cli
+    from chatbot import adapters, ops, worker
     from engine.neuron import cli as neuron_cli
 
     parser = argparse.ArgumentParser(prog="chatbot", description=__doc__)
@@ -25,20 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=lambda args: run_all(args, local_only=False))
     demo = commands.add_parser("demo", help="the embedded default: private Redis, small model, worker, terminal chat")
     demo.set_defaults(handler=lambda args: run_all(args, local_only=True))
-    engine_cli.register(commands)
-    bot_cli.register(commands)
-    ops_cli.register(commands)
+    worker.register(commands)
+    adapters.register(commands)
+    ops.register(commands)
     neuron_cli.register(commands)
     return parser
 
 
 def run_all(args: argparse.Namespace, local_only: bool) -> int:
-    from bot.cli import adapter_runner, platforms_configured
     from bot.terminal import chat
+    from chatbot.adapters import adapter_runner, platforms_configured
+    from chatbot.runtime import log_to_file, serve, startup
     from engine.serving import load_engine
     from engine.serving.engine import MODEL_THREAD
     from engine.worker import Worker
-    from service.runtime import log_to_file, on_terminate, process_identity, serve, startup
+    from service.process import on_terminate, process_identity
     from service.tasks import until_first_ends
 
     settings, secrets = startup(args.config)
@@ -62,7 +68,17 @@ def run_all(args: argparse.Namespace, local_only: bool) -> int:
     return serve(settings, main)
 
 
+def load_env_file() -> Path | None:
+    """Variables of the env file that the environment does not set already: the real environment wins."""
+    path = Path(os.environ.get(ENV_FILE, ".env"))
+    if not path.is_file():
+        return None
+    load_dotenv(path, override=False)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
+    load_env_file()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
@@ -80,7 +96,3 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("chatbot").exception("stopped by an unexpected error")
         print(f"chatbot: stopped: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

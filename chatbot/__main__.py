@@ -1,0 +1,5 @@
+import sys
+
+from chatbot.main import main
+
+sys.exit(main())
