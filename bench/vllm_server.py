@@ -23,12 +23,14 @@ STARTUP_TIMEOUT_S = 300.0  # 60-140 s seen on 2 cores
 
 
 class VllmServer:
-    def __init__(self, model_dir: str, served_model: str, log_path: Path, max_model_len: int = 2048):
+    def __init__(self, model_dir: str, served_model: str, log_path: Path, max_model_len: int = 2048, eager: bool = False):
+        """`eager`: no torch.compile, as vLLM's own CPU CI runs it: it starts in a fraction of the time
+        (compiling took most of two minutes on 2 cores) and answers the same; the benchmarks leave it off."""
         port = free_port()
         self.command = [
             str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
             "--served-model-name", served_model, "--dtype", "bfloat16", "--max-model-len", str(max_model_len),
-            "--max-num-seqs", "8", "--host", "127.0.0.1", "--port", str(port),
+            "--max-num-seqs", "8", "--host", "127.0.0.1", "--port", str(port), *(["--enforce-eager"] if eager else []),
         ]
         self.port = port
         self.log_path = log_path

@@ -37,7 +37,7 @@ CHAT = Conversation(platform="local", channel="vllm")
 
 @pytest.fixture(scope="module")
 def vllm(smollm2_path, tmp_path_factory):
-    server = VllmServer(smollm2_path, SERVED, tmp_path_factory.mktemp("vllm") / "vllm.log").start()
+    server = VllmServer(smollm2_path, SERVED, tmp_path_factory.mktemp("vllm") / "vllm.log", eager=True).start()
     yield server
     server.stop()
 
