@@ -19,12 +19,11 @@ from service.doctor import Check, redis_checks, skipped, within
 
 
 async def diagnose(
-    settings: Settings, secrets: Secrets, redis_at: str | None, out: TextIO = sys.stdout, slack_api_url: str | None = None
+    settings: Settings, secrets: Secrets, redis_at: str | None, out: TextIO = sys.stdout
 ) -> int:
     """Run every check, print one line each as they come; 1 if any failed, else 0.
 
     `redis_at`: None when there is no Redis to check (the embedded one is started by the service itself).
-    `slack_api_url`: Slack's Web API unless given (tests point it at a fake).
     """
     results: list[Check] = []
 
@@ -42,11 +41,11 @@ async def diagnose(
     if secrets.get("SLACK_BOT_TOKEN"):
         from bot.slack.doctor import slack_checks
 
-        show(await within("slack", slack_checks(settings, secrets, slack_api_url)))
+        show(await within("slack", slack_checks(settings, secrets)))
     elif secrets.get("SLACK_CLIENT_ID"):  # one app installed in many workspaces
         from bot.slack.doctor import workspace_checks
 
-        show(await within("slack", workspace_checks(settings, secrets, redis_at, slack_api_url)))
+        show(await within("slack", workspace_checks(settings, secrets, redis_at)))
     else:
         show([skipped("slack", "neither SLACK_BOT_TOKEN nor SLACK_CLIENT_ID is set")])
     if secrets.get("DISCORD_TOKEN"):
@@ -65,6 +64,11 @@ def doctor_command(args: argparse.Namespace) -> int:
     settings, secrets = startup(args.config)
     # The terminal gets one line per check; the libraries' logs go to the file, with every token masked.
     log_to_file(settings, secrets)
+    return run_doctor(settings, secrets)
+
+
+def run_doctor(settings: Settings, secrets: Secrets) -> int:
+    """Every check against the configured Redis, or the embedded one that is running, if any."""
     try:
         url, _ = redis_url(settings, start_embedded=False)
     except ConfigError:

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 
-from dotenv import load_dotenv
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from chatbot.env_file import EnvFile
 from service.config import ConfigError
-
-# Where `chatbot` reads variables from before anything else (what `chatbot init` writes; docker
-# compose reads the same file): ./.env unless this names another.
-ENV_FILE = "CHATBOT_ENV_FILE"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chatbot import adapters, ops, worker
+    from chatbot import adapters, init, ops, worker
     from engine.neuron import cli as neuron_cli
 
     parser = argparse.ArgumentParser(prog="chatbot", description=__doc__)
@@ -33,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.register(commands)
     adapters.register(commands)
     ops.register(commands)
+    init.register(commands)
     neuron_cli.register(commands)
     return parser
 
@@ -68,17 +63,8 @@ def run_all(args: argparse.Namespace, local_only: bool) -> int:
     return serve(settings, main)
 
 
-def load_env_file() -> Path | None:
-    """Variables of the env file that the environment does not set already: the real environment wins."""
-    path = Path(os.environ.get(ENV_FILE, ".env"))
-    if not path.is_file():
-        return None
-    load_dotenv(path, override=False)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
-    load_env_file()
+    EnvFile.configured().load()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0

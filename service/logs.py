@@ -59,3 +59,10 @@ def setup_logging(level: str, secrets: list[str], stream=None) -> None:
     root.setLevel(level)
     for noisy in ("httpx", "urllib3", "discord", "slack_bolt", "slack_sdk", "websockets", "aiohttp"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def mask(secret: str) -> None:
+    """Mask a secret learnt after logging was set up (one a person pastes into `chatbot init`)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, JsonFormatter) and len(secret) >= 6:
+            handler.formatter.secrets.append(secret)

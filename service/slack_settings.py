@@ -34,6 +34,7 @@ SLACK_RATE_LIMITS = {
 
 class SlackSettings(Strict):
     mode: Literal["socket", "http"] = "socket"
+    api_url: str = Field("https://slack.com/api/", pattern=r"^https?://.+/$", description="Slack's Web API; https://slack-gov.com/api/ on GovSlack")
     http_port: int = Field(3000, ge=1, le=65535)
     answer_mentions: bool = False
     reset_command: str = Field("/reset", pattern=r"^/[a-z0-9_-]+$")

@@ -136,8 +136,9 @@ def test_the_worker_has_time_to_hand_its_jobs_back_on_docker_stop(compose):
 def test_the_adapters_have_time_to_finish_a_post_and_hand_their_shards_over_on_docker_stop(compose):
     from bot.delivery import GIVE_UP_PATIENCE_S
     from bot.slack.app import web_client
+    from service.slack_settings import SlackSettings
 
-    slack_call_timeout_s = web_client("xoxb-unused").timeout  # how long a Web API call may take before it fails
+    slack_call_timeout_s = web_client("xoxb-unused", SlackSettings().api_url).timeout  # how long a Web API call may take before it fails
     for name in ("discord", "slack"):
         grace = seconds(compose["services"][name].get("stop_grace_period", "10s"))
         assert grace > slack_call_timeout_s + GIVE_UP_PATIENCE_S, name

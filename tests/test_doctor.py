@@ -63,7 +63,7 @@ def private_redis(tmp_path):
 
 async def doctor(settings: Settings, redis_url: str | None, slack: FakeSlack, secrets: Secrets = SECRETS) -> tuple[int, list[str]]:
     out = io.StringIO()
-    code = await diagnose(settings, secrets, redis_url, out, slack_api_url=slack.api_url)
+    code = await diagnose(slack.serving(settings), secrets, redis_url, out)
     return code, out.getvalue().splitlines()
 
 

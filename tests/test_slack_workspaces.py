@@ -298,5 +298,5 @@ async def test_doctor_checks_each_installed_workspace(redis, redis_server, fake)
 async def doctor_lines(settings, redis_url: str, fake: FakeSlack, secrets: Secrets = SECRETS) -> list[str]:
     """chatbot doctor's Slack lines."""
     out = io.StringIO()
-    await diagnose(settings, secrets, redis_url, out, slack_api_url=fake.api_url)
+    await diagnose(fake.serving(settings), secrets, redis_url, out)
     return [text for text in out.getvalue().splitlines() if text[9:].startswith("slack")]

@@ -1,10 +1,13 @@
-"""`chatbot doctor`'s Discord checks: the token, the Message Content intent, the bot's permissions in its servers.
+"""`chatbot doctor`'s Discord checks (`chatbot init` runs the first two): the token, the Message Content
+intent, the bot's permissions in its servers.
 
 The permissions the adapter needs are listed here and nowhere else: the invite link the checks
 print is built from them (docs/discord.md shows the same link).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import aiohttp
 import discord
@@ -38,23 +41,41 @@ def needed(settings: DiscordSettings) -> dict[str, str]:
     return {**NEEDED, **FOR_THREADS} if settings.threads or settings.thread_channels else NEEDED
 
 
-async def discord_checks(settings: DiscordSettings, token: str) -> list[Check]:
+@dataclass(frozen=True)
+class Bot:
+    """What Discord says of the bot a token belongs to."""
+
+    user: str
+    application_name: str
+    application_id: int
+    flags: discord.ApplicationFlags
+    guilds: list[dict]  # each with the bot's `permissions` there
+
+    def token_check(self) -> Check:
+        return ok("discord token", f"valid: bot {self.user} of application {self.application_name} ({self.application_id})")
+
+
+async def find_bot(token: str) -> Bot | Check:
+    """The token's bot, or the failed check saying why there is none."""
     async with discord.Client(intents=discord.Intents.none()) as client:
         try:
             await client.login(token)  # GET /users/@me, then the application (/oauth2/applications/@me)
             guilds = await _guilds(client)
         except discord.LoginFailure:
-            return [
-                fail("discord token", "Discord refused DISCORD_TOKEN (401)", "copy the bot token again (Developer Portal -> Bot -> Reset Token)")
-            ]
+            return fail(
+                "discord token", "Discord refused DISCORD_TOKEN (401)", "copy the bot token again (Developer Portal -> Bot -> Reset Token)"
+            )
         except (discord.HTTPException, aiohttp.ClientError, OSError) as error:
-            return [fail("discord token", f"could not ask Discord: {error}", "check that this machine can reach discord.com")]
+            return fail("discord token", f"could not ask Discord: {error}", "check that this machine can reach discord.com")
         application = client.application
-        return [
-            ok("discord token", f"valid: bot {client.user} of application {application.name} ({application.id})"),
-            _intent(application.flags, settings),
-            *_permissions(guilds, settings, application.id),
-        ]
+        return Bot(str(client.user), application.name, application.id, application.flags, guilds)
+
+
+async def discord_checks(settings: DiscordSettings, token: str) -> list[Check]:
+    bot = await find_bot(token)
+    if isinstance(bot, Check):
+        return [bot]
+    return [bot.token_check(), intent_check(bot.flags, settings), *_permissions(bot.guilds, settings, bot.application_id)]
 
 
 async def _guilds(client: discord.Client) -> list[dict]:
@@ -67,7 +88,7 @@ async def _guilds(client: discord.Client) -> list[dict]:
             return guilds
 
 
-def _intent(flags: discord.ApplicationFlags, settings: DiscordSettings) -> Check:
+def intent_check(flags: discord.ApplicationFlags, settings: DiscordSettings) -> Check:
     if not settings.message_content:
         return ok("discord intents", "Message Content intent not requested (discord.message_content: false)")
     if flags.gateway_message_content:

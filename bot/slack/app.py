@@ -66,7 +66,7 @@ def slack_tokens(settings: Settings, secrets: Secrets) -> SlackTokens:
     return SlackTokens(bot=values["SLACK_BOT_TOKEN"], app=None, signing_secret=values["SLACK_SIGNING_SECRET"])
 
 
-def web_client(token: str | None, base_url: str = AsyncWebClient.BASE_URL) -> AsyncWebClient:
+def web_client(token: str | None, base_url: str) -> AsyncWebClient:
     # No retry handler: a 429 is handled by the rate budget (bot/slack/budget.py), which
     # pauses that workspace and method for every process instead of sleeping inside one call.
     return AsyncWebClient(token=token, base_url=base_url)
@@ -84,7 +84,7 @@ def build_app(settings: Settings, secrets: Secrets, redis: Redis, client: AsyncW
     tokens = slack_tokens(settings, secrets)
     oauth = oauth_settings(tokens.oauth, redis) if tokens.oauth else None
     app = AsyncApp(
-        client=client or web_client(tokens.bot),  # without a token for many workspaces: each call names its own
+        client=client or web_client(tokens.bot, settings.slack.api_url),  # without a token for many workspaces: each call names its own
         signing_secret=tokens.signing_secret or "",
         request_verification_enabled=tokens.signing_secret is not None,
         # Slack hears the acknowledgement only once the job is in Redis (or the person was told

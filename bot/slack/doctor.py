@@ -36,8 +36,8 @@ def _error(error: SlackApiError | aiohttp.ClientError | OSError) -> str:
     return error.response["error"] if isinstance(error, SlackApiError) else f"unreachable: {error}"
 
 
-async def slack_checks(settings: Settings, secrets: Secrets, api_url: str | None = None) -> list[Check]:
-    url = api_url or AsyncWebClient.BASE_URL
+async def slack_checks(settings: Settings, secrets: Secrets) -> list[Check]:
+    url = settings.slack.api_url
     try:
         slack_tokens(settings, secrets)
         checks = [ok("slack tokens", f"the tokens slack.mode {settings.slack.mode} needs are set")]
@@ -70,7 +70,7 @@ async def slack_checks(settings: Settings, secrets: Secrets, api_url: str | None
     return checks
 
 
-async def workspace_checks(settings: Settings, secrets: Secrets, redis_at: str | None, api_url: str | None = None) -> list[Check]:
+async def workspace_checks(settings: Settings, secrets: Secrets, redis_at: str | None) -> list[Check]:
     """Many-workspace mode: the app's OAuth credentials, then each installation's bot token and its scopes."""
     try:
         oauth = oauth_secrets(secrets)
@@ -97,7 +97,7 @@ async def workspace_checks(settings: Settings, secrets: Secrets, redis_at: str |
             checks.append(fail(name, "its installation cannot be read", "add the key it was written with to SLACK_INSTALLATION_KEY, or reinstall"))
             continue
         try:
-            identity = await web_client(installation.bot_token, api_url or AsyncWebClient.BASE_URL).auth_test()
+            identity = await web_client(installation.bot_token, settings.slack.api_url).auth_test()
         except (SlackApiError, *UNREACHABLE) as error:
             checks.append(fail(name, f"auth.test refused its bot token ({_error(error)})", "reinstall the app in that workspace"))
             continue

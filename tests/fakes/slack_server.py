@@ -23,6 +23,9 @@ redirected to a sign-in page. Each answer to a bot token carries the scopes it w
 `x-oauth-scopes` header (the manifest's, unless a test changes `granted_scopes`); a token a test puts
 in `invalid_tokens` is `invalid_auth`; `bots.info` and `apps.manifest.export` (an app configuration
 token, xoxe.) describe the app as created from slack_manifest.yaml (`app_manifest`).
+`apps.manifest.create` (xoxe.) keeps the manifest it is given (`created_apps`) and answers as
+Slack does: the app's id, its credentials and the URL that installs it; a manifest without a
+name or bot scopes is `invalid_manifest`, with the `errors` Slack lists.
 
 Events reach the app as Slack sends them. Over HTTP (`deliver`), a request signed with the
 app's signing secret goes to its Request URL and is retried, with X-Slack-Retry-Num and
@@ -54,6 +57,7 @@ import yaml
 from aiohttp import WSMsgType, web
 from slack_sdk.signature import SignatureVerifier
 
+from service.config import Settings
 from tests.fakes.local_server import serve_locally, shut_down, wait_until
 
 TEAM_ID = "T0TEAM"
@@ -72,7 +76,7 @@ AUTHORIZE_URL = "https://slack.com/oauth/v2/authorize"
 MANIFEST = yaml.safe_load((Path(__file__).resolve().parents[2] / "slack_manifest.yaml").read_text())
 # The kind of token a method wants (app-level for Socket Mode, an app configuration token to export
 # a manifest); every other method wants a bot token.
-TOKEN_KINDS = {"apps.connections.open": "xapp-", "apps.manifest.export": "xoxe."}
+TOKEN_KINDS = {"apps.connections.open": "xapp-", "apps.manifest.export": "xoxe.", "apps.manifest.create": "xoxe."}
 
 
 def shown(text: str) -> str:
@@ -233,6 +237,7 @@ class FakeSlack:
         self._delays: dict[str, float] = {}
         self.granted_scopes: list[str] = list(MANIFEST["oauth_config"]["scopes"]["bot"])  # sent in x-oauth-scopes
         self.app_manifest: dict[str, Any] = copy.deepcopy(MANIFEST)  # what apps.manifest.export answers
+        self.created_apps: list[dict[str, Any]] = []  # the manifests apps.manifest.create was given
         self.invalid_tokens: set[str] = set()  # revoked or mistyped: invalid_auth
         self.installed: dict[str, str] = {}  # bot token handed out by oauth.v2.access -> its workspace
         self._codes: dict[str, tuple[str, str, str]] = {}  # OAuth code -> (team, installer, scopes), until traded
@@ -257,6 +262,10 @@ class FakeSlack:
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api/"
+
+    def serving(self, settings: Settings) -> Settings:
+        """`settings` with slack.api_url at this fake."""
+        return settings.model_copy(update={"slack": settings.slack.model_copy(update={"api_url": self.api_url})})
 
     def rate_limit_next(self, method: str, retry_after_s: int = 1) -> None:
         """Answer the next call of `method` with 429 Too Many Requests, as Slack does."""
@@ -419,6 +428,28 @@ class FakeSlack:
         if body.get("app_id") != APP_ID:
             return {"ok": False, "error": "invalid_app_id"}
         return {"ok": True, "manifest": self.app_manifest}
+
+    def _apps_manifest_create(self, body: dict) -> dict:
+        manifest = body.get("manifest")
+        manifest = json.loads(manifest) if isinstance(manifest, str) else manifest
+        errors = [
+            {"message": message, "pointer": pointer}
+            for pointer, message, present in (
+                ("/display_information/name", "must be provided", (manifest or {}).get("display_information", {}).get("name")),
+                ("/oauth_config/scopes/bot", "must be provided", (manifest or {}).get("oauth_config", {}).get("scopes", {}).get("bot")),
+            )
+            if not present
+        ]
+        if errors:
+            return {"ok": False, "error": "invalid_manifest", "errors": errors}
+        self.created_apps.append(manifest)
+        scopes = ",".join(manifest["oauth_config"]["scopes"]["bot"])
+        return {
+            "ok": True, "app_id": APP_ID,
+            "credentials": {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "verification_token": "fake-verification",
+                            "signing_secret": self.signing_secret or "fake-signing-secret"},
+            "oauth_authorize_url": f"{AUTHORIZE_URL}?client_id={CLIENT_ID}&scope={scopes}",
+        }
 
     def _users_info(self, body: dict) -> dict:
         user = body.get("user")
