@@ -419,12 +419,12 @@ def test_a_config_whose_prompt_and_answer_overflow_the_context_states_the_clamp_
 
 async def test_three_workers_answer_every_job_once_and_a_killed_one_loses_nothing(redis, redis_server, tmp_path):
     queue = Queues(redis)
-    conversations = [Conversation(platform="local", channel=f"c{n}") for n in range(6)]
+    conversations = [Conversation(platform="local", channel=f"c{n}") for n in range(4)]
     for turn in range(3):
         for conversation in conversations:
             await queue.submit(conversation, f"{conversation.channel}-{turn}", f"message {turn} in {conversation.channel}")
     # One worker name for all three, as replicas sharing one env file have: they must not take each other's jobs.
-    env = {"CHATBOT__WORKER_NAME": "replica", "CHATBOT__GENERATION__MAX_NEW_TOKENS": "300"}
+    env = {"CHATBOT__WORKER_NAME": "replica", "CHATBOT__GENERATION__MAX_NEW_TOKENS": "120"}
     workers = [worker_process(redis_server.url, tmp_path, **env) for _ in range(3)]
     try:
         victim = f"replica-{workers[0].pid}-"
