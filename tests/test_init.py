@@ -80,6 +80,7 @@ def newcomer(tmp_path, redis_server, discord_fake, slack_fake) -> dict[str, str]
         "CHATBOT__MODEL__SEQUENCE_LENGTH": "512",
         "CHATBOT__MODEL__MAX_PROMPT_TOKENS": "384",
         "CHATBOT__GENERATION__MAX_NEW_TOKENS": "16",
+        "CHATBOT__QUEUE__ADAPTER_LEASE_S": "1.5",  # replies delivered 1 s after the start, not 10
     }
 
 
