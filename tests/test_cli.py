@@ -73,7 +73,7 @@ async def test_the_env_file_is_read_and_the_real_environment_wins(redis, redis_s
     code, _, err = await chatbot(redis_server.url, tmp_path, "ask", "--timeout", "5", OVER_100, environment=read)
     assert code == 1 and err.strip() == REFUSED
     code, _, err = await chatbot(
-        redis_server.url, tmp_path, "ask", "--timeout", "5", "y" * 150,
+        redis_server.url, tmp_path, "ask", "--timeout", "1", "y" * 150,
         environment={**read, "CHATBOT__LIMITS__MAX_MESSAGE_CHARS": "200"},
     )
     assert code == 1 and "is `chatbot worker` running?" in err  # accepted and queued: 200 from the environment, not 100

@@ -24,17 +24,16 @@ from contract.replies import REPLY_SHARDS, shard_of
 from service.discord_settings import DiscordSettings
 from tests import test_discord
 from tests.conftest import running_worker, started, tiny_settings
+from tests.fakes.chatbot_against_fakes import COMMAND as CHATBOT_AGAINST_FAKES
 from tests.fakes.discord_server import (
     ADMIN,
     ALICE,
-    API_PREFIX,
     APPLICATION_ID,
     BOB,
     BOT,
     CAROL,
     DAVE,
     DM_CHANNEL,
-    GATEWAY_PATH,
     GENERAL,
     GUILD_ID,
     BotMessage,
@@ -56,20 +55,7 @@ MESSAGE_CONTENT = 1 << 15  # the intent's bit in IDENTIFY's `intents`
 AUTHORS = (ALICE, BOB, ADMIN, CAROL, DAVE)  # one message each: under limits.max_queued_per_author
 
 
-def serve_against_fake() -> int:
-    """`chatbot discord` with discord.py pointed at the fake Discord of $FAKE_DISCORD: what ADAPTER runs."""
-    import discord
-    import yarl
-
-    from chatbot.main import main
-
-    base = os.environ["FAKE_DISCORD"]
-    discord.http.Route.BASE = base + API_PREFIX
-    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(base.replace("http://", "ws://") + GATEWAY_PATH)
-    return main(["discord"])
-
-
-ADAPTER = ("-c", "from tests.test_discord_sharding import serve_against_fake; raise SystemExit(serve_against_fake())")
+ADAPTER = (*CHATBOT_AGAINST_FAKES, "discord")
 
 
 def adapter_process(

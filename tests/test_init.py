@@ -20,7 +20,8 @@ import pytest
 
 from bot.discord.doctor import NEEDED, invite_url
 from tests.conftest import started
-from tests.fakes.discord_server import API_PREFIX, APPLICATION_ID, GATEWAY_PATH, GENERAL, GUILD_ID, FakeDiscord
+from tests.fakes.chatbot_against_fakes import COMMAND as AGAINST_FAKES
+from tests.fakes.discord_server import APPLICATION_ID, GENERAL, GUILD_ID, FakeDiscord
 from tests.fakes.slack_server import APP_ID, AUTHORIZE_URL, MANIFEST, FakeSlack
 from tests.test_discord import say
 from tests.test_slack import DM, dm, event_callback
@@ -33,19 +34,6 @@ CONFIG_TOKEN = "xoxe.xoxp-init-config"
 BOT_TOKEN = "xoxb-init-bot-0123"
 APP_TOKEN = "xapp-init-app-0123"
 MESSAGE_CONTENT = discord.ApplicationFlags(gateway_message_content=True).value
-# `chatbot ARGS`, with discord.py pointed at the fake Discord of $FAKE_DISCORD.
-AGAINST_FAKES = ("-c", "from tests.test_init import against_fakes; raise SystemExit(against_fakes())")
-
-
-def against_fakes() -> int:
-    import yarl
-
-    from chatbot.main import main
-
-    base = os.environ["FAKE_DISCORD"]
-    discord.http.Route.BASE = base + API_PREFIX
-    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(base.replace("http://", "ws://") + GATEWAY_PATH)
-    return main(sys.argv[1:])
 
 
 @pytest.fixture

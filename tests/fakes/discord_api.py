@@ -9,6 +9,7 @@ The gateway is not described there, so its events are not checked.
 
 from __future__ import annotations
 
+import atexit
 import json
 import re
 import subprocess
@@ -126,8 +127,28 @@ def spec_problems(exchanges: list[Exchange]) -> list[str]:
                 checks.append(check)
     if not checks:
         return problems
-    result = subprocess.run(
-        ["node", "validate.mjs"], cwd=VALIDATOR, input=json.dumps(checks), capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    return problems + json.loads(result.stdout)
+    return problems + _validate(checks)
+
+
+_validator: subprocess.Popen | None = None
+
+
+def _validate(checks: list[dict[str, Any]]) -> list[str]:
+    """The problems node finds: one validator process for the whole session (loading the schemas is most of its cost)."""
+    global _validator
+    if _validator is None or _validator.poll() is not None:
+        _validator = subprocess.Popen(
+            ["node", "validate.mjs"], cwd=VALIDATOR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        atexit.register(_close, _validator)
+    _validator.stdin.write(json.dumps(checks) + "\n")
+    _validator.stdin.flush()
+    answer = _validator.stdout.readline()
+    assert answer, f"the validator stopped (exit status {_validator.wait(5)})"
+    return json.loads(answer)
+
+
+def _close(validator: subprocess.Popen) -> None:
+    validator.stdin.close()
+    validator.wait(10)
+    validator.stdout.close()
