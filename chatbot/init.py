@@ -177,7 +177,10 @@ async def set_up_slack(person: Person, settings: Settings, env: EnvFile) -> dict
                 app_id = created.app_id
                 # Saved at once: run again, init finds this app instead of creating another.
                 env.keep({"SLACK_APP_ID": app_id, "SLACK_SIGNING_SECRET": created.signing_secret})
-                person.say(f"Created the Slack app {app_id}. Install it in your workspace: open\n  {created.install_url}\nand Allow.")
+                person.say(
+                    f"Created the Slack app {app_id} (its id and signing secret saved in {env.path}). "
+                    f"Install it in your workspace: open\n  {created.install_url}\nand Allow."
+                )
             else:
                 person.say(SLACK_BY_HAND)
         oauth = app_page(app_id, "oauth") if app_id else "the app's OAuth & Permissions page"

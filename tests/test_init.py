@@ -163,7 +163,8 @@ async def test_slack_app_created_from_the_manifest_then_a_dm_answered(newcomer, 
     assert slack_fake.created_apps == [MANIFEST]
     [created] = slack_fake.calls_to("apps.manifest.create")
     assert created.token == CONFIG_TOKEN
-    assert f"Created the Slack app {APP_ID}. Install it in your workspace: open\n  {AUTHORIZE_URL}?client_id=" in out
+    assert f"Install it in your workspace: open\n  {AUTHORIZE_URL}?client_id=" in out
+    assert f"Created the Slack app {APP_ID} (its id and signing secret saved in {tmp_path / '.env'})." in out
     assert f"https://api.slack.com/apps/{APP_ID}/oauth" in out and f"https://api.slack.com/apps/{APP_ID}/general" in out
     for name in ("slack bot token", "slack scopes", "slack socket mode", "slack events", "slack commands"):
         assert lines_of(out, name)[0].startswith("ok "), out
