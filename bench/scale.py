@@ -128,10 +128,10 @@ class MemoryOutbox:
 
     def __init__(self) -> None:
         self.posted = 0
+        self.final_at: dict[str, float] = {}
 
     def refused(self, error: Exception) -> bool:
         return False  # nothing fails here
-        self.final_at: dict[str, float] = {}
 
     async def post(self, part: Part) -> str:
         self.posted += 1
