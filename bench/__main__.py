@@ -48,10 +48,11 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def section(name: str, output: str, minutes: float) -> str:
+def section(name: str, output: str, seconds: float) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    took = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
     return (
-        f"<!-- bench:{name} -->\n## {name}\n\n`python -m bench {name}`, run {stamp} on {machine()}, in {minutes:.0f} min.\n\n"
+        f"<!-- bench:{name} -->\n## {name}\n\n`python -m bench {name}`, run {stamp} on {machine()}, in {took}.\n\n"
         f"{output.strip()}\n<!-- /bench:{name} -->"
     )
 
@@ -77,7 +78,7 @@ def main(names: list[str]) -> int:
         output = BENCHMARKS[name]()
         print(output, end="\n\n", flush=True)
         # Written after each benchmark: a long run stopped halfway keeps what it measured.
-        write_page({name: section(name, output, (time.monotonic() - started) / 60)})
+        write_page({name: section(name, output, time.monotonic() - started)})
     print(f"written to {PAGE}", file=sys.stderr)
     return 0
 
