@@ -24,16 +24,7 @@ from service.config import ConfigError, Secrets, Settings, load_settings
 from service.doctor import APP_CONFIG_TOKEN, Check
 from service.logs import mask
 
-DISCORD_STEPS = """Discord: the bot's token.
-  1. Open https://discord.com/developers/applications, press New Application, name it, Create.
-  2. Open Bot, press Reset Token, and copy the token.
-  3. On the same page, under Privileged Gateway Intents, turn on Message Content Intent and save
-     (or set discord.message_content: false in config.yaml: mentions, DMs and slash commands only)."""
 PLATFORMS = ("discord", "slack")
-SLACK_BY_HAND = """Slack: create the app from the manifest.
-  1. Open https://api.slack.com/apps?new_app=1, choose From a manifest, then your workspace.
-  2. Paste the contents of slack_manifest.yaml (YAML tab), Next, Create.
-  3. Install App -> Install to Workspace -> Allow."""
 
 
 @dataclass
@@ -120,10 +111,10 @@ def _token(person: Person, name: str, question: str) -> str:
 
 
 async def set_up_discord(person: Person, settings: Settings) -> dict[str, str] | None:
-    from bot.discord.doctor import find_bot, intent_check, invite_url
+    from bot.discord.doctor import PORTAL_STEPS, find_bot, intent_check, invite_url
 
     if not os.environ.get("DISCORD_TOKEN"):
-        person.say(DISCORD_STEPS)
+        person.say(PORTAL_STEPS)
     token = ""
     while True:
         token = token or _token(person, "DISCORD_TOKEN", "Paste the bot token (it is not shown):")
@@ -156,7 +147,7 @@ async def set_up_discord(person: Person, settings: Settings) -> dict[str, str] |
 
 async def set_up_slack(person: Person, settings: Settings, env: EnvFile) -> dict[str, str] | None:
     from bot.slack.doctor import slack_checks
-    from bot.slack.setup import APPS_PAGE, app_page, create_app
+    from bot.slack.setup import APPS_PAGE, BY_HAND, app_page, create_app
 
     second = "SLACK_APP_TOKEN" if settings.slack.mode == "socket" else "SLACK_SIGNING_SECRET"
     # Not saved: it lasts 12 hours. Where given, the checks also compare the app's events and commands.
@@ -182,7 +173,7 @@ async def set_up_slack(person: Person, settings: Settings, env: EnvFile) -> dict
                     f"Install it in your workspace: open\n  {created.install_url}\nand Allow."
                 )
             else:
-                person.say(SLACK_BY_HAND)
+                person.say(BY_HAND)
         oauth = app_page(app_id, "oauth") if app_id else "the app's OAuth & Permissions page"
         general = app_page(app_id, "general") if app_id else "the app's Basic Information page"
         person.say(f"Then copy the Bot User OAuth Token (xoxb-...) from {oauth}.")

@@ -17,7 +17,14 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 class JsonFormatter(logging.Formatter):
     def __init__(self, secrets: list[str]):
         super().__init__()
-        self.secrets = [s for s in secrets if len(s) >= 6]
+        self.secrets: list[str] = []
+        for secret in secrets:
+            self.mask(secret)
+
+    def mask(self, secret: str) -> None:
+        # Shorter values are no secrets (an empty or placeholder variable) and would mask ordinary text.
+        if len(secret) >= 6:
+            self.secrets.append(secret)
 
     def fields(self, record: logging.LogRecord) -> dict:
         entry = {
@@ -64,5 +71,5 @@ def setup_logging(level: str, secrets: list[str], stream=None) -> None:
 def mask(secret: str) -> None:
     """Mask a secret learnt after logging was set up (one a person pastes into `chatbot init`)."""
     for handler in logging.getLogger().handlers:
-        if isinstance(handler.formatter, JsonFormatter) and len(secret) >= 6:
-            handler.formatter.secrets.append(secret)
+        if isinstance(handler.formatter, JsonFormatter):
+            handler.formatter.mask(secret)

@@ -30,6 +30,12 @@ FOR_THREADS = {  # with discord.threads or discord.thread_channels
 INVITE = {**NEEDED, **FOR_THREADS, "use_application_commands": "Use Application Commands"}
 INVITE_SCOPES = ("bot", "applications.commands")
 GUILDS_PER_PAGE = 200  # Discord's most per GET /users/@me/guilds
+# Where a bot token comes from, as `chatbot init` tells it.
+PORTAL_STEPS = """Discord: the bot's token.
+  1. Open https://discord.com/developers/applications, press New Application, name it, Create.
+  2. Open Bot, press Reset Token, and copy the token.
+  3. On the same page, under Privileged Gateway Intents, turn on Message Content Intent and save
+     (or set discord.message_content: false in config.yaml: mentions, DMs and slash commands only)."""
 
 
 def invite_url(application_id: int) -> str:

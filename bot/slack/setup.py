@@ -19,6 +19,11 @@ from service.doctor import Check, fail
 
 APPS_PAGE = "https://api.slack.com/apps"
 NEW_APP_PAGE = "https://api.slack.com/apps?new_app=1"
+# Creating the app without a configuration token, as `chatbot init` tells it.
+BY_HAND = f"""Slack: create the app from the manifest.
+  1. Open {NEW_APP_PAGE}, choose From a manifest, then your workspace.
+  2. Paste the contents of slack_manifest.yaml (YAML tab), Next, Create.
+  3. Install App -> Install to Workspace -> Allow."""
 # What Slack answers for a configuration token that is wrong, expired, or of another kind.
 TOKEN_REFUSED = {"invalid_auth", "not_authed", "token_expired", "token_revoked", "not_allowed_token_type"}
 
